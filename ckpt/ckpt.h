@@ -1,0 +1,66 @@
+/* ckpt/: files that hold tensors. For now: safetensors read (validated like the reference
+ * parser) and write; later: sharded zstd checkpoints, their manifest, resharding.
+ *
+ * Error rule: every function that touches a file returns 0 or a negative VD_E* code with
+ * a message (model.h's vd_err_*) naming the file and, where one is at fault, the tensor.
+ * Writers never leave a half-written file under the final name (temporary + rename). */
+#ifndef VDIST_CKPT_H
+#define VDIST_CKPT_H
+
+#include "model/model.h"
+#include "parallel/parallel.h"
+
+enum ckpt_dtype { CKPT_F32 = 0, CKPT_BF16 = 1, CKPT_F16 = 2, CKPT_I32 = 3, CKPT_I64 = 4 };
+
+struct ckpt_st_tensor {
+    const char *name;       /* owned by the file handle */
+    enum ckpt_dtype dtype;
+    int ndim;               /* 0..4 */
+    size_t shape[4];
+    size_t numel;
+    size_t begin, end;      /* byte offsets inside the data section */
+};
+
+/* An open, validated safetensors file (memory-mapped, read-only). */
+typedef struct ckpt_st_file ckpt_st_file;
+
+/* Opens and validates: 8-byte little-endian header length, header at most 100 MB and
+ * inside the file, a JSON object without duplicate names, each tensor's dtype known,
+ * shape non-negative, data_offsets [begin, end] with end - begin = numel * dtype size,
+ * offsets contiguous from 0 without overlap or gap and ending at the file's end,
+ * `__metadata__` (optional) a map of strings. */
+int ckpt_st_open(ckpt_st_file **f, const char *path);
+void ckpt_st_close(ckpt_st_file *f);
+int ckpt_st_count(const ckpt_st_file *f);
+const struct ckpt_st_tensor *ckpt_st_get(const ckpt_st_file *f, int i);
+/* Index of the tensor with this name, or -1. */
+int ckpt_st_find(const ckpt_st_file *f, const char *name);
+/* Value of a `__metadata__` key, or NULL. */
+const char *ckpt_st_metadata(const ckpt_st_file *f, const char *key);
+/* Copies the block rows [r0, r0 + nr) x cols [c0, c0 + nc) of tensor i, viewed as 2-D
+ * (shape[0], numel / shape[0]; a 1-D tensor is (shape[0], 1)), converted to f32 (F32, BF16,
+ * F16, I32, I64), into out (nr, nc) row-major. */
+int ckpt_st_read_block(const ckpt_st_file *f, int i, float *out, size_t r0, size_t nr,
+                       size_t c0, size_t nc);
+
+struct ckpt_st_write_tensor {
+    const char *name;
+    int ndim;
+    size_t shape[4];
+    const float *data;      /* numel f32 values, row-major */
+};
+/* Writes tensors as F32 in the given order (metadata: n_meta key/value pairs, may be 0). */
+int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, int n,
+                  const char *const *meta_keys, const char *const *meta_values, int n_meta);
+
+/* ---------------------------------------------------------------- Hugging Face weights */
+
+/* Loads this rank's block of every tensor from a Mixtral-named safetensors file (F32 or
+ * BF16). Every tensor of the file must belong to the configured model with the same
+ * shape, and every model tensor must be present; an error names the tensor. */
+int ckpt_load_hf(struct par_model *pm, const char *path);
+/* Writes the model's parameters as Mixtral-named F32 safetensors (the whole model must be
+ * on this rank). */
+int ckpt_export_hf(const struct par_model *pm, const char *path);
+
+#endif

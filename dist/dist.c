@@ -1,0 +1,171 @@
+/* The world, checked and timed collectives, agreement on errors. */
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "dist/dist.h"
+
+static struct dist_group world;
+static struct dist_comm_stat stats[DIST_NKIND];
+
+static void abort_job(void) { MPI_Abort(MPI_COMM_WORLD, 1); }
+
+void dist_init(int *argc, char ***argv)
+{
+    int inited = 0;
+    MPI_Initialized(&inited);
+    if (!inited) MPI_Init(argc, argv);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    world.comm = MPI_COMM_WORLD;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world.size);
+    char host[128] = "?", prefix[200];
+    gethostname(host, sizeof host - 1);
+    snprintf(prefix, sizeof prefix, "rank %d/%d %s", world.rank, world.size, host);
+    vd_set_fatal_hook(prefix, abort_job);
+}
+
+void dist_finalize(void)
+{
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (!fin) MPI_Finalize();
+}
+
+int dist_world_rank(void) { return world.rank; }
+int dist_world_size(void) { return world.size; }
+const struct dist_group *dist_world(void) { return &world; }
+
+_Noreturn void dist_mpi_fatal(int rc, const char *call, const char *file, int line)
+{
+    char msg[MPI_MAX_ERROR_STRING] = "";
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    vd_fatal(file, line, "%s failed: %s", call, msg);
+}
+
+int dist_agree(const struct dist_group *g, int local_rc)
+{
+    /* The lowest failing rank's code and message win, so every rank reports one cause. */
+    int const mine = local_rc < 0 ? g->rank : g->size;
+    int first = g->size;
+    DIST_CHECK_MPI(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, g->comm));
+    if (first == g->size) return 0;
+    int code = local_rc;
+    char msg[4096];
+    snprintf(msg, sizeof msg, "%s", local_rc < 0 ? vd_err_msg() : "");
+    DIST_CHECK_MPI(MPI_Bcast(&code, 1, MPI_INT, first, g->comm));
+    DIST_CHECK_MPI(MPI_Bcast(msg, sizeof msg, MPI_CHAR, first, g->comm));
+    if (g->rank != first) vd_err_set(code, __FILE__, __LINE__, "rank %d: %s", first, msg);
+    return code;
+}
+
+void dist_group_self(struct dist_group *g)
+{
+    g->comm = MPI_COMM_SELF;
+    g->rank = 0;
+    g->size = 1;
+}
+
+void dist_group_split(struct dist_group *out, const struct dist_group *parent, int color,
+                      int key)
+{
+    DIST_CHECK_MPI(MPI_Comm_split(parent->comm, color, key, &out->comm));
+    DIST_CHECK_MPI(MPI_Comm_set_errhandler(out->comm, MPI_ERRORS_RETURN));
+    MPI_Comm_rank(out->comm, &out->rank);
+    MPI_Comm_size(out->comm, &out->size);
+}
+
+void dist_group_free(struct dist_group *g)
+{
+    if (g->comm != MPI_COMM_SELF && g->comm != MPI_COMM_WORLD && g->comm != MPI_COMM_NULL)
+        MPI_Comm_free(&g->comm);
+    g->comm = MPI_COMM_NULL;
+}
+
+int dist_count(size_t count)
+{
+    VD_CHECK(count <= 0x7fffffff, "element count %zu does not fit MPI's int", count);
+    return (int)count;
+}
+
+static void account(enum dist_kind kind, double t0, size_t nbytes)
+{
+    stats[kind].seconds += MPI_Wtime() - t0;
+    stats[kind].nbytes += (double)nbytes;
+    stats[kind].calls++;
+}
+
+void dist_allreduce_sum(const struct dist_group *g, enum dist_kind kind, float *buf,
+                        size_t count)
+{
+    if (g->size == 1) return;
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, dist_count(count), MPI_FLOAT, MPI_SUM, g->comm));
+    account(kind, t0, count * sizeof *buf);
+}
+
+void dist_allreduce_sum_f64(const struct dist_group *g, enum dist_kind kind, double *buf,
+                            size_t count)
+{
+    if (g->size == 1) return;
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, dist_count(count), MPI_DOUBLE, MPI_SUM, g->comm));
+    account(kind, t0, count * sizeof *buf);
+}
+
+void dist_allreduce_max(const struct dist_group *g, enum dist_kind kind, float *buf,
+                        size_t count)
+{
+    if (g->size == 1) return;
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, dist_count(count), MPI_FLOAT, MPI_MAX, g->comm));
+    account(kind, t0, count * sizeof *buf);
+}
+
+void dist_allgather(const struct dist_group *g, enum dist_kind kind, float *out,
+                    const float *in, size_t count)
+{
+    if (g->size == 1) {
+        if (out != in) memmove(out, in, count * sizeof *out);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Allgather(in, dist_count(count), MPI_FLOAT, out, dist_count(count),
+                                 MPI_FLOAT, g->comm));
+    account(kind, t0, count * (size_t)g->size * sizeof *out);
+}
+
+void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float *out,
+                         const float *in, size_t count)
+{
+    if (g->size == 1) {
+        if (out != in) memmove(out, in, count * sizeof *out);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Reduce_scatter_block(in, out, dist_count(count), MPI_FLOAT, MPI_SUM,
+                                            g->comm));
+    account(kind, t0, count * (size_t)g->size * sizeof *out);
+}
+
+void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,
+                int root)
+{
+    if (g->size == 1) return;
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Bcast(buf, dist_count(nbytes), MPI_BYTE, root, g->comm));
+    account(kind, t0, nbytes);
+}
+
+const struct dist_comm_stat *dist_comm_stats(enum dist_kind kind) { return &stats[kind]; }
+
+void dist_comm_stats_reset(void) { memset(stats, 0, sizeof stats); }
+
+const char *dist_kind_name(enum dist_kind kind)
+{
+    static const char *const names[DIST_NKIND] = {"tp", "cp", "dp", "dp x cp", "tp x cp",
+                                                  "pp", "ep", "etp", "edp", "etp x ep",
+                                                  "world"};
+    return kind < DIST_NKIND ? names[kind] : "?";
+}

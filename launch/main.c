@@ -1,0 +1,73 @@
+/* The `vdist` program: `vdist train`, `vdist bench`, `vdist data`, `vdist --help`. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dist/dist.h"
+#include "launch/launch_internal.h"
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "vdist: distributed training of Mixture-of-Experts language models over MPI\n\n"
+            "usage:\n"
+            "  [mpirun -np N] vdist train --config FILE [--section.key=value ...]\n"
+            "  [mpirun -np N] vdist bench --config FILE [--section.key=value ...]\n"
+            "  vdist data text IN OUT | synth OUT [options] | info FILE\n"
+            "  vdist train --help          every configuration key, its default and meaning\n"
+            "  vdist data --help\n\n"
+            "bench trains like train and then reports tokens/s, MFU, the time split of a\n"
+            "step and the peak RSS against the memory plan.\n");
+}
+
+/* train and bench: every rank parses the same config and agrees on errors. */
+static int run_train(int argc, char **argv, bool bench)
+{
+    const char *config_path = NULL;
+    char **rest = vd_calloc((size_t)argc + 1, sizeof *rest);
+    int nrest = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            if (dist_world_rank() == 0) {
+                printf("usage: vdist %s --config FILE [--section.key=value ...]\n\n",
+                       bench ? "bench" : "train");
+                launch_config_help(stdout);
+            }
+            free(rest);
+            return 0;
+        }
+        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config_path = argv[++i];
+        else if (strncmp(argv[i], "--config=", 9) == 0) config_path = argv[i] + 9;
+        else rest[nrest++] = argv[i];
+    }
+    struct launch_config cfg;
+    int rc = launch_config_load(&cfg, config_path, nrest, rest);
+    free(rest);
+    rc = dist_agree(dist_world(), rc);
+    struct launch_train_result res;
+    if (rc == 0) rc = launch_train_run(&cfg, bench, &res);
+    if (rc < 0) {
+        if (dist_world_rank() == 0) fprintf(stderr, "vdist: error: %s\n", vd_err_msg());
+        return 2;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "data") == 0) return launch_data_main(argc - 1, argv + 1);
+    bool const train = strcmp(argv[1], "train") == 0, bench = strcmp(argv[1], "bench") == 0;
+    if (!train && !bench) {
+        fprintf(stderr, "vdist: unknown command '%s'; commands are train, bench, data\n", argv[1]);
+        usage(stderr);
+        return 2;
+    }
+    dist_init(&argc, &argv);
+    int const code = run_train(argc - 1, argv + 1, bench);
+    dist_finalize();
+    return code;
+}

@@ -1,0 +1,270 @@
+/* The training loop: layout, data, weights, the step (micro-batches, optimizer), logging
+ * and metrics, the benchmark's report, export. */
+#include <cblas.h>
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include "dist/dist.h"
+#include "launch/launch_internal.h"
+#include "parallel/parallel.h"
+
+double launch_measure_sgemm_gflops(void)
+{
+    int const n = 1024;
+    float *a = vd_alloc((size_t)n * n * sizeof(float));
+    float *b = vd_alloc((size_t)n * n * sizeof(float));
+    float *c = vd_alloc((size_t)n * n * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * n; i++) {
+        a[i] = (float)(i % 7) * 0.1f;
+        b[i] = (float)(i % 5) * 0.1f;
+    }
+    double best = 0.0;
+    for (int rep = 0; rep < 4; rep++) {
+        double const t0 = omp_get_wtime();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f,
+                    c, n);
+        double const gf = 2.0 * n * n * n / (omp_get_wtime() - t0) / 1e9;
+        if (rep > 0 && gf > best) best = gf; /* the first call warms caches and threads */
+    }
+    free(a);
+    free(b);
+    free(c);
+    return best;
+}
+
+static void format_duration(char *out, size_t cap, double seconds)
+{
+    long const s = seconds > 0 ? (long)(seconds + 0.5) : 0;
+    if (s >= 3600) snprintf(out, cap, "%ldh%02ldm", s / 3600, s / 60 % 60);
+    else if (s >= 60) snprintf(out, cap, "%ldm%02lds", s / 60, s % 60);
+    else snprintf(out, cap, "%lds", s);
+}
+
+static double mib(size_t nbytes) { return (double)nbytes / (1024.0 * 1024.0); }
+
+/* One line per number a user plans memory with. */
+static void print_plan(const struct launch_config *c, const struct par_model *pm, int threads,
+                       double peak, bool peak_measured)
+{
+    size_t total = 0, active = 0;
+    model_param_counts(&c->model, &total, &active);
+    size_t const pbytes = pm->tab.numel * sizeof(float);
+    printf("vdist: %d rank(s) x %d thread(s); model %zu parameters (%.2f M), %zu active per "
+           "token (%.2f M)\n",
+           dist_world_size(), threads, total, total / 1e6, active, active / 1e6);
+    printf("memory plan per rank: parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB, "
+           "activations %.1f MiB, scratch %.1f MiB, total %.1f MiB\n",
+           mib(pbytes), mib(pbytes), mib(2 * pbytes), mib(pm->act_nbytes),
+           mib(pm->scratch_nbytes), mib(4 * pbytes + pm->act_nbytes + pm->scratch_nbytes));
+    printf("MFU peak: %.1f GFLOP/s per rank (%s)\n", peak,
+           peak_measured ? "fp32 SGEMM 1024^3 measured now on this rank's threads"
+                         : "train.peak_gflops");
+}
+
+struct step_stats {
+    double loss, lm, aux, z, grad_norm, dropped_frac, tokens_max, tokens_mean;
+};
+
+/* One optimizer step: the step's micro-batches (this replica's share), then the update. */
+static double train_step(struct par_model *pm, const launch_tokens *tok,
+                         const struct launch_config *c, int step, float lr,
+                         struct step_stats *out)
+{
+    int const T = c->train.seq_len, mb = c->train.micro_batch, GB = c->train.global_batch;
+    int const n_micro = GB / mb;
+    size_t const nseq = launch_tokens_nseq(tok);
+    int *inputs = (int *)pm->dy_perm; /* (2 mb T) ints: free between micro-batches */
+    int *targets = inputs + (size_t)mb * T;
+    double sums[6] = {0}; /* lm, aux, z, dropped, tokens_max, tokens_mean */
+    const struct dist_group *dp = &pm->groups.dp;
+    for (int m = dp->rank; m < n_micro; m += dp->size) {
+        for (int j = 0; j < mb; j++) {
+            size_t const seq = ((size_t)step * GB + (size_t)m * mb + j) % nseq;
+            launch_tokens_sequence(tok, seq, inputs + (size_t)j * T, targets + (size_t)j * T);
+        }
+        struct par_mb_stats st;
+        par_forward(pm, inputs, targets, &st);
+        par_backward(pm, 1.0f / (float)n_micro);
+        sums[0] += st.lm_loss;
+        sums[1] += st.aux_loss;
+        sums[2] += st.z_loss;
+        sums[3] += (double)st.dropped;
+        sums[4] = fmax(sums[4], (double)st.tokens_max);
+        sums[5] += st.tokens_mean;
+    }
+    dist_allreduce_sum_f64(dp, DIST_DP, sums, 4);
+    struct par_hparams const hp = {.lr = lr, .beta1 = (float)c->train.beta1,
+                                   .beta2 = (float)c->train.beta2, .eps = (float)c->train.eps,
+                                   .weight_decay = (float)c->train.weight_decay,
+                                   .clip = (float)c->train.clip};
+    out->grad_norm = par_optimizer_step(pm, &hp);
+    out->lm = sums[0] / n_micro;
+    out->aux = sums[1] / n_micro;
+    out->z = sums[2] / n_micro;
+    out->loss = out->lm + out->aux + out->z;
+    double const assignments = (double)n_micro * mb * T * c->model.num_experts_per_tok *
+                               c->model.num_hidden_layers;
+    out->dropped_frac = sums[3] / assignments;
+    out->tokens_max = sums[4];
+    out->tokens_mean = sums[5] / ((n_micro + dp->size - 1) / dp->size);
+    return out->loss;
+}
+
+static void write_metrics(FILE *f, int step, const struct step_stats *s, float lr, double ms,
+                          double tps, double mfu)
+{
+    json_t *o = json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f}",
+                          "step", step, "loss", s->loss, "lm_loss", s->lm, "aux_loss", s->aux,
+                          "z_loss", s->z, "grad_norm", s->grad_norm, "lr", (double)lr,
+                          "step_ms", ms, "tokens_per_s", tps, "mfu", mfu, "dropped_frac",
+                          s->dropped_frac, "tokens_per_expert_max", s->tokens_max,
+                          "tokens_per_expert_mean", s->tokens_mean);
+    char *line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    fprintf(f, "%s\n", line);
+    fflush(f);
+    free(line);
+    json_decref(o);
+}
+
+/* Every rank opens the data and the weights; failures are agreed on before any step. */
+static int open_inputs(const struct launch_config *c, struct par_model *pm, launch_tokens **tok)
+{
+    int rc = 0;
+    if (c->data.path[0] == '\0')
+        rc = vd_err_set(VD_EINVAL, __FILE__, __LINE__,
+                        "data.path is empty: give a token file (make one with `vdist data "
+                        "synth FILE` or `vdist data text IN FILE`)");
+    else
+        rc = launch_tokens_open(tok, c->data.path, c->data.dtype, c->model.vocab_size,
+                                c->train.seq_len);
+    if (rc == 0 && c->train.init_from[0]) rc = ckpt_load_hf(pm, c->train.init_from);
+    return dist_agree(dist_world(), rc);
+}
+
+static int export_model(const struct launch_config *c, const struct par_model *pm)
+{
+    int rc = 0;
+    if (dist_world_rank() == 0) {
+        char path[LAUNCH_PATH_MAX + 32];
+        if (mkdir(c->train.export_to, 0755) != 0 && errno != EEXIST)
+            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create directory %s",
+                            c->train.export_to);
+        snprintf(path, sizeof path, "%s/model.safetensors", c->train.export_to);
+        if (rc == 0) rc = ckpt_export_hf(pm, path);
+        snprintf(path, sizeof path, "%s/config.json", c->train.export_to);
+        if (rc == 0) rc = launch_config_write_hf(&c->model, path);
+        if (rc == 0) printf("exported %s/{model.safetensors,config.json}\n", c->train.export_to);
+    }
+    return dist_agree(dist_world(), rc);
+}
+
+static void print_bench(const struct par_model *pm, int steps_timed, double step_s,
+                        double tps, double mfu)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double total = 0.0;
+    for (int i = 0; i < PAR_T_COUNT; i++) total += par_timers[i];
+    printf("bench: %d timed steps, %.1f ms/step, %.0f tokens/s, MFU %.1f%%\n", steps_timed,
+           step_s * 1e3, tps, 100.0 * mfu);
+    printf("bench: time split of forward+backward:");
+    for (int i = 0; i < PAR_T_COUNT; i++)
+        printf(" %s %.1f%%", par_timer_name((enum par_timer)i),
+               total > 0 ? 100.0 * par_timers[i] / total : 0.0);
+    printf("\n");
+    size_t const plan = 4 * pm->tab.numel * sizeof(float) + pm->act_nbytes + pm->scratch_nbytes;
+    printf("bench: peak RSS %.1f MiB against a memory plan of %.1f MiB\n",
+           (double)ru.ru_maxrss / 1024.0, mib(plan));
+}
+
+int launch_train_run(const struct launch_config *c, bool bench, struct launch_train_result *res)
+{
+    memset(res, 0, sizeof *res);
+    bool const root = dist_world_rank() == 0;
+    int const threads = launch_topo_set_threads();
+    /* Layout: this build is serial (every group of size one). */
+    RETURN_IF(dist_world_size() != 1, VD_EINVAL,
+              "this build trains on one rank; run without mpirun or with -np 1 "
+              "(got %d ranks)", dist_world_size());
+    struct par_groups groups;
+    par_groups_serial(&groups);
+    struct model_layout const lay = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
+                                     .layer_end = c->model.num_hidden_layers,
+                                     .has_embed = true, .has_head = true};
+    struct par_model pm;
+    FORWARD_IF(dist_agree(dist_world(),
+                          par_model_init(&pm, &c->model, &lay, &groups, c->train.micro_batch,
+                                         c->train.seq_len)));
+    model_init_params(&pm.tab, pm.params, c->train.seed, c->model.num_hidden_layers);
+    launch_tokens *tok = NULL;
+    int rc = open_inputs(c, &pm, &tok);
+    if (rc < 0) {
+        launch_tokens_close(tok);
+        par_model_free(&pm);
+        return rc;
+    }
+    bool const measured = c->train.peak_gflops <= 0.0;
+    double const peak = measured ? launch_measure_sgemm_gflops() : c->train.peak_gflops;
+    res->peak_gflops = peak;
+    if (root) print_plan(c, &pm, threads, peak, measured);
+
+    FILE *metrics = NULL;
+    if (root && c->log.metrics[0]) {
+        metrics = fopen(c->log.metrics, "w");
+        if (!metrics)
+            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot open log.metrics file %s",
+                            c->log.metrics);
+    }
+    rc = dist_agree(dist_world(), rc);
+    double const tokens_per_step = (double)c->train.global_batch * c->train.seq_len;
+    double const flops_per_step = 3.0 * model_flops_per_token(&c->model, c->train.seq_len) *
+                                  tokens_per_step;
+    double timed_s = 0.0, t_start = MPI_Wtime();
+    for (int s = 0; rc == 0 && s < c->train.steps; s++) {
+        if (s == 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
+        float const lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE,
+                                     (float)c->train.lr, (float)c->train.lr_min,
+                                     c->train.warmup, c->train.steps, s);
+        double const t0 = MPI_Wtime();
+        struct step_stats st;
+        train_step(&pm, tok, c, s, lr, &st);
+        double const dt = MPI_Wtime() - t0;
+        if (s > 0 || c->train.steps == 1) timed_s += dt;
+        double const tps = tokens_per_step / dt;
+        double const mfu = flops_per_step / (dt * dist_world_size() * peak * 1e9);
+        if (s == 0) res->first_loss = st.loss;
+        res->last_loss = st.loss;
+        res->steps = s + 1;
+        if (!root) continue;
+        if (metrics) write_metrics(metrics, s + 1, &st, lr, dt * 1e3, tps, mfu);
+        bool const last = s + 1 == c->train.steps;
+        if ((s + 1) % c->log.interval == 0 || last || s == 0) {
+            char eta[32];
+            format_duration(eta, sizeof eta, (MPI_Wtime() - t_start) / (s + 1) *
+                                                 (c->train.steps - s - 1));
+            printf("step %d/%d | loss %.4f (lm %.4f aux %.4f z %.4f) | gnorm %.3f | lr %.2e | "
+                   "%.0f tok/s | MFU %.1f%% | ETA %s\n",
+                   s + 1, c->train.steps, st.loss, st.lm, st.aux, st.z, st.grad_norm, lr, tps,
+                   100.0 * mfu, eta);
+            fflush(stdout);
+        }
+    }
+    int const timed_steps = c->train.steps > 1 ? c->train.steps - 1 : 1;
+    if (timed_s > 0) {
+        res->tokens_per_s = tokens_per_step * timed_steps / timed_s;
+        res->mfu = flops_per_step * timed_steps / (timed_s * dist_world_size() * peak * 1e9);
+    }
+    if (metrics) fclose(metrics);
+    if (rc == 0 && bench && root)
+        print_bench(&pm, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
+    if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);
+    launch_tokens_close(tok);
+    par_model_free(&pm);
+    return rc;
+}

@@ -1,0 +1,267 @@
+/* model/: pure compute, no MPI. The exact model of shared/docs/model.md on one rank's
+ * shards: kernels, router, experts, parameter table, initialisation, AdamW, and the error
+ * values every other folder uses.
+ *
+ * Error rule: functions that can fail on input (a file, a config, a checkpoint) return 0
+ * or a negative VD_E* code and record a message (vd_err_msg). Kernels cannot fail on
+ * input: their preconditions are programming errors, checked with VD_CHECK, which aborts.
+ * Kernels and layers never allocate: callers pass outputs and scratch.
+ * Parameter gradients accumulate (+=); the caller zeroes them. */
+#ifndef VDIST_MODEL_H
+#define VDIST_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---------------------------------------------------------------- errors */
+
+enum {
+    VD_OK = 0,
+    VD_EINVAL = -1,  /* bad value: config, option, layout */
+    VD_EIO = -2,     /* a file could not be opened, read or written */
+    VD_EFORMAT = -3, /* a file's content is malformed */
+    VD_ENOMEM = -4,
+    VD_EMPI = -5,
+};
+
+/* Records `code` with "file:line: message" and returns code; the latest error wins. */
+int vd_err_set(int code, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Appends " (via file:line)" to the recorded message and returns code unchanged. */
+int vd_err_forward(int code, const char *file, int line);
+const char *vd_err_msg(void);
+void vd_err_clear(void);
+
+#define RETURN_ERR(code, ...) return vd_err_set((code), __FILE__, __LINE__, __VA_ARGS__)
+#define RETURN_IF(cond, code, ...)                                                   \
+    do {                                                                             \
+        if (cond) RETURN_ERR((code), __VA_ARGS__);                                   \
+    } while (0)
+#define FORWARD_IF(expr)                                                             \
+    do {                                                                             \
+        int const fwd_err_ = (expr);                                                 \
+        if (fwd_err_ < 0) return vd_err_forward(fwd_err_, __FILE__, __LINE__);       \
+    } while (0)
+
+/* Programming errors: always on. Prints "[prefix] file:line: message" and calls the abort
+ * hook (abort() by default; dist/ installs one that calls MPI_Abort with the rank). */
+_Noreturn void vd_fatal(const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void vd_set_fatal_hook(const char *prefix, void (*hook)(void));
+#define VD_CHECK(cond, ...)                                                          \
+    do {                                                                             \
+        if (!(cond)) vd_fatal(__FILE__, __LINE__, __VA_ARGS__);                      \
+    } while (0)
+
+/* Allocation that aborts on failure: only used at set-up time, never per step. */
+void *vd_alloc(size_t nbytes);
+void *vd_calloc(size_t count, size_t size);
+
+/* ---------------------------------------------------------------- model config */
+
+enum model_drop_policy { MODEL_DROP_POSITION = 0, MODEL_DROP_PROBS = 1 };
+
+struct model_config {
+    int vocab_size;        /* V */
+    int hidden_size;       /* d */
+    int intermediate_size; /* F */
+    int num_hidden_layers; /* L */
+    int num_attention_heads; /* H */
+    int num_key_value_heads; /* G */
+    int num_local_experts;   /* E */
+    int num_experts_per_tok; /* k */
+    double rope_theta;
+    double rms_norm_eps;
+    double router_aux_loss_coef; /* alpha */
+    double router_z_loss_coef;   /* beta */
+    double moe_capacity_factor;  /* 0: dropless */
+    enum model_drop_policy moe_drop_policy;
+};
+
+/* Defaults of shared/docs/model.md for the optional keys; sizes left 0. */
+void model_config_defaults(struct model_config *cfg);
+/* 0, or VD_EINVAL with a sentence naming the key, its value and what is allowed. */
+int model_config_validate(const struct model_config *cfg);
+
+/* Parameter counts of the whole model: total, and active per token (k of E experts). */
+void model_param_counts(const struct model_config *cfg, size_t *total, size_t *active);
+/* Forward FLOPs per token at sequence length T (Megatron-Core convention of model.md);
+ * training is 3x this. */
+double model_flops_per_token(const struct model_config *cfg, int seq_len);
+
+/* ---------------------------------------------------------------- parameter table */
+
+/* How a tensor's global shape is cut across ranks. */
+enum model_shard {
+    MODEL_SHARD_NONE = 0, /* every rank of the group holds it whole (replicated) */
+    MODEL_SHARD_DIM0,     /* rows split evenly over the group */
+    MODEL_SHARD_DIM1,     /* columns split evenly over the group */
+};
+
+/* Which process group a tensor is sharded over (and its gradient summed over when
+ * replicated inside a stage). */
+enum model_shard_group { MODEL_GROUP_TP = 0, MODEL_GROUP_ETP = 1 };
+
+enum model_tensor_kind {
+    MODEL_T_EMBED, MODEL_T_LN1, MODEL_T_WQ, MODEL_T_WK, MODEL_T_WV, MODEL_T_WO,
+    MODEL_T_LN2, MODEL_T_ROUTER, MODEL_T_W1, MODEL_T_W3, MODEL_T_W2,
+    MODEL_T_NORM, MODEL_T_HEAD,
+};
+
+struct model_tensor {
+    char name[96];            /* Hugging Face name */
+    enum model_tensor_kind kind;
+    int layer;                /* -1 for embed, norm, head */
+    int expert;               /* global expert index, -1 otherwise */
+    int ndim;                 /* 1 or 2 */
+    size_t shape[2];          /* global shape (shape[1] = 1 when ndim = 1) */
+    enum model_shard shard;
+    enum model_shard_group group;
+    size_t local_shape[2];    /* this rank's block */
+    size_t local_start[2];    /* global coordinates of the block's first element */
+    size_t numel;             /* local element count */
+    size_t offset;            /* into the flat parameter (and gradient, moment) buffers */
+    bool decay;               /* AdamW weight decay: 2-D weights only */
+    bool is_expert;           /* reduced over EDP instead of DP x CP */
+};
+
+/* What of the model this rank holds. Sizes of one are the serial case. */
+struct model_layout {
+    int tp, tp_rank;     /* attention tensor parallelism */
+    int ep, ep_rank;     /* expert parallelism */
+    int etp, etp_rank;   /* expert tensor parallelism */
+    int layer_begin, layer_end; /* this pipeline stage's layers [begin, end) */
+    bool has_embed, has_head;
+};
+
+struct model_table {
+    struct model_tensor *t;
+    int count;
+    size_t numel;        /* total local elements: the flat buffers' length */
+    size_t numel_dense;  /* the first numel_dense elements are non-expert tensors;
+                            experts follow, so each reduction group sees one range */
+};
+
+/* Builds the table of every tensor this rank holds, dense tensors first then experts,
+ * in a fixed order. Returns 0 or VD_EINVAL when the layout does not divide the model. */
+int model_table_build(struct model_table *tab, const struct model_config *cfg,
+                      const struct model_layout *lay);
+void model_table_free(struct model_table *tab);
+/* Index of a tensor by Hugging Face name, or -1. */
+int model_table_find(const struct model_table *tab, const char *name);
+
+/* Layout-independent initialisation (model.md): element (i, j) of a tensor gets a value
+ * depending only on (seed, name, global index i * shape[1] + j). */
+void model_init_params(const struct model_table *tab, float *params, uint64_t seed,
+                       int num_layers);
+/* The standard normal deviate used above, exposed for tests. */
+float model_init_normal(uint64_t seed, const char *name, uint64_t index);
+
+/* Pointers into a flat buffer (parameters or gradients) for one rank's tensors. */
+struct model_layer_ptrs {
+    float *ln1, *wq, *wk, *wv, *wo, *ln2, *router;
+    float **w1, **w3, **w2; /* [E_local], local experts in order */
+};
+struct model_ptrs {
+    float *embed, *norm, *head;   /* NULL when this stage lacks them */
+    struct model_layer_ptrs *layers; /* [layer_end - layer_begin] */
+    float **expert_slots;            /* storage behind the w1/w3/w2 arrays */
+};
+void model_ptrs_build(struct model_ptrs *p, const struct model_table *tab, float *base,
+                      const struct model_layout *lay, int num_local_experts);
+void model_ptrs_free(struct model_ptrs *p);
+
+/* ---------------------------------------------------------------- kernels */
+/* Shapes in comments are (rows, cols), row-major. Each kernel parallelises itself with
+ * OpenMP over its outermost independent loop; BLAS calls use OpenBLAS's threads. */
+
+/* out (n, m) = inp (n, kd) w^T, w (m, kd); accumulate: out += instead of =. */
+void model_matmul_forward(float *out, const float *inp, const float *w, size_t n,
+                          size_t kd, size_t m, bool accumulate);
+/* dinp (n, kd) (+)= dout (n, m) w; dw (m, kd) += dout^T inp. Either output may be NULL. */
+void model_matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                           const float *w, size_t n, size_t kd, size_t m,
+                           bool accumulate_dinp);
+
+/* out (n, d) = rmsnorm(inp) * g; rstd (n) saved for backward. */
+void model_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *g,
+                           size_t n, size_t d, float eps);
+/* dinp (n, d) += ...; dg (d) += ... */
+void model_rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *inp,
+                            const float *g, const float *rstd, size_t n, size_t d);
+
+/* RoPE table: cos/sin (T, hd/2) for positions 0..T-1 of each sequence. */
+void model_rope_table(float *cos_t, float *sin_t, int seq_len, int head_dim, double theta);
+/* Rotates x (n_seq * T, nheads * hd) in place, position t = row % T (+ pos_offset of the
+ * row's chunk is the caller's business: `pos` (rows) gives each row's position).
+ * inverse = true applies the transpose rotation (the backward of the forward). */
+void model_rope_apply(float *x, const int *pos, const float *cos_t, const float *sin_t,
+                      size_t rows, int nheads, int head_dim, bool inverse);
+
+/* Causal grouped-query attention core on local heads, per sequence of T positions.
+ * q (B*T, Hl*hd), k, v (B*T, Gl*hd), out (B*T, Hl*hd); probs (B, Hl, T, T) saved.
+ * Query head i uses key/value head i / (Hl/Gl). */
+void model_attention_forward(float *out, float *probs, const float *q, const float *k,
+                             const float *v, int B, int T, int Hl, int Gl, int hd);
+/* dq (=), dk, dv (=) from dout; scratch (nthreads * T * T floats). */
+void model_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                              const float *probs, const float *q, const float *k,
+                              const float *v, int B, int T, int Hl, int Gl, int hd,
+                              float *scratch);
+size_t model_attention_scratch_floats(int T);
+
+/* ---------------------------------------------------------------- router */
+
+/* Per-token routing of n tokens: probs (n, E) = softmax(logits); topk experts (n, k) and
+ * their renormalised weights (n, k), slot j the j-th largest p (ties: lower index);
+ * lse (n) the log-sum-exp of each row (for the z-loss). */
+void model_router_forward(float *probs, int *topk_idx, float *topk_w, float *lse,
+                          const float *logits, size_t n, int E, int k);
+/* dlogits (n, E) = from dtopk_w (n, k) (zero for dropped slots), the aux-loss gradient
+ * coefficient per expert aux_coef[e] (d aux / d p_te, same for every token) and the
+ * z-loss coefficient zcoef (d z / d lse_t = zcoef * lse_t). */
+void model_router_backward(float *dlogits, const float *dtopk_w, const float *probs,
+                           const int *topk_idx, const float *topk_w, const float *lse,
+                           const float *aux_coef, float zcoef, size_t n, int E, int k);
+
+/* ---------------------------------------------------------------- experts */
+
+/* SwiGLU expert on a contiguous block x (n, d): h1 = x w1^T, h3 = x w3^T (n, Fl),
+ * act = silu(h1) * h3, y (n, d) = act w2^T; w1, w3 (Fl, d), w2 (d, Fl). h1, h3, act saved. */
+void model_expert_forward(float *y, float *h1, float *h3, float *act, const float *x,
+                          const float *w1, const float *w3, const float *w2, size_t n,
+                          int d, int Fl);
+/* dx (n, d) = (not accumulated); dw1, dw3, dw2 +=. scratch (n, 2 * Fl). */
+void model_expert_backward(float *dx, float *dw1, float *dw3, float *dw2, const float *dy,
+                           const float *h1, const float *h3, const float *act,
+                           const float *x, const float *w1, const float *w3,
+                           const float *w2, size_t n, int d, int Fl, float *scratch);
+
+/* ---------------------------------------------------------------- loss pieces */
+
+/* Row max and sum of exp(row - max) of logits (n, Vl): the local part of a (vocabulary-
+ * parallel) softmax; the caller combines them over the tensor group. */
+void model_softmax_stats(float *rowmax, float *rowsum, const float *logits, size_t n,
+                         size_t Vl);
+/* Logit of each row's target when it falls in [v_begin, v_begin + Vl), else 0. */
+void model_target_logits(float *tlogit, const float *logits, const int *targets, size_t n,
+                         size_t Vl, int v_begin);
+/* dlogits (n, Vl) = scale * (softmax - onehot) given the global row max and sum. */
+void model_crossentropy_backward(float *dlogits, const float *logits, const int *targets,
+                                 const float *rowmax, const float *rowsum, size_t n,
+                                 size_t Vl, int v_begin, float scale);
+
+/* ---------------------------------------------------------------- AdamW */
+
+struct model_adamw {
+    float lr, beta1, beta2, eps, weight_decay;
+    long step; /* t, 1 for the first update */
+};
+/* One AdamW update of n elements (PyTorch semantics); decay selects weight decay. */
+void model_adamw_update(float *p, const float *g, float *m, float *v, size_t n,
+                        const struct model_adamw *hp, bool decay);
+/* Learning rate at step s (0-based) for `cosine` (warmup W, total S) or constant. */
+float model_lr_at(int cosine, float lr_max, float lr_min, int warmup, int total, int step);
+
+#endif

@@ -1,0 +1,123 @@
+/* parallel/: where compute meets communication. The rank's share of the model (its
+ * parameter table and flat buffers), the transformer's layers as forward/backward pairs
+ * over process groups, the token dispatcher, gradient reduction and the optimizer step.
+ *
+ * The serial run is this code with every group of size one. A training step is driven
+ * per micro-batch over an ordered list of layers (par_layer), so a pipeline schedule can
+ * run any stage's slice of that list for any micro-batch.
+ *
+ * Error rule: set-up functions that can fail on input return 0 or a negative VD_E* code
+ * (model.h); per-step functions cannot fail on input and check programming errors only. */
+#ifndef VDIST_PARALLEL_H
+#define VDIST_PARALLEL_H
+
+#include "dist/dist.h"
+#include "model/model.h"
+
+/* Every process group a rank's layers use (both grids of MoE parallel folding). */
+struct par_groups {
+    struct dist_group tp, cp, dp, dpcp, tpcp, pp; /* attention grid */
+    struct dist_group ep, etp, edp, etpep;        /* MoE grid */
+};
+/* All groups of size one: the serial layout. */
+void par_groups_serial(struct par_groups *g);
+
+struct par_shape {
+    int B, T;   /* sequences of a micro-batch, positions each */
+    size_t N;   /* tokens of the micro-batch this rank holds */
+};
+
+/* One layer of the ordered list a step runs. */
+enum par_layer_kind { PAR_LAYER_EMBED, PAR_LAYER_BLOCK, PAR_LAYER_HEAD };
+struct par_layer {
+    enum par_layer_kind kind;
+    int layer; /* global transformer layer for PAR_LAYER_BLOCK */
+};
+
+/* Saved-for-backward activations of one transformer block and one micro-batch. */
+struct par_block_acts {
+    float *h_mid;                  /* (N, d) residual after attention */
+    float *a, *rstd1;              /* input_layernorm out (N, d), (N) */
+    float *q, *k, *v;              /* post-RoPE (N, Hl hd), (N, Gl hd) */
+    float *probs;                  /* (B, Hl, T, T) */
+    float *att;                    /* (N, Hl hd) */
+    float *m, *rstd2;              /* post_attention_layernorm out (N, d), (N) */
+    float *rprobs, *rtopk_w, *rlse;/* router (N, E), (N, k), (N) */
+    int *rtopk;                    /* (N, k) */
+    int *slot_pos;                 /* (N, k): row in the permuted block, -1 if dropped */
+    int *perm_src;                 /* (A_max): token of each permuted row */
+    size_t *expert_off;            /* (E_local + 1): rows of each local expert */
+    float *x_perm, *h1, *h3, *act, *y_perm; /* (A, d), (A, F_l) x3, (A, d) */
+    float *counts;                 /* (E): c_e over the micro-batch, for the aux gradient */
+    long dropped;                  /* assignments dropped in the last forward */
+};
+
+/* Statistics of one micro-batch's forward. */
+struct par_mb_stats {
+    double lm_loss, aux_loss, z_loss;
+    long dropped;          /* assignments dropped over all layers */
+    long tokens_max;       /* max over layers and experts of tokens received */
+    double tokens_mean;    /* mean tokens per expert */
+};
+
+struct par_hparams {
+    float lr, beta1, beta2, eps, weight_decay, clip;
+};
+
+/* The rank's share of the model: table, flat buffers, pointers, activations, scratch. */
+struct par_model {
+    struct model_config cfg;
+    struct model_layout lay;
+    struct par_shape shape;
+    struct par_groups groups;
+    struct model_table tab;
+    float *params, *grads, *adam_m, *adam_v; /* one allocation each, tab.numel floats */
+    struct model_ptrs p, g;
+    long adam_step;
+
+    struct par_layer *layers; /* the ordered list of this stage's layers */
+    int nlayers;
+
+    /* activations of one micro-batch */
+    int *inputs, *targets, *pos;
+    float *resid;             /* (L_local + 1, N, d): block inputs and the last output */
+    struct par_block_acts *blocks;
+    float *hn, *rstd_f, *logits, *rowmax, *rowsum; /* head */
+    /* backward scratch */
+    float *dh, *dtmp, *dq, *dk, *dv, *datt, *drl, *dtopk_w, *dx_perm, *dy_perm, *exp_scratch,
+        *att_scratch;
+    float *rope_cos, *rope_sin;
+    double *router_sums;      /* (2 E + 1) */
+    size_t *expert_counts;    /* (3 (E + 1)) */
+    float *aux_coef;          /* (E) */
+    size_t act_nbytes, scratch_nbytes;
+    void *act_base, *scratch_base; /* the two allocations behind the pointers above */
+};
+
+/* Allocates the rank's share for micro-batches of B sequences of T positions. 0 or
+ * VD_EINVAL when the layout does not divide the model. */
+int par_model_init(struct par_model *pm, const struct model_config *cfg,
+                   const struct model_layout *lay, const struct par_groups *groups, int B,
+                   int T);
+void par_model_free(struct par_model *pm);
+
+/* Forward of one micro-batch over the rank's layers: inputs and targets (B, T) of the
+ * whole micro-batch (each rank takes its share). Fills st with losses of the micro-batch. */
+void par_forward(struct par_model *pm, const int *inputs, const int *targets,
+                 struct par_mb_stats *st);
+/* Backward of the micro-batch last run forward; gradients accumulate, scaled by
+ * loss_scale (1 / number of micro-batches of the step). */
+void par_backward(struct par_model *pm, float loss_scale);
+
+/* After the micro-batches of a step: reduces gradients, clips by the global norm (returns
+ * it, before clipping), and takes one AdamW step with lr. Zeroes the gradients after. */
+double par_optimizer_step(struct par_model *pm, const struct par_hparams *hp);
+void par_zero_grads(struct par_model *pm);
+
+/* Per-kind wall time of the last forward and backward, for the benchmark's split. */
+enum par_timer { PAR_T_ATTN, PAR_T_ROUTER, PAR_T_EXPERTS, PAR_T_DISPATCH, PAR_T_OTHER,
+                 PAR_T_COUNT };
+extern double par_timers[PAR_T_COUNT];
+const char *par_timer_name(enum par_timer t);
+
+#endif

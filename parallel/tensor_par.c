@@ -1,0 +1,29 @@
+/* Tensor-parallel pieces shared by the layers: the vocabulary-parallel cross-entropy. */
+#include <math.h>
+#include <string.h>
+
+#include "parallel/parallel_internal.h"
+
+double par_vocab_crossentropy(struct par_model *pm, int v_begin, size_t Vl)
+{
+    size_t const N = pm->shape.N;
+    const struct dist_group *tp = &pm->groups.tp;
+    float *local_max = pm->dtmp, *tlogit = pm->dtmp + N; /* dtmp is free during forward */
+    model_softmax_stats(pm->rowmax, pm->rowsum, pm->logits, N, Vl);
+    model_target_logits(tlogit, pm->logits, pm->targets, N, Vl, v_begin);
+    /* Combine (max, sum of exp) over the vocabulary slices: sum_r s_r exp(m_r - m). */
+    memcpy(local_max, pm->rowmax, N * sizeof(float));
+    dist_allreduce_max(tp, DIST_TP, pm->rowmax, N);
+    for (size_t t = 0; t < N; t++) pm->rowsum[t] *= expf(local_max[t] - pm->rowmax[t]);
+    dist_allreduce_sum(tp, DIST_TP, pm->rowsum, N);
+    dist_allreduce_sum(tp, DIST_TP, tlogit, N);
+    double loss = 0.0;
+    for (size_t t = 0; t < N; t++)
+        loss += (double)logf(pm->rowsum[t]) + pm->rowmax[t] - tlogit[t];
+    return loss / ((double)pm->shape.B * pm->shape.T);
+}
+
+void par_tp_reduce_input_grad(struct par_model *pm, float *dx, size_t count)
+{
+    dist_allreduce_sum(&pm->groups.tp, DIST_TP, dx, count);
+}
