@@ -62,11 +62,17 @@ $(BUILD)/tests/%: $(BUILD)/tests/%.o $(TEST_COMMON_OBJ) $(BUILD)/libvdist.a
 test: all
 	bash tests/run.sh $(BUILD)
 
+# The default job: configs/small.ini on the embedded synthetic dataset (vocab 256).
 run: all
-	bash launch/run_default.sh $(BUILD)
+	@mkdir -p runs/small
+	$(BUILD)/vdist data synth runs/synth.bin
+	$(BUILD)/vdist train --config configs/small.ini
 
+# configs/bench.ini on 1 rank with 2 threads (a 1-step warm-up is excluded from averages).
 bench: all
-	bash launch/bench.sh $(BUILD)
+	@mkdir -p runs
+	@[ -f runs/synth.bin ] || $(BUILD)/vdist data synth runs/synth.bin
+	OMP_NUM_THREADS=2 $(BUILD)/vdist bench --config configs/bench.ini
 
 asan:
 	$(MAKE) BUILD=build-asan OPT=-O1 \

@@ -193,38 +193,40 @@ int dist_grid_rank_of(const struct dist_grid *g, enum dist_grid_which which,
     return rank;
 }
 
-/* The grid and axes of a group kind, the axes in ascending stride (the order's fastest
+/* The grid and axes of each group kind; DIST_NKIND marks kinds without a grid group. */
+static const struct {
+    int which, n, axes[AX_COUNT];
+} kind_def[DIST_NKIND] = {
+    [DIST_TP] = {DIST_GRID_ATTN, 1, {AX_TP}},
+    [DIST_CP] = {DIST_GRID_ATTN, 1, {AX_CP}},
+    [DIST_DP] = {DIST_GRID_ATTN, 1, {AX_DP}},
+    [DIST_DPCP] = {DIST_GRID_ATTN, 2, {AX_DP, AX_CP}},
+    [DIST_TPCP] = {DIST_GRID_ATTN, 2, {AX_TP, AX_CP}},
+    [DIST_PP] = {DIST_GRID_ATTN, 1, {AX_PP}},
+    [DIST_EP] = {DIST_GRID_MOE, 1, {AX_EP}},
+    [DIST_ETP] = {DIST_GRID_MOE, 1, {AX_ETP}},
+    [DIST_EDP] = {DIST_GRID_MOE, 1, {AX_EDP}},
+    [DIST_ETPEP] = {DIST_GRID_MOE, 2, {AX_ETP, AX_EP}},
+    [DIST_WORLD] = {DIST_GRID_ATTN, 4, {AX_TP, AX_CP, AX_DP, AX_PP}},
+};
+
+/* The grid and axes of a group kind, the axes by ascending stride (the order's fastest
  * first), so that the mixed radix over them is ascending rank. Returns the axis count. */
 static int kind_axes(const struct dist_grid *g, enum dist_kind kind,
                      enum dist_grid_which *which, int axes[AX_COUNT])
 {
-    int n = 0;
-    *which = DIST_GRID_ATTN;
-    switch (kind) {
-    case DIST_TP: axes[n++] = AX_TP; break;
-    case DIST_CP: axes[n++] = AX_CP; break;
-    case DIST_DP: axes[n++] = AX_DP; break;
-    case DIST_DPCP: axes[n++] = AX_DP; axes[n++] = AX_CP; break;
-    case DIST_TPCP: axes[n++] = AX_TP; axes[n++] = AX_CP; break;
-    case DIST_PP: axes[n++] = AX_PP; break;
-    case DIST_WORLD:
-        for (int a = 0; a < AX_COUNT; a++) axes[n++] = a;
-        break;
-    case DIST_EP: *which = DIST_GRID_MOE; axes[n++] = AX_EP; break;
-    case DIST_ETP: *which = DIST_GRID_MOE; axes[n++] = AX_ETP; break;
-    case DIST_EDP: *which = DIST_GRID_MOE; axes[n++] = AX_EDP; break;
-    case DIST_ETPEP: *which = DIST_GRID_MOE; axes[n++] = AX_ETP; axes[n++] = AX_EP; break;
-    default: VD_CHECK(0, "group kind %d has no grid group", (int)kind);
-    }
-    /* Insertion sort by stride; ties (size-one axes) keep the order above, which is
-     * harmless: a size-one axis contributes no digit. */
-    for (int i = 1; i < n; i++)
-        for (int j = i; j > 0 && g->stride[*which][axes[j]] < g->stride[*which][axes[j - 1]];
-             j--) {
-            int const t = axes[j];
+    VD_CHECK((int)kind >= 0 && kind < DIST_NKIND && kind_def[kind].n > 0,
+             "group kind %d has no grid group", (int)kind);
+    int const n = kind_def[kind].n;
+    *which = kind_def[kind].which;
+    const int *const stride = g->stride[*which];
+    /* Insertion sort; ties (size-one axes) may land either way: they add no digit. */
+    for (int i = 0; i < n; i++) {
+        int j = i;
+        for (; j > 0 && stride[axes[j - 1]] > stride[kind_def[kind].axes[i]]; j--)
             axes[j] = axes[j - 1];
-            axes[j - 1] = t;
-        }
+        axes[j] = kind_def[kind].axes[i];
+    }
     return n;
 }
 

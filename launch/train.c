@@ -132,17 +132,40 @@ static void write_metrics(FILE *f, int step, const struct step_stats *s, float l
     json_decref(o);
 }
 
+/* With data.path empty, the embedded synthetic dataset at the model's vocabulary, made
+ * once by rank 0 under runs/ (written to a temporary name, then renamed). */
+static int default_data(const struct launch_config *c, char *path, size_t cap)
+{
+    struct launch_synth syn;
+    launch_synth_defaults(&syn);
+    syn.vocab = c->model.vocab_size;
+    if (syn.branch > syn.vocab) syn.branch = syn.vocab;
+    snprintf(path, cap, "runs/synth-v%d.bin", syn.vocab);
+    int rc = 0;
+    if (dist_world_rank() == 0) {
+        double floor_nats = 0.0;
+        struct stat sb;
+        if (mkdir("runs", 0755) != 0 && errno != EEXIST)
+            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create directory runs/ for "
+                            "the synthetic dataset (set data.path)");
+        else if (stat(path, &sb) == 0)
+            rc = launch_synth_floor(&syn, &floor_nats);
+        else
+            rc = launch_synth_write(&syn, path, &floor_nats);
+        if (rc == 0)
+            printf("data.path is empty: training on the embedded synthetic dataset %s "
+                   "(entropy floor %.4f nats/token)\n", path, floor_nats);
+    }
+    return dist_agree(dist_world(), rc);
+}
+
 /* Every rank opens the data and the weights; failures are agreed on before any step. */
 static int open_inputs(const struct launch_config *c, struct par_model *pm, launch_tokens **tok)
 {
-    int rc = 0;
-    if (c->data.path[0] == '\0')
-        rc = vd_err_set(VD_EINVAL, __FILE__, __LINE__,
-                        "data.path is empty: give a token file (make one with `vdist data "
-                        "synth FILE` or `vdist data text IN FILE`)");
-    else
-        rc = launch_tokens_open(tok, c->data.path, c->data.dtype, c->model.vocab_size,
-                                c->train.seq_len);
+    char path[LAUNCH_PATH_MAX];
+    snprintf(path, sizeof path, "%s", c->data.path);
+    if (path[0] == '\0') FORWARD_IF(default_data(c, path, sizeof path));
+    int rc = launch_tokens_open(tok, path, c->data.dtype, c->model.vocab_size, c->train.seq_len);
     if (rc == 0 && c->train.init_from[0]) rc = ckpt_load_hf(pm, c->train.init_from);
     return dist_agree(dist_world(), rc);
 }
@@ -188,10 +211,17 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     memset(res, 0, sizeof *res);
     bool const root = dist_world_rank() == 0;
     int const threads = launch_topo_set_threads();
-    /* Layout: this build is serial (every group of size one). */
+    /* Layout: this version runs the serial layout (every group of size one). */
+    const struct launch_parallel *par = &c->parallel;
+    RETURN_IF(par->tp != 1 || par->cp != 1 || par->ep != 1 || par->etp != 1 || par->pp != 1 ||
+                  par->vpp != 1,
+              VD_EINVAL,
+              "parallel.tp = %d, cp = %d, ep = %d, etp = %d, pp = %d, vpp = %d: this version "
+              "runs one rank with every parallel size 1", par->tp, par->cp, par->ep, par->etp,
+              par->pp, par->vpp);
     RETURN_IF(dist_world_size() != 1, VD_EINVAL,
-              "this build trains on one rank; run without mpirun or with -np 1 "
-              "(got %d ranks)", dist_world_size());
+              "%d ranks: this version trains on one rank (run it without mpirun or with -np 1)",
+              dist_world_size());
     struct par_groups groups;
     par_groups_serial(&groups);
     struct model_layout const lay = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,

@@ -151,7 +151,11 @@ void model_attention_forward(float *out, float *probs, const float *q, const flo
     }
 }
 
-size_t model_attention_scratch_floats(int T) { return (size_t)T * (size_t)T; }
+/* One (T, T) block per OpenMP thread: size it after the thread count is set. */
+size_t model_attention_scratch_floats(int T)
+{
+    return (size_t)omp_get_max_threads() * (size_t)T * (size_t)T;
+}
 
 /* Tasks are (sequence, key/value head) so that the query heads sharing a key/value head
  * accumulate into dk, dv without races. */

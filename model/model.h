@@ -204,11 +204,12 @@ void model_rope_apply(float *x, const int *pos, const float *cos_t, const float 
  * Query head i uses key/value head i / (Hl/Gl). */
 void model_attention_forward(float *out, float *probs, const float *q, const float *k,
                              const float *v, int B, int T, int Hl, int Gl, int hd);
-/* dq (=), dk, dv (=) from dout; scratch (nthreads * T * T floats). */
+/* dq (=), dk, dv (=) from dout; scratch of model_attention_scratch_floats(T) floats. */
 void model_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                               const float *probs, const float *q, const float *k,
                               const float *v, int B, int T, int Hl, int Gl, int hd,
                               float *scratch);
+/* T * T per OpenMP thread (omp_get_max_threads() at the time of the call). */
 size_t model_attention_scratch_floats(int T);
 
 /* ---------------------------------------------------------------- router */

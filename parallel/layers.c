@@ -110,8 +110,7 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     pm->dx_perm = arena_take(scr, A * d * f);
     pm->dy_perm = arena_take(scr, A * d * f);
     pm->exp_scratch = arena_take(scr, A * 2 * Fl * f);
-    pm->att_scratch = arena_take(scr, (size_t)omp_get_max_threads() *
-                                          model_attention_scratch_floats(T) * f);
+    pm->att_scratch = arena_take(scr, model_attention_scratch_floats(T) * f);
     pm->rope_cos = arena_take(scr, (size_t)T * hd / 2 * f);
     pm->rope_sin = arena_take(scr, (size_t)T * hd / 2 * f);
     pm->router_sums = arena_take(scr, (2 * E + 1) * sizeof(double));

@@ -23,8 +23,8 @@ static const char *const ref_names[N_COUNT] = {"tp", "cp", "ep", "dp", "pp"};
 
 struct ref_grid {
     int world;
-    int n[2];        /* names per grid (4) */
-    int name[2][4];  /* N_*, fastest first */
+    int n[2];       /* names per grid (4) */
+    int name[2][4]; /* N_*, fastest first */
     int size[2][N_COUNT];
     int coord[2][MAX_WORLD][N_COUNT];
 };
@@ -139,10 +139,11 @@ static void problems_reset(void)
 }
 
 /* Asserts no problem was recorded, printing the first one when there was. */
-#define ASSERT_NO_PROBLEMS()                                                         \
-    do {                                                                             \
-        if (problems) fprintf(stderr, "\n  %ld problems; first: %s\n", problems, first_problem); \
-        CU_ASSERT_EQUAL(problems, 0);                                                \
+#define ASSERT_NO_PROBLEMS()                                                               \
+    do {                                                                                   \
+        if (problems)                                                                      \
+            fprintf(stderr, "\n  %ld problems; first: %s\n", problems, first_problem);     \
+        CU_ASSERT_EQUAL(problems, 0);                                                      \
     } while (0)
 
 static int cmp_int(const void *a, const void *b)
@@ -166,8 +167,10 @@ static void check_grid(const struct dist_grid *g)
     for (int r = 0; r < world; r++) {
         struct dist_grid_coords c;
         dist_grid_coords(g, r, &c);
-        const int *const ra = ref.coord[DIST_GRID_ATTN][r], *const rm = ref.coord[DIST_GRID_MOE][r];
-        int const want[7] = {ra[N_TP], ra[N_CP], ra[N_DP], ra[N_PP], rm[N_TP], rm[N_EP], rm[N_DP]};
+        const int *const ra = ref.coord[DIST_GRID_ATTN][r];
+        const int *const rm = ref.coord[DIST_GRID_MOE][r];
+        int const want[7] = {ra[N_TP], ra[N_CP], ra[N_DP], ra[N_PP],
+                             rm[N_TP], rm[N_EP], rm[N_DP]};
         int const got[7] = {c.tp, c.cp, c.dp, c.pp, c.etp, c.ep, c.edp};
         if (memcmp(want, got, sizeof want)) problem(g, "coordinates", r, "-");
         if (rm[N_PP] != c.pp)
@@ -186,7 +189,8 @@ static void check_grid(const struct dist_grid *g)
         if (dist_grid_group_size(g, kd->kind) != want_size)
             problem(g, "group size", 0, kd->label);
         int hits[MAX_WORLD] = {0}, colors[MAX_WORLD], keys[MAX_WORLD];
-        for (int r = 0; r < world; r++) dist_grid_split_args(g, kd->kind, r, &colors[r], &keys[r]);
+        for (int r = 0; r < world; r++)
+            dist_grid_split_args(g, kd->kind, r, &colors[r], &keys[r]);
         for (int r = 0; r < world; r++) {
             int members[MAX_WORLD], count = -1, index = -1;
             int const color = colors[r], key = keys[r];
@@ -198,7 +202,8 @@ static void check_grid(const struct dist_grid *g)
             if (index < 0 || index >= count || members[index] != r)
                 problem(g, "rank is not at its index among the members", r, kd->label);
             if (index != ref_index(&ref, kd->which, r, kd->names))
-                problem(g, "index is not the rank's (mixed-radix) coordinate", r, kd->label);
+                problem(g, "index is not the rank's (mixed-radix) coordinate", r,
+                        kd->label);
             if (key != index) problem(g, "split key is not the index", r, kd->label);
             if (color < 0) problem(g, "negative split color", r, kd->label);
             for (int i = 0; i < count; i++) {
@@ -209,9 +214,11 @@ static void check_grid(const struct dist_grid *g)
                 }
                 if (!ref_same_group(&ref, kd->which, r, m, kd->names))
                     problem(g, "member outside the reference group", r, kd->label);
-                if (kd->kind == DIST_PP && !ref_same_group(&ref, DIST_GRID_MOE, r, m, BIT(N_PP)))
+                if (kd->kind == DIST_PP &&
+                    !ref_same_group(&ref, DIST_GRID_MOE, r, m, BIT(N_PP)))
                     problem(g, "PP group differs from the MoE grid's", r, kd->label);
-                if (colors[m] != color) problem(g, "split color differs in a group", r, kd->label);
+                if (colors[m] != color)
+                    problem(g, "split color differs in a group", r, kd->label);
                 if (index == 0) hits[m]++;
             }
         }
@@ -231,7 +238,8 @@ static void check_groups(const struct dist_grid *g, enum dist_kind kind, const c
                          const int *expected, int ngroups, int gsize)
 {
     problems_reset();
-    if (ngroups * gsize != g->world) problem(g, "expected table does not cover the world", 0, label);
+    if (ngroups * gsize != g->world)
+        problem(g, "expected table does not cover the world", 0, label);
     if (dist_grid_group_size(g, kind) != gsize) problem(g, "group size", 0, label);
     int colors[MAX_WORLD];
     for (int grp = 0; grp < ngroups; grp++)
@@ -240,9 +248,11 @@ static void check_groups(const struct dist_grid *g, enum dist_kind kind, const c
             int members[MAX_WORLD], count = -1, index = -1, key = -1;
             dist_grid_group(g, kind, r, members, &count, &index);
             dist_grid_split_args(g, kind, r, &colors[grp * gsize + i], &key);
-            if (count != gsize || memcmp(members, &expected[grp * gsize], sizeof(int) * (size_t)gsize))
+            if (count != gsize ||
+                memcmp(members, &expected[grp * gsize], sizeof(int) * (size_t)gsize))
                 problem(g, "members differ from the table", r, label);
-            if (index != i || key != i) problem(g, "index differs from the table", r, label);
+            if (index != i || key != i)
+                problem(g, "index differs from the table", r, label);
             if (colors[grp * gsize + i] != colors[grp * gsize])
                 problem(g, "split color differs in a group", r, label);
             for (int other = 0; other < grp; other++)
@@ -286,7 +296,8 @@ static void test_example_16(void)
     CU_ASSERT_EQUAL(dist_grid_rank_of(&g, DIST_GRID_ATTN, &c), 5);
     CU_ASSERT_EQUAL(dist_grid_rank_of(&g, DIST_GRID_MOE, &c), 5);
     c = (struct dist_grid_coords){.tp = 1, .cp = 1, .dp = 0, .pp = 1};
-    CU_ASSERT_EQUAL(dist_grid_rank_of(&g, DIST_GRID_ATTN, &c), 1 + 2 * (1 + 2 * (0 + 2 * 1)));
+    CU_ASSERT_EQUAL(dist_grid_rank_of(&g, DIST_GRID_ATTN, &c),
+                    1 + 2 * (1 + 2 * (0 + 2 * 1)));
     c = (struct dist_grid_coords){.etp = 0, .ep = 3, .edp = 1, .pp = 1};
     CU_ASSERT_EQUAL(dist_grid_rank_of(&g, DIST_GRID_MOE, &c), 3 + 4 * (1 + 2 * 1));
 }
@@ -301,7 +312,8 @@ static void test_example_8(void)
     static const int attn[][2] = {{1, 1}, {2, 2}, {8, 1}, {1, 4}};
     for (size_t i = 0; i < sizeof attn / sizeof attn[0]; i++) {
         struct dist_grid g;
-        CU_ASSERT_EQUAL_FATAL(dist_grid_init(&g, 8, attn[i][0], attn[i][1], 2, 2, 1, NULL), 0);
+        CU_ASSERT_EQUAL_FATAL(dist_grid_init(&g, 8, attn[i][0], attn[i][1], 2, 2, 1, NULL),
+                              0);
         CU_ASSERT_EQUAL(g.dims.edp, 2);
         check_groups(&g, DIST_ETP, "ETP", etp, 4, 2);
         check_groups(&g, DIST_EP, "EP", ep, 4, 2);
@@ -379,8 +391,8 @@ static void make_orders(void)
                     for (int e = 0; e < 5; e++) {
                         int const mask = 1 << a | 1 << b | 1 << c | 1 << d | 1 << e;
                         if (mask != 31) continue;
-                        snprintf(orders[norders++], 16, "%s-%s-%s-%s-%s", names[a], names[b],
-                                 names[c], names[d], names[e]);
+                        snprintf(orders[norders++], 16, "%s-%s-%s-%s-%s", names[a],
+                                 names[b], names[c], names[d], names[e]);
                     }
 }
 
@@ -391,9 +403,10 @@ struct order_stats {
 static void layout_orders(int world, int tp, int cp, int pp, int ep, int etp, void *arg)
 {
     struct order_stats *st = arg;
-    struct dist_grid_dims const d = {.tp = tp, .cp = cp, .dp = world / (tp * cp * pp),
-                                     .pp = pp, .etp = etp, .ep = ep,
-                                     .edp = world / (etp * ep * pp)};
+    struct dist_grid_dims const d = {
+        .tp = tp, .cp = cp, .dp = world / (tp * cp * pp), .pp = pp,
+        .etp = etp, .ep = ep, .edp = world / (etp * ep * pp),
+    };
     for (int o = 0; o < norders; o++) {
         struct ref_grid ref;
         ref_build(&ref, world, &d, orders[o]);
@@ -461,13 +474,14 @@ static void test_refusals(void)
 {
     expect_refusal(6, 2, 2, 1, 1, 1, NULL,
                    (const char *const[]){"world size 6 is not divisible by tp*cp*pp = 4 "
-                                         "(tp 2, cp 2, pp 1)", NULL});
-    expect_refusal(8, 2, 1, 3, 1, 1, NULL,
-                   (const char *const[]){"world size 8", "etp*ep*pp = 3", "etp 1, ep 3, pp 1",
+                                         "(tp 2, cp 2, pp 1)",
                                          NULL});
-    expect_refusal(12, 1, 1, 2, 2, 2, NULL,
-                   (const char *const[]){"world size 12", "etp*ep*pp = 8", "etp 2, ep 2, pp 2",
-                                         NULL});
+    expect_refusal(
+        8, 2, 1, 3, 1, 1, NULL,
+        (const char *const[]){"world size 8", "etp*ep*pp = 3", "etp 1, ep 3, pp 1", NULL});
+    expect_refusal(
+        12, 1, 1, 2, 2, 2, NULL,
+        (const char *const[]){"world size 12", "etp*ep*pp = 8", "etp 2, ep 2, pp 2", NULL});
     expect_refusal(12, 1, 1, 1, 1, 8, NULL,
                    (const char *const[]){"world size 12", "tp*cp*pp = 8", "pp 8", NULL});
     expect_refusal(0, 1, 1, 1, 1, 1, NULL, (const char *const[]){"world size 0", NULL});
@@ -477,8 +491,9 @@ static void test_refusals(void)
     expect_refusal(4, 1, 1, 1, 0, 1, NULL, (const char *const[]){"etp size 0", NULL});
     expect_refusal(4, 1, 1, 1, 1, 0, NULL, (const char *const[]){"pp size 0", NULL});
     /* Products beyond int still get a message, not an overflow. */
-    expect_refusal(8, 1 << 30, 1 << 30, 1, 1, 1 << 30, NULL,
-                   (const char *const[]){"world size 8 is not divisible by tp*cp*pp", NULL});
+    expect_refusal(
+        8, 1 << 30, 1 << 30, 1, 1, 1 << 30, NULL,
+        (const char *const[]){"world size 8 is not divisible by tp*cp*pp", NULL});
 
     static const char *const bad_orders[] = {
         "tp-cp-dp-pp", "tp-cp-ep-dp-pp-tp", "tp-tp-ep-dp-pp", "tp-cp-ep-dp-pp-",
@@ -487,21 +502,23 @@ static void test_refusals(void)
     for (size_t i = 0; i < sizeof bad_orders / sizeof bad_orders[0]; i++) {
         char quoted[64];
         snprintf(quoted, sizeof quoted, "\"%s\"", bad_orders[i]);
-        expect_refusal(4, 1, 1, 1, 1, 1, bad_orders[i],
-                       (const char *const[]){quoted, "not a permutation of tp, cp, ep, dp, pp",
-                                             NULL});
+        expect_refusal(
+            4, 1, 1, 1, 1, 1, bad_orders[i],
+            (const char *const[]){quoted, "not a permutation of tp, cp, ep, dp, pp", NULL});
     }
 
     /* pp inside tp: attention stages are tp = 2 ranks apart, MoE stages etp = 1. */
-    expect_refusal(8, 2, 1, 2, 1, 2, "tp-pp-cp-ep-dp",
-                   (const char *const[]){"\"tp-pp-cp-ep-dp\"", "pipeline", "tp = 2",
-                                         "etp = 1", NULL});
+    expect_refusal(
+        8, 2, 1, 2, 1, 2, "tp-pp-cp-ep-dp",
+        (const char *const[]){"\"tp-pp-cp-ep-dp\"", "pipeline", "tp = 2", "etp = 1", NULL});
     /* ...and accepted when tp = etp. */
     struct dist_grid g;
     CU_ASSERT_EQUAL(dist_grid_init(&g, 8, 2, 1, 2, 2, 2, "tp-pp-cp-ep-dp"), 0);
     /* pp fastest is the same in both grids. */
     CU_ASSERT_EQUAL(dist_grid_init(&g, 8, 2, 2, 4, 1, 2, "pp-tp-cp-ep-dp"), 0);
-    CU_ASSERT_EQUAL(g.stride[DIST_GRID_ATTN][3], 1);
+    struct dist_grid_coords c;
+    dist_grid_coords(&g, 1, &c);
+    CU_ASSERT(c.pp == 1 && c.tp == 0 && c.ep == 0);
 }
 
 /* Over small sizes, init accepts exactly the layouts whose products divide the world. */
@@ -515,9 +532,10 @@ static void test_accepts_exactly_divisible(void)
                     for (int etp = 1; etp <= 4; etp++)
                         for (int pp = 1; pp <= 4; pp++) {
                             struct dist_grid g;
-                            bool const valid = world % (tp * cp * pp) == 0 &&
-                                               world % (etp * ep * pp) == 0;
-                            int const rc = dist_grid_init(&g, world, tp, cp, ep, etp, pp, NULL);
+                            bool const valid =
+                                world % (tp * cp * pp) == 0 && world % (etp * ep * pp) == 0;
+                            int const rc =
+                                dist_grid_init(&g, world, tp, cp, ep, etp, pp, NULL);
                             wrong += (rc == 0) != valid;
                             accepted += rc == 0;
                         }
@@ -534,7 +552,8 @@ int main(void)
         !CU_add_test(s, "every layout of 1..64 ranks", test_all_layouts) ||
         !CU_add_test(s, "every order", test_all_orders) ||
         !CU_add_test(s, "refusals name the sizes", test_refusals) ||
-        !CU_add_test(s, "accepts exactly divisible layouts", test_accepts_exactly_divisible)) {
+        !CU_add_test(s, "accepts exactly divisible layouts",
+                     test_accepts_exactly_divisible)) {
         CU_cleanup_registry();
         return 1;
     }

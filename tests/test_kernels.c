@@ -548,9 +548,8 @@ static void test_rope_inverse(void)
 
 static float *attn_scratch(int T)
 {
-    size_t const want = model_attention_scratch_floats(T);
-    size_t const floor_n = (size_t)omp_get_max_threads() * (size_t)T * (size_t)T;
-    return fbuf(want > floor_n ? want : floor_n);
+    /* Exactly what the API asks for: a short buffer shows up under ASan with threads. */
+    return fbuf(model_attention_scratch_floats(T));
 }
 
 static size_t check_probs(const float *probs, const double *ref, int B, int Hl, int T)
