@@ -59,8 +59,9 @@ int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, 
  * BF16). Every tensor of the file must belong to the configured model with the same
  * shape, and every model tensor must be present; an error names the tensor. */
 int ckpt_load_hf(struct par_model *pm, const char *path);
-/* Writes the model's parameters as Mixtral-named F32 safetensors (the whole model must be
- * on this rank). */
+/* Writes the model's parameters as Mixtral-named F32 safetensors: collective over the
+ * world; every block's owner sends it to rank 0, which writes the file. The error (rank 0's
+ * file error) is returned on rank 0 only: agree on it with dist_agree. */
 int ckpt_export_hf(const struct par_model *pm, const char *path);
 
 #endif

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "ckpt/ckpt.h"
+#include "dist/dist.h"
 
 static const char *dtype_name(enum ckpt_dtype d)
 {
@@ -73,23 +74,92 @@ int ckpt_load_hf(struct par_model *pm, const char *path)
     return 0;
 }
 
+/* Copies a (rows, cols) block into a tensor of `ld` columns at (r0, c0). */
+static void place_block(float *dst, size_t ld, size_t r0, size_t c0, const float *src,
+                        size_t rows, size_t cols)
+{
+    for (size_t r = 0; r < rows; r++)
+        memcpy(dst + (r0 + r) * ld + c0, src + r * cols, cols * sizeof(float));
+}
+
+/* Number of blocks a tensor is cut into across the layout. */
+static int block_count(const struct par_model *pm, const struct model_tensor *t)
+{
+    if (t->shard == MODEL_SHARD_NONE) return 1;
+    return t->group == MODEL_GROUP_TP ? pm->lay.tp : pm->lay.etp;
+}
+
+/* Every owner of a block sends it to rank 0 (tag: the tensor's index in the full table);
+ * rank 0 assembles whole tensors in `full` (NULL elsewhere). */
+static void gather_to_root(const struct par_model *pm, const struct model_table *tab,
+                           float *full, const size_t *full_off)
+{
+    const struct dist_group *w = dist_world();
+    for (int i = 0; i < tab->count; i++) {
+        const struct model_tensor *ft = &tab->t[i];
+        int const li = model_table_find(&pm->tab, ft->name);
+        const struct model_tensor *t = li >= 0 ? &pm->tab.t[li] : NULL;
+        bool const mine = t && par_owns_block(pm, t);
+        if (mine && w->rank == 0) {
+            place_block(full + full_off[i], ft->shape[1], t->local_start[0], t->local_start[1],
+                        pm->params + t->offset, t->local_shape[0], t->local_shape[1]);
+        } else if (mine) {
+            unsigned long long const hdr[4] = {t->local_start[0], t->local_start[1],
+                                               t->local_shape[0], t->local_shape[1]};
+            DIST_CHECK_MPI(MPI_Send(hdr, 4, MPI_UNSIGNED_LONG_LONG, 0, i, w->comm));
+            DIST_CHECK_MPI(MPI_Send(pm->params + t->offset, dist_count(t->numel), MPI_FLOAT, 0,
+                                    i, w->comm));
+        }
+        if (w->rank != 0) continue;
+        /* blocks of this tensor rank 0 does not own itself */
+        int const remote = block_count(pm, t ? t : ft) - (mine ? 1 : 0);
+        for (int b = 0; b < remote; b++) {
+            unsigned long long hdr[4];
+            MPI_Status st;
+            DIST_CHECK_MPI(MPI_Recv(hdr, 4, MPI_UNSIGNED_LONG_LONG, MPI_ANY_SOURCE, i, w->comm, &st));
+            size_t const n = (size_t)(hdr[2] * hdr[3]);
+            float *buf = vd_alloc(n * sizeof(float));
+            DIST_CHECK_MPI(MPI_Recv(buf, dist_count(n), MPI_FLOAT, st.MPI_SOURCE, i, w->comm,
+                                    MPI_STATUS_IGNORE));
+            place_block(full + full_off[i], ft->shape[1], (size_t)hdr[0], (size_t)hdr[1], buf,
+                        (size_t)hdr[2], (size_t)hdr[3]);
+            free(buf);
+        }
+    }
+}
+
 int ckpt_export_hf(const struct par_model *pm, const char *path)
 {
-    const struct model_layout *l = &pm->lay;
-    RETURN_IF(l->tp != 1 || l->ep != 1 || l->etp != 1 || !l->has_embed || !l->has_head,
-              VD_EINVAL,
-              "exporting %s needs the whole model on one rank (tp, ep, etp, pp all 1); "
-              "this rank holds a shard", path);
-    struct ckpt_st_write_tensor *w = vd_calloc((size_t)pm->tab.count, sizeof *w);
-    for (int i = 0; i < pm->tab.count; i++) {
-        const struct model_tensor *t = &pm->tab.t[i];
-        w[i] = (struct ckpt_st_write_tensor){.name = t->name, .ndim = t->ndim,
-                                             .shape = {t->shape[0], t->shape[1]},
-                                             .data = pm->params + t->offset};
+    struct model_layout const serial = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
+                                        .layer_end = pm->cfg.num_hidden_layers,
+                                        .has_embed = true, .has_head = true};
+    struct model_table full;
+    VD_CHECK(model_table_build(&full, &pm->cfg, &serial) == 0, "the serial layout always fits");
+    bool const root = dist_world_rank() == 0;
+    size_t *off = vd_calloc((size_t)full.count, sizeof *off);
+    size_t total = 0;
+    for (int i = 0; i < full.count; i++) {
+        off[i] = total;
+        total += full.t[i].shape[0] * full.t[i].shape[1];
     }
-    const char *const keys[] = {"format"}, *const values[] = {"pt"};
-    int const rc = ckpt_st_write(path, w, pm->tab.count, keys, values, 1);
-    free(w);
+    float *data = root ? vd_calloc(total, sizeof(float)) : NULL;
+    gather_to_root(pm, &full, data, off);
+    int rc = 0;
+    if (root) {
+        struct ckpt_st_write_tensor *w = vd_calloc((size_t)full.count, sizeof *w);
+        for (int i = 0; i < full.count; i++) {
+            const struct model_tensor *t = &full.t[i];
+            w[i] = (struct ckpt_st_write_tensor){.name = t->name, .ndim = t->ndim,
+                                                 .shape = {t->shape[0], t->shape[1]},
+                                                 .data = data + off[i]};
+        }
+        const char *const keys[] = {"format"}, *const values[] = {"pt"};
+        rc = ckpt_st_write(path, w, full.count, keys, values, 1);
+        free(w);
+    }
+    free(data);
+    free(off);
+    model_table_free(&full);
     FORWARD_IF(rc);
     return 0;
 }

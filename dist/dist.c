@@ -76,6 +76,13 @@ void dist_group_split(struct dist_group *out, const struct dist_group *parent, i
     MPI_Comm_size(out->comm, &out->size);
 }
 
+void dist_group_create(struct dist_group *out, const struct dist_grid *g, enum dist_kind kind)
+{
+    int color = 0, key = 0;
+    dist_grid_split_args(g, kind, world.rank, &color, &key);
+    dist_group_split(out, &world, color, key);
+}
+
 void dist_group_free(struct dist_group *g)
 {
     if (g->comm != MPI_COMM_SELF && g->comm != MPI_COMM_WORLD && g->comm != MPI_COMM_NULL)
@@ -134,6 +141,19 @@ void dist_allgather(const struct dist_group *g, enum dist_kind kind, float *out,
     DIST_CHECK_MPI(MPI_Allgather(in, dist_count(count), MPI_FLOAT, out, dist_count(count),
                                  MPI_FLOAT, g->comm));
     account(kind, t0, count * (size_t)g->size * sizeof *out);
+}
+
+void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void *out,
+                          const void *in, size_t nbytes)
+{
+    if (g->size == 1) {
+        if (out != in) memmove(out, in, nbytes);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Allgather(in, dist_count(nbytes), MPI_BYTE, out, dist_count(nbytes),
+                                 MPI_BYTE, g->comm));
+    account(kind, t0, nbytes * (size_t)g->size);
 }
 
 void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float *out,

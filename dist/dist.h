@@ -57,6 +57,9 @@ void dist_allreduce_max(const struct dist_group *g, enum dist_kind kind, float *
 /* Gathers count floats per rank into out (size * count), rank order. */
 void dist_allgather(const struct dist_group *g, enum dist_kind kind, float *out,
                     const float *in, size_t count);
+/* The same for nbytes of any data per rank. */
+void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void *out,
+                          const void *in, size_t nbytes);
 /* Sums in (size * count) over the group, rank r keeps block r in out (count). */
 void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float *out,
                          const float *in, size_t count);
@@ -148,5 +151,8 @@ void dist_grid_group(const struct dist_grid *g, enum dist_kind kind, int rank, i
 void dist_grid_split_args(const struct dist_grid *g, enum dist_kind kind, int rank,
                           int *color, int *key);
 /* GRID-END */
+
+/* The communicator of this rank's `kind` group of grid g (collective over the world). */
+void dist_group_create(struct dist_group *out, const struct dist_grid *g, enum dist_kind kind);
 
 #endif

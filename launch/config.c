@@ -163,8 +163,9 @@ static const struct key_def key_table[] = {
      INT_MIN1(parallel.cp)},
     {"parallel.ep", KEY_INT, "1", "expert-parallel size; must divide num_local_experts",
      INT_MIN1(parallel.ep)},
-    {"parallel.etp", KEY_INT, "1", "expert tensor-parallel size; must divide intermediate_size",
-     INT_MIN1(parallel.etp)},
+    {"parallel.etp", KEY_INT, "0",
+     "expert tensor-parallel size; must divide intermediate_size; 0 = the same as parallel.tp",
+     INT_MIN0(parallel.etp)},
     {"parallel.pp", KEY_INT, "1", "pipeline-parallel stages", INT_MIN1(parallel.pp)},
     {"parallel.vpp", KEY_INT, "1", "virtual (interleaved) stages per pipeline rank",
      INT_MIN1(parallel.vpp)},
@@ -676,11 +677,12 @@ static int config_check(const struct launch_config *c, struct cfg_err *e)
                         "model.num_local_experts = %d is not divisible by parallel.ep = %d: "
                         "every expert-parallel rank holds the same number of experts",
                         m->num_local_experts, p->ep);
-    if (m->intermediate_size % p->etp != 0)
+    int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
+    if (m->intermediate_size % etp != 0)
         return cfg_fail(e, VD_EINVAL,
                         "model.intermediate_size = %d is not divisible by parallel.etp = %d: "
                         "expert tensor parallelism splits each expert's FFN width evenly",
-                        m->intermediate_size, p->etp);
+                        m->intermediate_size, etp);
     if (p->cp > 1 && t->seq_len % (2 * p->cp) != 0)
         return cfg_fail(e, VD_EINVAL,
                         "train.seq_len = %d is not divisible by 2 * parallel.cp = %d: context "
@@ -1170,6 +1172,7 @@ int launch_config_load(struct launch_config *c, const char *path, int argc,
     if (path) FORWARD_IF(load_ini(&next, path, explicit_keys));
     FORWARD_IF(apply_overrides(&next, argc, argv, explicit_keys));
     if (next.model_config_path[0]) FORWARD_IF(apply_hf(&next, explicit_keys));
+    if (next.parallel.etp == 0) next.parallel.etp = next.parallel.tp;
     FORWARD_IF(launch_config_validate(&next));
     *c = next;
     return 0;

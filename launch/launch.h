@@ -152,4 +152,22 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
 /* Measured fp32 SGEMM GFLOP/s of this rank's threads. */
 double launch_measure_sgemm_gflops(void);
 
+/* BENCH-COMM-BEGIN */
+/* ---------------------------------------------------------------- communication bench */
+
+/* `vdist bench comm`: on every rank, after MPI init. Builds both rank grids of c->parallel
+ * over the world, and for every group kind of size > 1 sweeps message sizes (doubling
+ * from --min-bytes to --max-bytes) over the collectives vdist runs on that kind, after an
+ * exact-mode correctness check of each (kind, collective, size). Rank 0 prints one table
+ * per group kind: time per call (avg/min/max over the world's ranks), algbw and busbw as
+ * nccl-tests defines them, and the count of wrong elements.
+ * argv[0..argc) are options only (no program name): --min-bytes N, --max-bytes N (N in
+ * bytes, or with a K, M or G suffix for KiB, MiB, GiB), --iters N, --warmup N, --help.
+ * Returns 0; VD_EINVAL with a sentence for a bad option or a layout the grid refuses;
+ * VD_EMPI when any collective produced a wrong element. Every rank returns the same. */
+int launch_bench_comm(const struct launch_config *c, int argc, char **argv);
+/* Prints the options of launch_bench_comm. */
+void launch_bench_comm_help(FILE *out);
+/* BENCH-COMM-END */
+
 #endif

@@ -173,18 +173,65 @@ static int open_inputs(const struct launch_config *c, struct par_model *pm, laun
 static int export_model(const struct launch_config *c, const struct par_model *pm)
 {
     int rc = 0;
+    char path[LAUNCH_PATH_MAX + 32];
+    if (dist_world_rank() == 0 && mkdir(c->train.export_to, 0755) != 0 && errno != EEXIST)
+        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create directory %s: %s",
+                        c->train.export_to, strerror(errno));
+    FORWARD_IF(dist_agree(dist_world(), rc));
+    snprintf(path, sizeof path, "%s/model.safetensors", c->train.export_to);
+    rc = ckpt_export_hf(pm, path);
     if (dist_world_rank() == 0) {
-        char path[LAUNCH_PATH_MAX + 32];
-        if (mkdir(c->train.export_to, 0755) != 0 && errno != EEXIST)
-            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create directory %s",
-                            c->train.export_to);
-        snprintf(path, sizeof path, "%s/model.safetensors", c->train.export_to);
-        if (rc == 0) rc = ckpt_export_hf(pm, path);
         snprintf(path, sizeof path, "%s/config.json", c->train.export_to);
         if (rc == 0) rc = launch_config_write_hf(&c->model, path);
         if (rc == 0) printf("exported %s/{model.safetensors,config.json}\n", c->train.export_to);
     }
     return dist_agree(dist_world(), rc);
+}
+
+/* The layout of the grid, checked against what this version runs, before any work. */
+static int make_layout(const struct launch_config *c, struct dist_grid *grid)
+{
+    const struct launch_parallel *p = &c->parallel;
+    int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
+    FORWARD_IF(dist_grid_init(grid, dist_world_size(), p->tp, p->cp, p->ep, etp, p->pp,
+                              p->order));
+    RETURN_IF(p->cp != 1 || p->pp != 1 || p->vpp != 1 || p->ep != 1, VD_EINVAL,
+              "parallel.cp = %d, pp = %d, vpp = %d, ep = %d: this version runs tensor, "
+              "sequence and data parallelism; context, pipeline and expert parallelism "
+              "need sizes of 1", p->cp, p->pp, p->vpp, p->ep);
+    RETURN_IF(etp != p->tp, VD_EINVAL,
+              "parallel.etp = %d with parallel.tp = %d: without expert parallelism the MoE "
+              "layers split each expert over the tensor ranks, so etp must equal tp",
+              etp, p->tp);
+    int const dp = grid->dims.dp;
+    RETURN_IF(c->train.global_batch % (dp * c->train.micro_batch), VD_EINVAL,
+              "train.global_batch = %d is not divisible by data-parallel size %d x "
+              "train.micro_batch = %d: every replica runs the same number of micro-batches",
+              c->train.global_batch, dp, c->train.micro_batch);
+    RETURN_IF(c->train.seq_len % p->tp, VD_EINVAL,
+              "train.seq_len = %d is not divisible by parallel.tp = %d: sequence parallelism "
+              "splits every sequence evenly over the tensor ranks", c->train.seq_len, p->tp);
+    return 0;
+}
+
+/* Rank 0 prints every group kind with its size and rank 0's members. */
+static void print_layout(const struct dist_grid *grid)
+{
+    const struct dist_grid_dims *d = &grid->dims;
+    printf("layout: %d ranks, attention tp %d x cp %d x dp %d x pp %d, MoE etp %d x ep %d x "
+           "edp %d x pp %d, order %s\n", grid->world, d->tp, d->cp, d->dp, d->pp, d->etp, d->ep,
+           d->edp, d->pp, grid->order);
+    enum dist_kind const kinds[] = {DIST_TP, DIST_CP, DIST_DP, DIST_DPCP, DIST_TPCP, DIST_PP,
+                                    DIST_EP, DIST_ETP, DIST_EDP, DIST_ETPEP};
+    int *members = vd_calloc((size_t)grid->world, sizeof *members);
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        int count = 0;
+        dist_grid_group(grid, kinds[i], 0, members, &count, NULL);
+        printf("  %-9s size %-3d rank 0's group [", dist_kind_name(kinds[i]), count);
+        for (int j = 0; j < count; j++) printf("%s%d", j ? "," : "", members[j]);
+        printf("]\n");
+    }
+    free(members);
 }
 
 static void print_bench(const struct par_model *pm, int steps_timed, double step_s,
@@ -211,32 +258,29 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     memset(res, 0, sizeof *res);
     bool const root = dist_world_rank() == 0;
     int const threads = launch_topo_set_threads();
-    /* Layout: this version runs the serial layout (every group of size one). */
-    const struct launch_parallel *par = &c->parallel;
-    RETURN_IF(par->tp != 1 || par->cp != 1 || par->ep != 1 || par->etp != 1 || par->pp != 1 ||
-                  par->vpp != 1,
-              VD_EINVAL,
-              "parallel.tp = %d, cp = %d, ep = %d, etp = %d, pp = %d, vpp = %d: this version "
-              "runs one rank with every parallel size 1", par->tp, par->cp, par->ep, par->etp,
-              par->pp, par->vpp);
-    RETURN_IF(dist_world_size() != 1, VD_EINVAL,
-              "%d ranks: this version trains on one rank (run it without mpirun or with -np 1)",
-              dist_world_size());
+    struct dist_grid grid;
+    FORWARD_IF(make_layout(c, &grid));
     struct par_groups groups;
-    par_groups_serial(&groups);
-    struct model_layout const lay = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                     .layer_end = c->model.num_hidden_layers,
-                                     .has_embed = true, .has_head = true};
+    par_groups_create(&groups, &grid);
+    struct model_layout lay;
+    par_layout_from_grid(&lay, &grid, dist_world_rank(), c->model.num_hidden_layers);
+    if (root) print_layout(&grid);
+    struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer};
     struct par_model pm;
-    FORWARD_IF(dist_agree(dist_world(),
-                          par_model_init(&pm, &c->model, &lay, &groups, c->train.micro_batch,
-                                         c->train.seq_len)));
+    int rc = par_model_init(&pm, &c->model, &lay, &groups, &opt, c->train.micro_batch,
+                            c->train.seq_len);
+    rc = dist_agree(dist_world(), rc);
+    if (rc < 0) {
+        par_groups_free(&groups);
+        return rc;
+    }
     model_init_params(&pm.tab, pm.params, c->train.seed, c->model.num_hidden_layers);
     launch_tokens *tok = NULL;
-    int rc = open_inputs(c, &pm, &tok);
+    rc = open_inputs(c, &pm, &tok);
     if (rc < 0) {
         launch_tokens_close(tok);
         par_model_free(&pm);
+        par_groups_free(&groups);
         return rc;
     }
     bool const measured = c->train.peak_gflops <= 0.0;
@@ -296,5 +340,6 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);
     launch_tokens_close(tok);
     par_model_free(&pm);
+    par_groups_free(&groups);
     return rc;
 }

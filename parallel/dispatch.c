@@ -1,8 +1,9 @@
 /* The token dispatcher of one MoE layer: router losses, the capacity decision over the
  * whole micro-batch, the expert-major permutation and its reverse.
  *
- * Today every expert is local (ep = 1): the all-to-all over EP of parallelism.md is the
- * identity and the permutation is the whole exchange. */
+ * The plan runs on the routing of all N tokens of the micro-batch, gathered over etp x ep
+ * (the all-gather dispatcher), so every rank takes the same dropping decisions as one
+ * rank would. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,7 +20,7 @@ void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
 {
     const struct model_config *c = &pm->cfg;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
-    size_t const N = pm->shape.N;
+    size_t const N = pm->shape.Ns;
     /* [0, E): c_e, [E, 2E): sum_t p_te, [2E]: sum_t lse_t^2 */
     double *sums = pm->router_sums;
     memset(sums, 0, (size_t)(2 * E + 1) * sizeof *sums);
@@ -29,7 +30,7 @@ void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
         sums[2 * E] += (double)ba->rlse[t] * ba->rlse[t];
     }
     dist_allreduce_sum_f64(&pm->groups.tpcp, DIST_TPCP, sums, (size_t)(2 * E + 1));
-    double const Ng = (double)pm->shape.B * pm->shape.T;
+    double const Ng = (double)pm->shape.N;
     double aux = 0.0;
     for (int e = 0; e < E; e++) {
         ba->counts[e] = (float)sums[e];
@@ -67,23 +68,23 @@ static void decide_capacity(struct par_model *pm, struct par_block_acts *ba, uns
         memset(kept, 1, S);
         return;
     }
-    double const Ng = (double)pm->shape.B * pm->shape.T;
+    double const Ng = (double)pm->shape.N;
     size_t const C = (size_t)ceil(c->moe_capacity_factor * Ng * k / E);
     if (c->moe_drop_policy == MODEL_DROP_POSITION) {
         memset(per_expert, 0, (size_t)E * sizeof *per_expert);
-        for (size_t s = 0; s < S; s++) kept[s] = per_expert[ba->rtopk[s]]++ < C;
+        for (size_t s = 0; s < S; s++) kept[s] = per_expert[ba->g_topk[s]]++ < C;
         return;
     }
     /* probs: group the assignments by expert (stable), sort each group, keep the first C. */
     memset(per_expert, 0, ((size_t)E + 1) * sizeof *per_expert);
-    for (size_t s = 0; s < S; s++) per_expert[ba->rtopk[s] + 1]++;
+    for (size_t s = 0; s < S; s++) per_expert[ba->g_topk[s] + 1]++;
     for (int e = 0; e < E; e++) per_expert[e + 1] += per_expert[e];
     memcpy(fill, per_expert, (size_t)E * sizeof *fill);
-    for (size_t s = 0; s < S; s++) scratch[fill[ba->rtopk[s]]++] = (int)s;
+    for (size_t s = 0; s < S; s++) scratch[fill[ba->g_topk[s]]++] = (int)s;
     for (int e = 0; e < E; e++) {
         size_t const n = per_expert[e + 1] - per_expert[e];
         int *grp = scratch + per_expert[e];
-        struct probs_order o = {ba->rprobs + e, E, k};
+        struct probs_order o = {ba->g_probs + e, E, k};
         qsort_r(grp, n, sizeof *grp, cmp_probs, &o);
         for (size_t i = 0; i < n; i++) kept[grp[i]] = i < C;
     }
@@ -100,7 +101,7 @@ size_t par_dispatch_plan(struct par_model *pm, struct par_block_acts *ba,
     size_t *per_expert = pm->expert_counts, *cnt = per_expert + E + 1, *fill = cnt + E + 1;
     decide_capacity(pm, ba, kept, ba->perm_src, per_expert, fill);
     memset(cnt, 0, (size_t)E * sizeof *cnt);
-    for (size_t s = 0; s < S; s++) cnt[ba->rtopk[s]] += kept[s];
+    for (size_t s = 0; s < S; s++) cnt[ba->g_topk[s]] += kept[s];
     ba->expert_off[0] = 0;
     long kept_total = 0, kept_max = 0;
     for (int e = 0; e < E; e++) {
@@ -110,7 +111,7 @@ size_t par_dispatch_plan(struct par_model *pm, struct par_block_acts *ba,
         if ((long)cnt[e] > kept_max) kept_max = (long)cnt[e];
     }
     for (size_t s = 0; s < S; s++) {
-        int const e = ba->rtopk[s];
+        int const e = ba->g_topk[s];
         if (kept[s]) {
             ba->slot_pos[s] = (int)fill[e];
             ba->perm_src[fill[e]++] = (int)(s / (size_t)k);
@@ -143,7 +144,7 @@ void par_dispatch_combine(struct par_model *pm, struct par_block_acts *ba, float
         for (int j = 0; j < k; j++) {
             int const a = ba->slot_pos[t * k + j];
             if (a < 0) continue;
-            float const w = ba->rtopk_w[t * k + j];
+            float const w = ba->g_w[t * k + j];
             const float *y = ba->y_perm + (size_t)a * d;
             for (size_t i = 0; i < d; i++) out[i] += w * y[i];
         }
@@ -164,7 +165,7 @@ void par_dispatch_combine_backward(struct par_model *pm, struct par_block_acts *
                 dtopk_w[t * k + j] = 0.0f;
                 continue;
             }
-            float const w = ba->rtopk_w[t * k + j];
+            float const w = ba->g_w[t * k + j];
             const float *y = ba->y_perm + (size_t)a * d;
             float *dy = dy_perm + (size_t)a * d;
             float dot = 0.0f;

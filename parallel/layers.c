@@ -25,6 +25,40 @@ void par_groups_serial(struct par_groups *g)
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dist_group_self(all[i]);
 }
 
+void par_groups_create(struct par_groups *g, const struct dist_grid *grid)
+{
+    dist_group_create(&g->tp, grid, DIST_TP);
+    dist_group_create(&g->cp, grid, DIST_CP);
+    dist_group_create(&g->dp, grid, DIST_DP);
+    dist_group_create(&g->dpcp, grid, DIST_DPCP);
+    dist_group_create(&g->tpcp, grid, DIST_TPCP);
+    dist_group_create(&g->pp, grid, DIST_PP);
+    dist_group_create(&g->ep, grid, DIST_EP);
+    dist_group_create(&g->etp, grid, DIST_ETP);
+    dist_group_create(&g->edp, grid, DIST_EDP);
+    dist_group_create(&g->etpep, grid, DIST_ETPEP);
+}
+
+void par_groups_free(struct par_groups *g)
+{
+    struct dist_group *all[] = {&g->tp, &g->cp, &g->dp, &g->dpcp, &g->tpcp, &g->pp,
+                                &g->ep, &g->etp, &g->edp, &g->etpep};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dist_group_free(all[i]);
+}
+
+void par_layout_from_grid(struct model_layout *lay, const struct dist_grid *grid, int rank,
+                          int num_layers)
+{
+    struct dist_grid_coords c;
+    dist_grid_coords(grid, rank, &c);
+    int const pp = grid->dims.pp;
+    *lay = (struct model_layout){
+        .tp = grid->dims.tp, .tp_rank = c.tp, .ep = grid->dims.ep, .ep_rank = c.ep,
+        .etp = grid->dims.etp, .etp_rank = c.etp,
+        .layer_begin = num_layers * c.pp / pp, .layer_end = num_layers * (c.pp + 1) / pp,
+        .has_embed = c.pp == 0, .has_head = c.pp == pp - 1};
+}
+
 /* Carves consecutive, 64-byte aligned pieces out of one allocation. */
 struct arena {
     char *base;
@@ -44,11 +78,12 @@ static void *arena_take(struct arena *a, size_t nbytes)
     return p;
 }
 
-/* Lays out every activation and scratch buffer; called once to size, once to assign. */
+/* Lays out every activation and scratch buffer; called once to size, once to assign.
+ * Gathered copies alias the local ones when the gathering group has size one. */
 static void layout_buffers(struct par_model *pm, struct arena *acts, struct arena *scr)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, d = (size_t)c->hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     int const B = pm->shape.B, T = pm->shape.T;
     size_t const hd = d / (size_t)c->num_attention_heads;
     size_t const Hl = (size_t)(c->num_attention_heads / pm->lay.tp);
@@ -59,28 +94,34 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     size_t const Vl = (size_t)(c->vocab_size / pm->lay.tp);
     size_t const A = par_moe_rows_max(pm);
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
+    bool const tp_gather = pm->groups.tp.size > 1, moe_gather = pm->groups.etpep.size > 1;
     size_t const f = sizeof(float);
 
     pm->inputs = arena_take(acts, N * sizeof(int));
     pm->targets = arena_take(acts, N * sizeof(int));
     pm->pos = arena_take(acts, N * sizeof(int));
-    pm->resid = arena_take(acts, (size_t)(nl + 1) * N * d * f);
+    pm->resid = arena_take(acts, (size_t)(nl + 1) * Ns * d * f);
     for (int l = 0; l < nl; l++) {
         struct par_block_acts *ba = &pm->blocks[l];
-        ba->h_mid = arena_take(acts, N * d * f);
-        ba->a = arena_take(acts, N * d * f);
-        ba->rstd1 = arena_take(acts, N * f);
+        ba->h_mid = arena_take(acts, Ns * d * f);
+        ba->a_loc = arena_take(acts, Ns * d * f);
+        ba->a = tp_gather ? arena_take(acts, N * d * f) : ba->a_loc;
+        ba->rstd1 = arena_take(acts, Ns * f);
         ba->q = arena_take(acts, N * Hl * hd * f);
         ba->k = arena_take(acts, N * Gl * hd * f);
         ba->v = arena_take(acts, N * Gl * hd * f);
         ba->probs = arena_take(acts, (size_t)B * Hl * (size_t)T * (size_t)T * f);
         ba->att = arena_take(acts, N * Hl * hd * f);
-        ba->m = arena_take(acts, N * d * f);
-        ba->rstd2 = arena_take(acts, N * f);
-        ba->rprobs = arena_take(acts, N * E * f);
-        ba->rtopk_w = arena_take(acts, N * k * f);
-        ba->rlse = arena_take(acts, N * f);
-        ba->rtopk = arena_take(acts, N * k * sizeof(int));
+        ba->m_loc = arena_take(acts, Ns * d * f);
+        ba->m = moe_gather ? arena_take(acts, N * d * f) : ba->m_loc;
+        ba->rstd2 = arena_take(acts, Ns * f);
+        ba->rprobs = arena_take(acts, Ns * E * f);
+        ba->rtopk_w = arena_take(acts, Ns * k * f);
+        ba->rlse = arena_take(acts, Ns * f);
+        ba->rtopk = arena_take(acts, Ns * k * sizeof(int));
+        ba->g_probs = moe_gather ? arena_take(acts, N * E * f) : ba->rprobs;
+        ba->g_w = moe_gather ? arena_take(acts, N * k * f) : ba->rtopk_w;
+        ba->g_topk = moe_gather ? arena_take(acts, N * k * sizeof(int)) : ba->rtopk;
         ba->slot_pos = arena_take(acts, N * k * sizeof(int));
         ba->perm_src = arena_take(acts, A * sizeof(int));
         ba->expert_off = arena_take(acts, (E_local + 1) * sizeof(size_t));
@@ -92,20 +133,23 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
         ba->y_perm = arena_take(acts, A * d * f);
     }
     if (pm->lay.has_head) {
-        pm->hn = arena_take(acts, N * d * f);
-        pm->rstd_f = arena_take(acts, N * f);
+        pm->hn_loc = arena_take(acts, Ns * d * f);
+        pm->hn = tp_gather ? arena_take(acts, N * d * f) : pm->hn_loc;
+        pm->rstd_f = arena_take(acts, Ns * f);
         pm->logits = arena_take(acts, N * Vl * f);
         pm->rowmax = arena_take(acts, N * f);
         pm->rowsum = arena_take(acts, N * f);
     }
     size_t const big = N * (Vl > d ? Vl : d);
-    pm->dh = arena_take(scr, N * d * f);
+    pm->dh = arena_take(scr, Ns * d * f);
+    pm->dsmall = arena_take(scr, Ns * d * f);
+    pm->dfull = arena_take(scr, N * d * f);
     pm->dtmp = arena_take(scr, big * f);
     pm->dq = arena_take(scr, N * Hl * hd * f);
     pm->dk = arena_take(scr, N * Gl * hd * f);
     pm->dv = arena_take(scr, N * Gl * hd * f);
     pm->datt = arena_take(scr, N * Hl * hd * f);
-    pm->drl = arena_take(scr, N * E * f);
+    pm->drl = arena_take(scr, Ns * E * f);
     pm->dtopk_w = arena_take(scr, N * k * f);
     pm->dx_perm = arena_take(scr, A * d * f);
     pm->dy_perm = arena_take(scr, A * d * f);
@@ -118,25 +162,50 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     pm->aux_coef = arena_take(scr, E * f);
 }
 
+/* Pads the dense and expert ranges of the flat buffers to multiples of their replica
+ * groups, so the distributed optimizer reduce-scatters equal shards. */
+static void plan_ranges(struct par_model *pm)
+{
+    size_t const pd = (size_t)pm->groups.dpcp.size, pe = (size_t)pm->groups.edp.size;
+    size_t const dense = pm->tab.numel_dense, expert = pm->tab.numel - pm->tab.numel_dense;
+    pm->dense = (struct par_range){.begin = 0, .len = (dense + pd - 1) / pd * pd};
+    pm->expert = (struct par_range){.begin = pm->dense.len, .len = (expert + pe - 1) / pe * pe};
+    size_t const shift = pm->dense.len - dense;
+    for (int i = 0; i < pm->tab.count; i++)
+        if (pm->tab.t[i].is_expert) pm->tab.t[i].offset += shift;
+    pm->tab.numel = pm->expert.begin + pm->expert.len;
+    bool const zero = pm->opt.distributed_optimizer;
+    pm->dense.shard_len = zero ? pm->dense.len / pd : pm->dense.len;
+    pm->expert.shard_len = zero ? pm->expert.len / pe : pm->expert.len;
+    pm->dense.state_offset = 0;
+    pm->expert.state_offset = pm->dense.shard_len;
+    pm->state_len = pm->dense.shard_len + pm->expert.shard_len;
+}
+
 int par_model_init(struct par_model *pm, const struct model_config *cfg,
-                   const struct model_layout *lay, const struct par_groups *groups, int B,
-                   int T)
+                   const struct model_layout *lay, const struct par_groups *groups,
+                   const struct par_options *opt, int B, int T)
 {
     memset(pm, 0, sizeof *pm);
     pm->cfg = *cfg;
     pm->lay = *lay;
     pm->groups = *groups;
+    pm->opt = *opt;
     pm->shape.B = B;
     pm->shape.T = T;
     pm->shape.N = (size_t)B * (size_t)T;
+    RETURN_IF(pm->shape.N % (size_t)lay->tp, VD_EINVAL,
+              "micro_batch * seq_len = %zu tokens is not divisible by parallel.tp = %d "
+              "(sequence parallelism splits them evenly)", pm->shape.N, lay->tp);
+    pm->shape.Ns = pm->shape.N / (size_t)lay->tp;
     FORWARD_IF(model_table_build(&pm->tab, cfg, lay));
+    plan_ranges(pm);
 
-    size_t const nbytes = pm->tab.numel * sizeof(float);
     pm->params = vd_calloc(pm->tab.numel, sizeof(float));
     pm->grads = vd_calloc(pm->tab.numel, sizeof(float));
-    pm->adam_m = vd_calloc(pm->tab.numel, sizeof(float));
-    pm->adam_v = vd_calloc(pm->tab.numel, sizeof(float));
-    (void)nbytes;
+    pm->adam_m = vd_calloc(pm->state_len, sizeof(float));
+    pm->adam_v = vd_calloc(pm->state_len, sizeof(float));
+    pm->gshard = vd_calloc(pm->state_len, sizeof(float));
     model_ptrs_build(&pm->p, &pm->tab, pm->params, lay, cfg->num_local_experts);
     model_ptrs_build(&pm->g, &pm->tab, pm->grads, lay, cfg->num_local_experts);
 
@@ -175,6 +244,7 @@ void par_model_free(struct par_model *pm)
     free(pm->grads);
     free(pm->adam_m);
     free(pm->adam_v);
+    free(pm->gshard);
     free(pm->layers);
     free(pm->blocks);
     free(pm->act_base);
@@ -189,41 +259,60 @@ void par_zero_grads(struct par_model *pm)
 
 /* ---------------------------------------------------------------- embedding */
 
-/* h (N, d) = embed[x]. */
+/* h (Ns, d) = embed[x] for this rank's rows. Vocabulary-parallel: each tensor rank looks
+ * up the ids of its slice for all N tokens (zero rows elsewhere); a reduce-scatter over tp
+ * sums the slices and leaves each rank its sequence-parallel rows. */
 static void embed_forward(struct par_model *pm, float *h)
 {
-    size_t const d = (size_t)pm->cfg.hidden_size;
+    size_t const N = pm->shape.N, d = (size_t)pm->cfg.hidden_size;
+    int const Vl = pm->cfg.vocab_size / pm->lay.tp, v0 = Vl * pm->lay.tp_rank;
+    float *full = pm->groups.tp.size > 1 ? pm->dtmp : h;
 #pragma omp parallel for schedule(static)
-    for (size_t t = 0; t < pm->shape.N; t++)
-        memcpy(h + t * d, pm->p.embed + (size_t)pm->inputs[t] * d, d * sizeof *h);
+    for (size_t t = 0; t < N; t++) {
+        int const row = pm->inputs[t] - v0;
+        if (row >= 0 && row < Vl)
+            memcpy(full + t * d, pm->p.embed + (size_t)row * d, d * sizeof *h);
+        else
+            memset(full + t * d, 0, d * sizeof *h);
+    }
+    dist_reduce_scatter(&pm->groups.tp, DIST_TP, h, full, pm->shape.Ns * d);
 }
 
-/* dembed[x_t] += dh_t; rows may repeat, so each thread owns a column range. */
+/* dembed[x_t] += dh_t over all N tokens (gathered over tp) whose id is in this slice;
+ * rows may repeat, so each thread owns a column range. */
 static void embed_backward(struct par_model *pm, const float *dh)
 {
-    size_t const d = (size_t)pm->cfg.hidden_size;
+    size_t const N = pm->shape.N, d = (size_t)pm->cfg.hidden_size;
+    int const Vl = pm->cfg.vocab_size / pm->lay.tp, v0 = Vl * pm->lay.tp_rank;
+    float *full = pm->dfull;
+    dist_allgather(&pm->groups.tp, DIST_TP, full, dh, pm->shape.Ns * d);
 #pragma omp parallel
     {
         int const nth = omp_get_num_threads(), th = omp_get_thread_num();
         size_t const c0 = d * (size_t)th / (size_t)nth, c1 = d * (size_t)(th + 1) / (size_t)nth;
-        for (size_t t = 0; t < pm->shape.N; t++) {
-            float *row = pm->g.embed + (size_t)pm->inputs[t] * d;
-            for (size_t i = c0; i < c1; i++) row[i] += dh[t * d + i];
+        for (size_t t = 0; t < N; t++) {
+            int const row = pm->inputs[t] - v0;
+            if (row < 0 || row >= Vl) continue;
+            float *g = pm->g.embed + (size_t)row * d;
+            for (size_t i = c0; i < c1; i++) g[i] += full[t * d + i];
         }
     }
 }
 
 /* ---------------------------------------------------------------- attention sub-block */
 
-/* h_mid (N, d) = h + o_proj(attention(rope(q, k), v)) of rmsnorm(h). */
+/* h_mid (Ns, d) = h + o_proj(attention(rope(q, k), v)) of rmsnorm(h). Column-parallel
+ * q/k/v on local heads over the N rows gathered over tp; row-parallel o_proj whose partial
+ * sums are reduce-scattered back to the sequence-parallel rows. */
 static void attention_forward(struct par_model *pm, struct par_block_acts *ba,
                               const struct model_layer_ptrs *w, const float *h)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, d = (size_t)c->hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     int const hd = c->hidden_size / c->num_attention_heads;
     int const Hl = c->num_attention_heads / pm->lay.tp, Gl = c->num_key_value_heads / pm->lay.tp;
-    model_rmsnorm_forward(ba->a, ba->rstd1, h, w->ln1, N, d, (float)c->rms_norm_eps);
+    model_rmsnorm_forward(ba->a_loc, ba->rstd1, h, w->ln1, Ns, d, (float)c->rms_norm_eps);
+    dist_allgather(&pm->groups.tp, DIST_TP, ba->a, ba->a_loc, Ns * d);
     model_matmul_forward(ba->q, ba->a, w->wq, N, d, (size_t)Hl * hd, false);
     model_matmul_forward(ba->k, ba->a, w->wk, N, d, (size_t)Gl * hd, false);
     model_matmul_forward(ba->v, ba->a, w->wv, N, d, (size_t)Gl * hd, false);
@@ -231,21 +320,27 @@ static void attention_forward(struct par_model *pm, struct par_block_acts *ba,
     model_rope_apply(ba->k, pm->pos, pm->rope_cos, pm->rope_sin, N, Gl, hd, false);
     model_attention_forward(ba->att, ba->probs, ba->q, ba->k, ba->v, pm->shape.B, pm->shape.T,
                             Hl, Gl, hd);
-    memcpy(ba->h_mid, h, N * d * sizeof(float));
-    model_matmul_forward(ba->h_mid, ba->att, w->wo, N, (size_t)Hl * hd, d, true);
+    float *o = pm->dtmp;
+    model_matmul_forward(o, ba->att, w->wo, N, (size_t)Hl * hd, d, false);
+    dist_reduce_scatter(&pm->groups.tp, DIST_TP, ba->h_mid, o, Ns * d);
+    size_t const n = Ns * d;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) ba->h_mid[i] += h[i];
 }
 
-/* dh (N, d): on entry d loss / d h_mid, on return d loss / d h (the block input). */
+/* dh (Ns, d): on entry d loss / d h_mid, on return d loss / d h (the block input). */
 static void attention_backward(struct par_model *pm, struct par_block_acts *ba,
                                const struct model_layer_ptrs *w, struct model_layer_ptrs *gw,
                                const float *h, float *dh)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, d = (size_t)c->hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     int const hd = c->hidden_size / c->num_attention_heads;
     int const Hl = c->num_attention_heads / pm->lay.tp, Gl = c->num_key_value_heads / pm->lay.tp;
     size_t const qw = (size_t)Hl * hd, kw = (size_t)Gl * hd;
-    model_matmul_backward(pm->datt, gw->wo, dh, ba->att, w->wo, N, qw, d, false);
+    float *dout = pm->dfull;
+    dist_allgather(&pm->groups.tp, DIST_TP, dout, dh, Ns * d);
+    model_matmul_backward(pm->datt, gw->wo, dout, ba->att, w->wo, N, qw, d, false);
     model_attention_backward(pm->dq, pm->dk, pm->dv, pm->datt, ba->probs, ba->q, ba->k, ba->v,
                              pm->shape.B, pm->shape.T, Hl, Gl, hd, pm->att_scratch);
     model_rope_apply(pm->dq, pm->pos, pm->rope_cos, pm->rope_sin, N, Hl, hd, true);
@@ -254,28 +349,37 @@ static void attention_backward(struct par_model *pm, struct par_block_acts *ba,
     model_matmul_backward(da, gw->wq, pm->dq, ba->a, w->wq, N, d, qw, false);
     model_matmul_backward(da, gw->wk, pm->dk, ba->a, w->wk, N, d, kw, true);
     model_matmul_backward(da, gw->wv, pm->dv, ba->a, w->wv, N, d, kw, true);
-    model_rmsnorm_backward(dh, gw->ln1, da, h, w->ln1, ba->rstd1, N, d);
+    dist_reduce_scatter(&pm->groups.tp, DIST_TP, pm->dsmall, da, Ns * d);
+    model_rmsnorm_backward(dh, gw->ln1, pm->dsmall, h, w->ln1, ba->rstd1, Ns, d);
 }
 
 /* ---------------------------------------------------------------- MoE sub-block */
 
-/* h_out (N, d) = h_mid + sum over kept (t, e) of w_te expert_e(rmsnorm(h_mid)_t). */
+/* h_out (Ns, d) = h_mid + sum over kept (t, e) of w_te expert_e(rmsnorm(h_mid)_t). The
+ * router runs on the local rows; the all-gather dispatcher gathers rows and routing over
+ * etp x ep, every rank runs its experts' F slice on the tokens routed to them, and a
+ * reduce-scatter returns the weighted sums to the rows' owners. */
 static void moe_forward(struct par_model *pm, struct par_block_acts *ba,
                         const struct model_layer_ptrs *w, float *h_out, struct par_mb_stats *st)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, d = (size_t)c->hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
     int const Fl = c->intermediate_size / pm->lay.etp;
+    const struct dist_group *g = &pm->groups.etpep;
     double t0 = omp_get_wtime();
-    model_rmsnorm_forward(ba->m, ba->rstd2, ba->h_mid, w->ln2, N, d, (float)c->rms_norm_eps);
+    model_rmsnorm_forward(ba->m_loc, ba->rstd2, ba->h_mid, w->ln2, Ns, d, (float)c->rms_norm_eps);
     float *rlogits = pm->drl; /* router logits live only until the router has run */
-    model_matmul_forward(rlogits, ba->m, w->router, N, d, (size_t)E, false);
-    model_router_forward(ba->rprobs, ba->rtopk, ba->rtopk_w, ba->rlse, rlogits, N, E, k);
+    model_matmul_forward(rlogits, ba->m_loc, w->router, Ns, d, (size_t)E, false);
+    model_router_forward(ba->rprobs, ba->rtopk, ba->rtopk_w, ba->rlse, rlogits, Ns, E, k);
     par_router_losses(pm, ba, st);
     double t1 = omp_get_wtime();
     par_timers[PAR_T_ROUTER] += t1 - t0;
 
+    dist_allgather(g, DIST_ETPEP, ba->m, ba->m_loc, Ns * d);
+    dist_allgather(g, DIST_ETPEP, ba->g_probs, ba->rprobs, Ns * (size_t)E);
+    dist_allgather(g, DIST_ETPEP, ba->g_w, ba->rtopk_w, Ns * (size_t)k);
+    dist_allgather_bytes(g, DIST_ETPEP, ba->g_topk, ba->rtopk, Ns * (size_t)k * sizeof(int));
     size_t const rows = par_dispatch_plan(pm, ba, st);
     par_dispatch_gather(pm, ba, rows);
     double t2 = omp_get_wtime();
@@ -291,22 +395,32 @@ static void moe_forward(struct par_model *pm, struct par_block_acts *ba,
     double t3 = omp_get_wtime();
     par_timers[PAR_T_EXPERTS] += t3 - t2;
 
-    memcpy(h_out, ba->h_mid, N * d * sizeof(float));
-    par_dispatch_combine(pm, ba, h_out);
+    float *full = g->size > 1 ? pm->dtmp : h_out;
+    memset(full, 0, N * d * sizeof(float));
+    par_dispatch_combine(pm, ba, full);
+    dist_reduce_scatter(g, DIST_ETPEP, h_out, full, Ns * d);
+    size_t const n = Ns * d;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) h_out[i] += ba->h_mid[i];
     par_timers[PAR_T_DISPATCH] += omp_get_wtime() - t3;
 }
 
-/* dh (N, d): on entry d loss / d h_out, on return d loss / d h_mid. */
+/* dh (Ns, d): on entry d loss / d h_out, on return d loss / d h_mid. */
 static void moe_backward(struct par_model *pm, struct par_block_acts *ba,
                          const struct model_layer_ptrs *w, struct model_layer_ptrs *gw,
                          float *dh, float loss_scale)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, d = (size_t)c->hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
     int const Fl = c->intermediate_size / pm->lay.etp;
+    const struct dist_group *g = &pm->groups.etpep;
     double t0 = omp_get_wtime();
-    par_dispatch_combine_backward(pm, ba, dh, pm->dy_perm, pm->dtopk_w);
+    float *dfull = pm->dfull;
+    dist_allgather(g, DIST_ETPEP, dfull, dh, Ns * d);
+    par_dispatch_combine_backward(pm, ba, dfull, pm->dy_perm, pm->dtopk_w);
+    /* each rank's y is a partial sum over its F slice: so are the weight gradients */
+    dist_allreduce_sum(&pm->groups.etp, DIST_ETP, pm->dtopk_w, N * (size_t)k);
     double t1 = omp_get_wtime();
     par_timers[PAR_T_DISPATCH] += t1 - t0;
 
@@ -321,56 +435,59 @@ static void moe_backward(struct par_model *pm, struct par_block_acts *ba,
     double t2 = omp_get_wtime();
     par_timers[PAR_T_EXPERTS] += t2 - t1;
 
-    float *dm = pm->dtmp;
-    par_dispatch_gather_backward(pm, ba, dm);
+    float *dm_full = g->size > 1 ? pm->dtmp : pm->dsmall, *dm = pm->dsmall;
+    par_dispatch_gather_backward(pm, ba, dm_full);
+    dist_reduce_scatter(g, DIST_ETPEP, dm, dm_full, Ns * d);
     double t3 = omp_get_wtime();
     par_timers[PAR_T_DISPATCH] += t3 - t2;
 
     /* Router: aux = alpha (E/k) sum_e (c_e/N) P_e with P_e = mean_t p_te, so
      * d aux / d p_te = alpha (E/k) c_e / N^2; z = beta mean_t lse_t^2 gives 2 beta lse_t / N. */
-    double const Ng = (double)pm->shape.B * pm->shape.T;
+    double const Ng = (double)N;
     float *aux_coef = pm->aux_coef;
     for (int e = 0; e < E; e++)
         aux_coef[e] = (float)(c->router_aux_loss_coef * E / k * ba->counts[e] / (Ng * Ng) *
                               loss_scale);
     float const zcoef = (float)(2.0 * c->router_z_loss_coef / Ng * loss_scale);
-    model_router_backward(pm->drl, pm->dtopk_w, ba->rprobs, ba->rtopk, ba->rtopk_w, ba->rlse,
-                          aux_coef, zcoef, N, E, k);
-    model_matmul_backward(dm, gw->router, pm->drl, ba->m, w->router, N, d, (size_t)E, true);
-    model_rmsnorm_backward(dh, gw->ln2, dm, ba->h_mid, w->ln2, ba->rstd2, N, d);
+    const float *dw_local = pm->dtopk_w + (size_t)g->rank * Ns * (size_t)k;
+    model_router_backward(pm->drl, dw_local, ba->rprobs, ba->rtopk, ba->rtopk_w, ba->rlse,
+                          aux_coef, zcoef, Ns, E, k);
+    model_matmul_backward(dm, gw->router, pm->drl, ba->m_loc, w->router, Ns, d, (size_t)E, true);
+    model_rmsnorm_backward(dh, gw->ln2, dm, ba->h_mid, w->ln2, ba->rstd2, Ns, d);
     par_timers[PAR_T_ROUTER] += omp_get_wtime() - t3;
 }
 
 /* ---------------------------------------------------------------- head */
 
-/* logits (N, V_l) = rmsnorm(h) lm_head^T; returns the micro-batch's mean cross-entropy. */
+/* logits (N, V_l) = rmsnorm(h) lm_head^T over the rows gathered over tp, this rank's
+ * vocabulary slice; returns the micro-batch's mean cross-entropy. */
 static double head_forward(struct par_model *pm, const float *h)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, d = (size_t)c->hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     size_t const Vl = (size_t)(c->vocab_size / pm->lay.tp);
     int const v_begin = (int)Vl * pm->lay.tp_rank;
-    model_rmsnorm_forward(pm->hn, pm->rstd_f, h, pm->p.norm, N, d, (float)c->rms_norm_eps);
+    model_rmsnorm_forward(pm->hn_loc, pm->rstd_f, h, pm->p.norm, Ns, d, (float)c->rms_norm_eps);
+    dist_allgather(&pm->groups.tp, DIST_TP, pm->hn, pm->hn_loc, Ns * d);
     model_matmul_forward(pm->logits, pm->hn, pm->p.head, N, d, Vl, false);
     return par_vocab_crossentropy(pm, v_begin, Vl);
 }
 
-/* dh (N, d) = d loss / d h, overwritten. */
+/* dh (Ns, d) = d loss / d h, overwritten. */
 static void head_backward(struct par_model *pm, const float *h, float *dh, float loss_scale)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, d = (size_t)c->hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     size_t const Vl = (size_t)(c->vocab_size / pm->lay.tp);
     int const v_begin = (int)Vl * pm->lay.tp_rank;
-    double const Ng = (double)pm->shape.B * pm->shape.T;
     float *dlogits = pm->dtmp;
     model_crossentropy_backward(dlogits, pm->logits, pm->targets, pm->rowmax, pm->rowsum, N, Vl,
-                                v_begin, (float)(loss_scale / Ng));
-    float *dhn = pm->datt; /* (N, d) fits: Hl hd >= d / tp, and tp = 1 on this path */
+                                v_begin, (float)(loss_scale / (double)N));
+    float *dhn = pm->dfull;
     model_matmul_backward(dhn, pm->g.head, dlogits, pm->hn, pm->p.head, N, d, Vl, false);
-    par_tp_reduce_input_grad(pm, dhn, N * d);
-    memset(dh, 0, N * d * sizeof(float));
-    model_rmsnorm_backward(dh, pm->g.norm, dhn, h, pm->p.norm, pm->rstd_f, N, d);
+    dist_reduce_scatter(&pm->groups.tp, DIST_TP, pm->dsmall, dhn, Ns * d);
+    memset(dh, 0, Ns * d * sizeof(float));
+    model_rmsnorm_backward(dh, pm->g.norm, pm->dsmall, h, pm->p.norm, pm->rstd_f, Ns, d);
 }
 
 /* ---------------------------------------------------------------- the layer list */
@@ -378,7 +495,7 @@ static void head_backward(struct par_model *pm, const float *h, float *dh, float
 void par_forward(struct par_model *pm, const int *inputs, const int *targets,
                  struct par_mb_stats *st)
 {
-    size_t const N = pm->shape.N, d = (size_t)pm->cfg.hidden_size;
+    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
     int const T = pm->shape.T;
     memset(st, 0, sizeof *st);
     memcpy(pm->inputs, inputs, N * sizeof(int));
@@ -393,12 +510,12 @@ void par_forward(struct par_model *pm, const int *inputs, const int *targets,
         } else if (L->kind == PAR_LAYER_BLOCK) {
             int const li = L->layer - pm->lay.layer_begin;
             struct par_block_acts *ba = &pm->blocks[li];
-            attention_forward(pm, ba, &pm->p.layers[li], pm->resid + (size_t)li * N * d);
+            attention_forward(pm, ba, &pm->p.layers[li], pm->resid + (size_t)li * Ns * d);
             par_timers[PAR_T_ATTN] += omp_get_wtime() - t0;
-            moe_forward(pm, ba, &pm->p.layers[li], pm->resid + (size_t)(li + 1) * N * d, st);
+            moe_forward(pm, ba, &pm->p.layers[li], pm->resid + (size_t)(li + 1) * Ns * d, st);
         } else {
             int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-            st->lm_loss = head_forward(pm, pm->resid + (size_t)nl * N * d);
+            st->lm_loss = head_forward(pm, pm->resid + (size_t)nl * Ns * d);
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         }
     }
@@ -406,13 +523,13 @@ void par_forward(struct par_model *pm, const int *inputs, const int *targets,
 
 void par_backward(struct par_model *pm, float loss_scale)
 {
-    size_t const N = pm->shape.N, d = (size_t)pm->cfg.hidden_size;
+    size_t const Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
     for (int i = pm->nlayers - 1; i >= 0; i--) {
         const struct par_layer *L = &pm->layers[i];
         double const t0 = omp_get_wtime();
         if (L->kind == PAR_LAYER_HEAD) {
             int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-            head_backward(pm, pm->resid + (size_t)nl * N * d, pm->dh, loss_scale);
+            head_backward(pm, pm->resid + (size_t)nl * Ns * d, pm->dh, loss_scale);
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         } else if (L->kind == PAR_LAYER_BLOCK) {
             int const li = L->layer - pm->lay.layer_begin;
@@ -420,7 +537,7 @@ void par_backward(struct par_model *pm, float loss_scale)
             moe_backward(pm, ba, &pm->p.layers[li], &pm->g.layers[li], pm->dh, loss_scale);
             double const t1 = omp_get_wtime();
             attention_backward(pm, ba, &pm->p.layers[li], &pm->g.layers[li],
-                               pm->resid + (size_t)li * N * d, pm->dh);
+                               pm->resid + (size_t)li * Ns * d, pm->dh);
             par_timers[PAR_T_ATTN] += omp_get_wtime() - t1;
         } else {
             embed_backward(pm, pm->dh);

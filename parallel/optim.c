@@ -1,56 +1,130 @@
-/* After a step's micro-batches: gradient reduction, global-norm clipping, AdamW. */
+/* After a step's micro-batches: gradient reduction, global-norm clipping, AdamW, and
+ * under the distributed optimizer (ZeRO-1) the parameter all-gather.
+ *
+ * Gradients are summed, not averaged: every micro-batch's backward already carries the
+ * factor 1 / (micro-batches of the global batch), so the sums are the step's mean. */
 #include <math.h>
 #include <string.h>
 
 #include "parallel/parallel_internal.h"
 
-/* Sum of squares of the gradient, each element of the model counted once whatever the
- * layout: a tensor replicated inside its shard group counts on that group's rank 0, and
- * reduced replicas (dense over DP x CP, experts over EDP) count on their rank 0. */
-static double grad_sq_norm(const struct par_model *pm)
+/* Whether this rank's block of tensor t is the one copy counted (norm) or written (export):
+ * a tensor replicated inside its shard group counts on that group's rank 0. */
+static bool owns_block(const struct par_model *pm, const struct model_tensor *t)
 {
-    const struct par_groups *g = &pm->groups;
-    double local = 0.0;
-    for (int i = 0; i < pm->tab.count; i++) {
-        const struct model_tensor *t = &pm->tab.t[i];
-        int const shard_rank = t->group == MODEL_GROUP_TP ? g->tp.rank : g->etp.rank;
-        int const replica_rank = t->is_expert ? g->edp.rank : g->dpcp.rank;
-        if ((t->shard == MODEL_SHARD_NONE && shard_rank != 0) || replica_rank != 0) continue;
-        const float *x = pm->grads + t->offset;
-        double s = 0.0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-        for (size_t j = 0; j < t->numel; j++) s += (double)x[j] * x[j];
-        local += s;
-    }
-    dist_allreduce_sum_f64(dist_world(), DIST_WORLD, &local, 1);
-    return local;
+    int const shard_rank = t->group == MODEL_GROUP_TP ? pm->groups.tp.rank : pm->groups.etp.rank;
+    return t->shard != MODEL_SHARD_NONE || shard_rank == 0;
 }
 
-static void reduce_grads(struct par_model *pm)
+/* Norms, routers: replicated over tp, each rank holds the partial gradient of its rows. */
+static void reduce_tp_replicated(struct par_model *pm)
 {
-    float *dense = pm->grads, *expert = pm->grads + pm->tab.numel_dense;
-    dist_allreduce_sum(&pm->groups.dpcp, DIST_DPCP, dense, pm->tab.numel_dense);
-    dist_allreduce_sum(&pm->groups.edp, DIST_EDP, expert, pm->tab.numel - pm->tab.numel_dense);
+    if (pm->groups.tp.size == 1) return;
+    for (int i = 0; i < pm->tab.count; i++) {
+        const struct model_tensor *t = &pm->tab.t[i];
+        if (t->group == MODEL_GROUP_TP && t->shard == MODEL_SHARD_NONE)
+            dist_allreduce_sum(&pm->groups.tp, DIST_TP, pm->grads + t->offset, t->numel);
+    }
+}
+
+/* Reduces one range over its replicas: a reduce-scatter into this rank's shard (ZeRO-1),
+ * or an all-reduce of the whole range. Returns where the reduced values now live. */
+static float *reduce_range(struct par_model *pm, const struct par_range *r,
+                           const struct dist_group *g, enum dist_kind kind)
+{
+    if (pm->opt.distributed_optimizer) {
+        float *shard = pm->gshard + r->state_offset;
+        dist_reduce_scatter(g, kind, shard, pm->grads + r->begin, r->shard_len);
+        return shard;
+    }
+    dist_allreduce_sum(g, kind, pm->grads + r->begin, r->len);
+    return pm->grads + r->begin;
+}
+
+/* First flat index of this rank's shard of range r. */
+static size_t shard_begin(const struct par_model *pm, const struct par_range *r,
+                          const struct dist_group *g)
+{
+    return r->begin + (pm->opt.distributed_optimizer ? (size_t)g->rank * r->shard_len : 0);
+}
+
+/* The part [a, b) of tensor t inside [lo, lo + len) of the flat buffers, relative to lo;
+ * false when they do not overlap. */
+static bool tensor_piece(const struct model_tensor *t, size_t lo, size_t len, size_t *a,
+                         size_t *b)
+{
+    *a = t->offset > lo ? t->offset - lo : 0;
+    *b = t->offset + t->numel < lo + len ? t->offset + t->numel - lo : len;
+    return t->offset + t->numel > lo && *a < *b;
+}
+
+/* Sum of squares of the reduced gradient held here, each model element counted once:
+ * shards are disjoint over replicas; without shards only replica rank 0 counts. */
+static double sq_norm_range(const struct par_model *pm, const struct par_range *r,
+                            const struct dist_group *g, const float *vals)
+{
+    if (!pm->opt.distributed_optimizer && g->rank != 0) return 0.0;
+    size_t const lo = shard_begin(pm, r, g);
+    double sum = 0.0;
+    for (int i = 0; i < pm->tab.count; i++) {
+        const struct model_tensor *t = &pm->tab.t[i];
+        size_t a, b;
+        if (!tensor_piece(t, lo, r->shard_len, &a, &b) || !owns_block(pm, t)) continue;
+        double s = 0.0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+        for (size_t j = a; j < b; j++) s += (double)vals[j] * vals[j];
+        sum += s;
+    }
+    return sum;
+}
+
+static void adamw_range(struct par_model *pm, const struct par_range *r,
+                        const struct dist_group *g, const float *grad,
+                        const struct model_adamw *hp, float scale)
+{
+    size_t const lo = shard_begin(pm, r, g);
+    float *p = pm->params + lo;
+    float *m = pm->adam_m + r->state_offset, *v = pm->adam_v + r->state_offset;
+    float *gs = (float *)grad;
+    if (scale < 1.0f) {
+#pragma omp parallel for schedule(static)
+        for (size_t j = 0; j < r->shard_len; j++) gs[j] *= scale;
+    }
+    for (int i = 0; i < pm->tab.count; i++) {
+        const struct model_tensor *t = &pm->tab.t[i];
+        size_t a, b;
+        if (tensor_piece(t, lo, r->shard_len, &a, &b))
+            model_adamw_update(p + a, gs + a, m + a, v + a, b - a, hp, t->decay);
+    }
+    if (pm->opt.distributed_optimizer)
+        dist_allgather(g, g == &pm->groups.edp ? DIST_EDP : DIST_DPCP, pm->params + r->begin,
+                       p, r->shard_len);
 }
 
 double par_optimizer_step(struct par_model *pm, const struct par_hparams *hp)
 {
-    reduce_grads(pm);
-    double const norm = sqrt(grad_sq_norm(pm));
-    float const scale = hp->clip > 0.0f && norm > 0.0 ? (float)fmin(1.0, hp->clip / (norm + 1e-6)) : 1.0f;
-    if (scale < 1.0f) {
-#pragma omp parallel for schedule(static)
-        for (size_t j = 0; j < pm->tab.numel; j++) pm->grads[j] *= scale;
-    }
+    reduce_tp_replicated(pm);
+    const struct dist_group *gd = &pm->groups.dpcp, *ge = &pm->groups.edp;
+    float *gdense = reduce_range(pm, &pm->dense, gd, DIST_DPCP);
+    float *gexp = reduce_range(pm, &pm->expert, ge, DIST_EDP);
+    double sq = sq_norm_range(pm, &pm->dense, gd, gdense) +
+                sq_norm_range(pm, &pm->expert, ge, gexp);
+    dist_allreduce_sum_f64(dist_world(), DIST_WORLD, &sq, 1);
+    double const norm = sqrt(sq);
+    float const scale =
+        hp->clip > 0.0f && norm > 0.0 ? (float)fmin(1.0, hp->clip / (norm + 1e-6)) : 1.0f;
     pm->adam_step++;
     struct model_adamw const a = {.lr = hp->lr, .beta1 = hp->beta1, .beta2 = hp->beta2,
                                   .eps = hp->eps, .weight_decay = hp->weight_decay,
                                   .step = pm->adam_step};
-    for (int i = 0; i < pm->tab.count; i++) {
-        const struct model_tensor *t = &pm->tab.t[i];
-        model_adamw_update(pm->params + t->offset, pm->grads + t->offset, pm->adam_m + t->offset,
-                           pm->adam_v + t->offset, t->numel, &a, t->decay);
-    }
+    adamw_range(pm, &pm->dense, gd, gdense, &a, scale);
+    adamw_range(pm, &pm->expert, ge, gexp, &a, scale);
     par_zero_grads(pm);
     return norm;
+}
+
+bool par_owns_block(const struct par_model *pm, const struct model_tensor *t)
+{
+    int const replica = t->is_expert ? pm->groups.edp.rank : pm->groups.dpcp.rank;
+    return replica == 0 && owns_block(pm, t);
 }

@@ -21,10 +21,17 @@ struct par_groups {
 };
 /* All groups of size one: the serial layout. */
 void par_groups_serial(struct par_groups *g);
+/* This rank's communicators of every group kind of the grid (collective over the world). */
+void par_groups_create(struct par_groups *g, const struct dist_grid *grid);
+void par_groups_free(struct par_groups *g);
+/* This rank's share of the model under the grid (sizes, ranks, its pipeline stage). */
+void par_layout_from_grid(struct model_layout *lay, const struct dist_grid *grid, int rank,
+                          int num_layers);
 
 struct par_shape {
-    int B, T;   /* sequences of a micro-batch, positions each */
-    size_t N;   /* tokens of the micro-batch this rank holds */
+    int B, T;    /* sequences of a micro-batch, positions each */
+    size_t N;    /* tokens of the micro-batch: B T */
+    size_t Ns;   /* rows of the residual stream this rank holds: N / tp (sequence parallel) */
 };
 
 /* One layer of the ordered list a step runs. */
@@ -34,16 +41,22 @@ struct par_layer {
     int layer; /* global transformer layer for PAR_LAYER_BLOCK */
 };
 
-/* Saved-for-backward activations of one transformer block and one micro-batch. */
+/* Saved-for-backward activations of one transformer block and one micro-batch. Rows are
+ * either this rank's Ns rows of the residual stream or all N rows of the micro-batch
+ * (gathered over the tensor group); with groups of size one the two coincide. */
 struct par_block_acts {
-    float *h_mid;                  /* (N, d) residual after attention */
-    float *a, *rstd1;              /* input_layernorm out (N, d), (N) */
+    float *h_mid;                  /* (Ns, d) residual after attention */
+    float *a_loc, *rstd1;          /* input_layernorm out (Ns, d), (Ns) */
+    float *a;                      /* (N, d) a_loc gathered over tp */
     float *q, *k, *v;              /* post-RoPE (N, Hl hd), (N, Gl hd) */
     float *probs;                  /* (B, Hl, T, T) */
     float *att;                    /* (N, Hl hd) */
-    float *m, *rstd2;              /* post_attention_layernorm out (N, d), (N) */
-    float *rprobs, *rtopk_w, *rlse;/* router (N, E), (N, k), (N) */
-    int *rtopk;                    /* (N, k) */
+    float *m_loc, *rstd2;          /* post_attention_layernorm out (Ns, d), (Ns) */
+    float *m;                      /* (N, d) m_loc gathered over etp x ep */
+    float *rprobs, *rtopk_w, *rlse;/* router on local rows (Ns, E), (Ns, k), (Ns) */
+    int *rtopk;                    /* (Ns, k) */
+    float *g_probs, *g_w;          /* gathered router output (N, E), (N, k) */
+    int *g_topk;                   /* (N, k) */
     int *slot_pos;                 /* (N, k): row in the permuted block, -1 if dropped */
     int *perm_src;                 /* (A_max): token of each permuted row */
     size_t *expert_off;            /* (E_local + 1): rows of each local expert */
@@ -64,14 +77,31 @@ struct par_hparams {
     float lr, beta1, beta2, eps, weight_decay, clip;
 };
 
+struct par_options {
+    bool distributed_optimizer; /* ZeRO-1: optimizer state sharded over the replicas */
+};
+
+/* A contiguous range of the flat buffers reduced over one group of replicas, and this
+ * rank's shard of it under the distributed optimizer. */
+struct par_range {
+    size_t begin, len;        /* len padded to a multiple of the group size */
+    size_t shard_len;         /* len / group size */
+    size_t state_offset;      /* where this range's shard starts in the optimizer state */
+};
+
 /* The rank's share of the model: table, flat buffers, pointers, activations, scratch. */
 struct par_model {
     struct model_config cfg;
     struct model_layout lay;
     struct par_shape shape;
     struct par_groups groups;
+    struct par_options opt;
     struct model_table tab;
-    float *params, *grads, *adam_m, *adam_v; /* one allocation each, tab.numel floats */
+    /* params, grads: tab.numel floats; adam_m, adam_v: the whole range, or this rank's
+     * shards under the distributed optimizer; gshard: reduced gradient shards */
+    float *params, *grads, *adam_m, *adam_v, *gshard;
+    size_t state_len;
+    struct par_range dense, expert; /* reduced over dp x cp, and over edp */
     struct model_ptrs p, g;
     long adam_step;
 
@@ -79,13 +109,13 @@ struct par_model {
     int nlayers;
 
     /* activations of one micro-batch */
-    int *inputs, *targets, *pos;
-    float *resid;             /* (L_local + 1, N, d): block inputs and the last output */
+    int *inputs, *targets, *pos;   /* (N) */
+    float *resid;                  /* (L_local + 1, Ns, d): block inputs and the last output */
     struct par_block_acts *blocks;
-    float *hn, *rstd_f, *logits, *rowmax, *rowsum; /* head */
-    /* backward scratch */
-    float *dh, *dtmp, *dq, *dk, *dv, *datt, *drl, *dtopk_w, *dx_perm, *dy_perm, *exp_scratch,
-        *att_scratch;
+    float *hn_loc, *rstd_f, *hn, *logits, *rowmax, *rowsum; /* head */
+    /* scratch */
+    float *dh, *dsmall, *dfull, *dtmp, *dq, *dk, *dv, *datt, *drl, *dtopk_w, *dx_perm,
+        *dy_perm, *exp_scratch, *att_scratch;
     float *rope_cos, *rope_sin;
     double *router_sums;      /* (2 E + 1) */
     size_t *expert_counts;    /* (3 (E + 1)) */
@@ -97,8 +127,8 @@ struct par_model {
 /* Allocates the rank's share for micro-batches of B sequences of T positions. 0 or
  * VD_EINVAL when the layout does not divide the model. */
 int par_model_init(struct par_model *pm, const struct model_config *cfg,
-                   const struct model_layout *lay, const struct par_groups *groups, int B,
-                   int T);
+                   const struct model_layout *lay, const struct par_groups *groups,
+                   const struct par_options *opt, int B, int T);
 void par_model_free(struct par_model *pm);
 
 /* Forward of one micro-batch over the rank's layers: inputs and targets (B, T) of the
@@ -113,6 +143,9 @@ void par_backward(struct par_model *pm, float loss_scale);
  * it, before clipping), and takes one AdamW step with lr. Zeroes the gradients after. */
 double par_optimizer_step(struct par_model *pm, const struct par_hparams *hp);
 void par_zero_grads(struct par_model *pm);
+/* Whether this rank's block of t is the one copy of it that the layout writes (exports,
+ * checkpoints): replicas beyond rank 0 and tensor ranks of replicated tensors do not. */
+bool par_owns_block(const struct par_model *pm, const struct model_tensor *t);
 
 /* Per-kind wall time of the last forward and backward, for the benchmark's split. */
 enum par_timer { PAR_T_ATTN, PAR_T_ROUTER, PAR_T_EXPERTS, PAR_T_DISPATCH, PAR_T_OTHER,

@@ -29,7 +29,5 @@ void par_dispatch_gather_backward(struct par_model *pm, struct par_block_acts *b
  * pm->targets, with the softmax statistics combined over the tensor group; leaves the
  * global row max and sum in pm->rowmax, pm->rowsum. */
 double par_vocab_crossentropy(struct par_model *pm, int v_begin, size_t Vl);
-/* Sums the gradient of a tensor-parallel layer's replicated input over the tp group. */
-void par_tp_reduce_input_grad(struct par_model *pm, float *dx, size_t count);
 
 #endif

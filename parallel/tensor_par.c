@@ -22,8 +22,3 @@ double par_vocab_crossentropy(struct par_model *pm, int v_begin, size_t Vl)
         loss += (double)logf(pm->rowsum[t]) + pm->rowmax[t] - tlogit[t];
     return loss / ((double)pm->shape.B * pm->shape.T);
 }
-
-void par_tp_reduce_input_grad(struct par_model *pm, float *dx, size_t count)
-{
-    dist_allreduce_sum(&pm->groups.tp, DIST_TP, dx, count);
-}

@@ -109,7 +109,7 @@ static void test_defaults(void)
     CU_ASSERT_EQUAL(c.parallel.tp, 1);
     CU_ASSERT_EQUAL(c.parallel.cp, 1);
     CU_ASSERT_EQUAL(c.parallel.ep, 1);
-    CU_ASSERT_EQUAL(c.parallel.etp, 1);
+    CU_ASSERT_EQUAL(c.parallel.etp, 0); /* 0: the same as parallel.tp */
     CU_ASSERT_EQUAL(c.parallel.pp, 1);
     CU_ASSERT_EQUAL(c.parallel.vpp, 1);
     CU_ASSERT_STRING_EQUAL(c.parallel.order, "tp-cp-ep-dp-pp");
@@ -148,8 +148,8 @@ static void test_shipped_configs(void)
     CU_ASSERT_EQUAL(c.model.hidden_size, 32);
     CU_ASSERT_EQUAL(c.model.intermediate_size, 48);
     CU_ASSERT_EQUAL(c.model.num_hidden_layers, 2);
-    CU_ASSERT_EQUAL(c.model.num_attention_heads, 4);
-    CU_ASSERT_EQUAL(c.model.num_key_value_heads, 2);
+    CU_ASSERT_EQUAL(c.model.num_attention_heads, 8);
+    CU_ASSERT_EQUAL(c.model.num_key_value_heads, 4);
     CU_ASSERT_EQUAL(c.model.num_local_experts, 4);
     CU_ASSERT_EQUAL(c.model.num_experts_per_tok, 2);
     CU_ASSERT_EQUAL(c.train.seq_len, 16);
@@ -331,7 +331,7 @@ static void test_cross_checks(void)
          "hidden_size must be a multiple of num_attention_heads"},
         {{{"model.hidden_size", "36"}}, "head_dim = 9", "must be even"},
         {{{"model.num_key_value_heads", "3"}},
-         "model.num_attention_heads = 4 is not divisible by model.num_key_value_heads = 3",
+         "model.num_attention_heads = 8 is not divisible by model.num_key_value_heads = 3",
          "multiple of num_key_value_heads"},
         {{{"model.num_experts_per_tok", "5"}},
          "model.num_experts_per_tok = 5 is larger than model.num_local_experts = 4",

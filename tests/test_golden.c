@@ -76,7 +76,8 @@ static void check_case(const char *c)
     struct par_groups groups;
     par_groups_serial(&groups);
     struct par_model pm;
-    CU_ASSERT_FATAL(par_model_init(&pm, &m, &lay, &groups, 2, 16) == 0);
+    struct par_options const opt = {.distributed_optimizer = false};
+    CU_ASSERT_FATAL(par_model_init(&pm, &m, &lay, &groups, &opt, 2, 16) == 0);
     CU_ASSERT_FATAL(ckpt_load_hf(&pm, GOLDEN_DIR "tiny_init.safetensors") == 0);
 
     size_t n;
