@@ -329,7 +329,7 @@ static void test_cross_checks(void)
         {{{"model.hidden_size", "100"}, {"model.num_attention_heads", "8"}},
          "model.hidden_size = 100 is not divisible by model.num_attention_heads = 8",
          "hidden_size must be a multiple of num_attention_heads"},
-        {{{"model.hidden_size", "36"}}, "head_dim = 9", "must be even"},
+        {{{"model.hidden_size", "40"}}, "head_dim = 5", "must be even"},
         {{{"model.num_key_value_heads", "3"}},
          "model.num_attention_heads = 8 is not divisible by model.num_key_value_heads = 3",
          "multiple of num_key_value_heads"},
