@@ -36,6 +36,16 @@ int dist_world_rank(void) { return world.rank; }
 int dist_world_size(void) { return world.size; }
 const struct dist_group *dist_world(void) { return &world; }
 
+void dist_node_ranks(int *count, int *index)
+{
+    MPI_Comm node;
+    DIST_CHECK_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world.rank,
+                                       MPI_INFO_NULL, &node));
+    MPI_Comm_size(node, count);
+    MPI_Comm_rank(node, index);
+    MPI_Comm_free(&node);
+}
+
 _Noreturn void dist_mpi_fatal(int rc, const char *call, const char *file, int line)
 {
     char msg[MPI_MAX_ERROR_STRING] = "";

@@ -23,6 +23,8 @@ void dist_init(int *argc, char ***argv);
 void dist_finalize(void);
 int dist_world_rank(void);
 int dist_world_size(void);
+/* Ranks of the world on this node (shared memory), and this rank's index among them. */
+void dist_node_ranks(int *count, int *index);
 /* The world as a group (never freed). */
 const struct dist_group *dist_world(void);
 

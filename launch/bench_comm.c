@@ -10,10 +10,8 @@
  * whatever n is. The time is the average over the world's ranks of each rank's time per
  * call (itself averaged over the timed iterations); min and max show the spread. */
 #include <errno.h>
-#include <limits.h>
 #include <math.h>
 #include <stdbool.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -370,8 +368,9 @@ static void kind_header(const struct dist_grid *grid, enum dist_kind kind, int n
 {
     int *const members = vd_alloc((size_t)n * sizeof *members);
     dist_grid_group(grid, kind, 0, members, NULL, NULL);
-    printf("\n# group %s: %d ranks per group, %d groups; rank 0's group: [", dist_kind_name(kind),
-           n, grid->world / n);
+    int const ngroups = grid->world / n;
+    printf("\n# group %s: %d ranks per group, %d group%s; rank 0's group: [",
+           dist_kind_name(kind), n, ngroups, ngroups == 1 ? "" : "s");
     int const shown = n <= 32 ? n : 32;
     for (int i = 0; i < shown; i++) printf("%s%d", i ? ", " : "", members[i]);
     printf("%s]\n", shown < n ? ", ..." : "");

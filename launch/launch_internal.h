@@ -4,9 +4,10 @@
 
 #include "launch/launch.h"
 
-/* Cores in this process's binding (hwloc); 1 when unknown. */
-int launch_topo_bound_cores(void);
-/* Sets the OpenMP (and so OpenBLAS) thread count to OMP_NUM_THREADS or the bound cores. */
-int launch_topo_set_threads(void);
+/* Cores this rank may use (hwloc): those of its binding, or, when it is bound to the whole
+ * machine, its share among the node's node_ranks ranks; at least 1. */
+int launch_topo_bound_cores(int node_ranks);
+/* Sets the OpenMP (and so OpenBLAS) thread count to OMP_NUM_THREADS or the cores above. */
+int launch_topo_set_threads(int node_ranks);
 
 #endif

@@ -48,6 +48,16 @@ static void format_duration(char *out, size_t cap, double seconds)
 
 static double mib(size_t nbytes) { return (double)nbytes / (1024.0 * 1024.0); }
 
+/* Parameters, gradients, AdamW moments (whole or sharded), reduced-gradient shards,
+ * activations and scratch of this rank. */
+static size_t plan_nbytes(const struct par_model *pm)
+{
+    size_t const f = sizeof(float);
+    size_t const shards = pm->opt.distributed_optimizer ? pm->state_len : 0;
+    return 2 * pm->tab.numel * f + (2 * pm->state_len + shards) * f + pm->act_nbytes +
+           pm->scratch_nbytes;
+}
+
 /* One line per number a user plans memory with. */
 static void print_plan(const struct launch_config *c, const struct par_model *pm, int threads,
                        double peak, bool peak_measured)
@@ -55,13 +65,16 @@ static void print_plan(const struct launch_config *c, const struct par_model *pm
     size_t total = 0, active = 0;
     model_param_counts(&c->model, &total, &active);
     size_t const pbytes = pm->tab.numel * sizeof(float);
+    size_t const sbytes = pm->state_len * sizeof(float);
     printf("vdist: %d rank(s) x %d thread(s); model %zu parameters (%.2f M), %zu active per "
            "token (%.2f M)\n",
            dist_world_size(), threads, total, total / 1e6, active, active / 1e6);
-    printf("memory plan per rank: parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB, "
-           "activations %.1f MiB, scratch %.1f MiB, total %.1f MiB\n",
-           mib(pbytes), mib(pbytes), mib(2 * pbytes), mib(pm->act_nbytes),
-           mib(pm->scratch_nbytes), mib(4 * pbytes + pm->act_nbytes + pm->scratch_nbytes));
+    printf("memory plan per rank: parameters %.1f MiB, gradients %.1f MiB, AdamW state %.1f MiB%s, "
+           "reduced-gradient shards %.1f MiB, activations %.1f MiB, scratch %.1f MiB, total %.1f MiB\n",
+           mib(pbytes), mib(pbytes), mib(2 * sbytes),
+           pm->opt.distributed_optimizer ? " (sharded)" : "",
+           mib(pm->opt.distributed_optimizer ? sbytes : 0), mib(pm->act_nbytes),
+           mib(pm->scratch_nbytes), mib(plan_nbytes(pm)));
     printf("MFU peak: %.1f GFLOP/s per rank (%s)\n", peak,
            peak_measured ? "fp32 SGEMM 1024^3 measured now on this rank's threads"
                          : "train.peak_gflops");
@@ -248,16 +261,27 @@ static void print_bench(const struct par_model *pm, int steps_timed, double step
         printf(" %s %.1f%%", par_timer_name((enum par_timer)i),
                total > 0 ? 100.0 * par_timers[i] / total : 0.0);
     printf("\n");
-    size_t const plan = 4 * pm->tab.numel * sizeof(float) + pm->act_nbytes + pm->scratch_nbytes;
+    printf("bench: rank 0 communication over the whole run:");
+    bool any = false;
+    for (int k = 0; k < DIST_NKIND; k++) {
+        const struct dist_comm_stat *cs = dist_comm_stats((enum dist_kind)k);
+        if (cs->calls == 0) continue;
+        printf("%s %s %.1f ms in %ld calls (%.1f MiB)", any ? ";" : "",
+               dist_kind_name((enum dist_kind)k), cs->seconds * 1e3, cs->calls, mib((size_t)cs->nbytes));
+        any = true;
+    }
+    printf("%s\n", any ? "" : " none");
     printf("bench: peak RSS %.1f MiB against a memory plan of %.1f MiB\n",
-           (double)ru.ru_maxrss / 1024.0, mib(plan));
+           (double)ru.ru_maxrss / 1024.0, mib(plan_nbytes(pm)));
 }
 
 int launch_train_run(const struct launch_config *c, bool bench, struct launch_train_result *res)
 {
     memset(res, 0, sizeof *res);
     bool const root = dist_world_rank() == 0;
-    int const threads = launch_topo_set_threads();
+    int node_ranks = 1, node_index = 0;
+    dist_node_ranks(&node_ranks, &node_index);
+    int const threads = launch_topo_set_threads(node_ranks);
     struct dist_grid grid;
     FORWARD_IF(make_layout(c, &grid));
     struct par_groups groups;

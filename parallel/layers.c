@@ -205,7 +205,7 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
     pm->grads = vd_calloc(pm->tab.numel, sizeof(float));
     pm->adam_m = vd_calloc(pm->state_len, sizeof(float));
     pm->adam_v = vd_calloc(pm->state_len, sizeof(float));
-    pm->gshard = vd_calloc(pm->state_len, sizeof(float));
+    pm->gshard = opt->distributed_optimizer ? vd_calloc(pm->state_len, sizeof(float)) : NULL;
     model_ptrs_build(&pm->p, &pm->tab, pm->params, lay, cfg->num_local_experts);
     model_ptrs_build(&pm->g, &pm->tab, pm->grads, lay, cfg->num_local_experts);
 

@@ -830,7 +830,8 @@ static void test_training_run(void)
             EXPECT(false, "step %d: tokens_per_s %.10g must be global_batch * seq_len / step "
                    "time = %.10g", lines, tps, tokens_per_step / (ms * 1e-3));
         double const want_mfu = 3 * fwd * tokens_per_step / (ms * 1e-3 * peak * 1e9);
-        if (!(mfu > 0 && rel_close(mfu, want_mfu, 2e-3)) && bad_mfu++ < 3)
+        /* The peak is printed with one decimal: allow for its rounding. */
+        if (!(mfu > 0 && rel_close(mfu, want_mfu, 2e-3 + 0.051 / peak)) && bad_mfu++ < 3)
             EXPECT(false, "step %d: mfu %.6g must be 3 x model.md's FLOPs per token x tokens / "
                    "(step time x %g GFLOP/s) = %.6g", lines, mfu, peak, want_mfu);
         if (lines == 1) first_lm = lm;
@@ -977,14 +978,15 @@ static int suite_init(void)
         fprintf(stderr, "test_cli: run from the repository root (configs/tiny.ini not found)\n");
         return -1;
     }
+    /* Paths go into shell commands as they are: refuse any that would break. */
+    if (strpbrk(g_root, "'\"\\ $`") || strpbrk(g_vdist, "'\"\\ $`")) {
+        fprintf(stderr, "test_cli: paths with quotes, blanks or $ are not supported\n");
+        return -1;
+    }
     snprintf(g_tmp, sizeof g_tmp, "/tmp/vdist_cli_XXXXXX");
     if (!mkdtemp(g_tmp)) {
         fprintf(stderr, "test_cli: mkdtemp: %s\n", strerror(errno));
-        return -1;
-    }
-    /* Paths go into shell commands unquoted inside '...': refuse any that would break. */
-    if (strpbrk(g_root, "'\"\\ $`") || strpbrk(g_vdist, "'\"\\ $`")) {
-        fprintf(stderr, "test_cli: paths with quotes, blanks or $ are not supported\n");
+        g_tmp[0] = '\0';
         return -1;
     }
     return 0;
