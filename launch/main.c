@@ -13,39 +13,61 @@ static void usage(FILE *out)
             "usage:\n"
             "  [mpirun -np N] vdist train --config FILE [--section.key=value ...]\n"
             "  [mpirun -np N] vdist bench --config FILE [--section.key=value ...]\n"
+            "  mpirun -np N vdist bench comm [--config FILE] [--parallel.tp=N ...] [options]\n"
             "  vdist data text IN OUT | synth OUT [options] | info FILE\n"
             "  vdist train --help          every configuration key, its default and meaning\n"
             "  vdist data --help\n\n"
             "bench trains like train and then reports tokens/s, MFU, the time split of a\n"
-            "step and the peak RSS against the memory plan.\n");
+            "step and the peak RSS against the memory plan. bench comm sweeps message sizes\n"
+            "over the collectives of every group kind of the layout (time, algbw, busbw).\n");
 }
 
-/* train and bench: every rank parses the same config and agrees on errors. */
+/* A configuration override is --section.key[=value]; anything else belongs to the mode. */
+static bool is_config_key(const char *arg)
+{
+    if (strncmp(arg, "--", 2) != 0) return false;
+    const char *dot = strchr(arg, '.'), *eq = strchr(arg, '=');
+    return dot && (!eq || dot < eq);
+}
+
+/* train, bench and bench comm: every rank parses the same config and agrees on errors. */
 static int run_train(int argc, char **argv, bool bench)
 {
+    bool const comm = bench && argc > 1 && strcmp(argv[1], "comm") == 0;
     const char *config_path = NULL;
-    char **rest = vd_calloc((size_t)argc + 1, sizeof *rest);
-    int nrest = 0;
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            if (dist_world_rank() == 0) {
-                printf("usage: vdist %s --config FILE [--section.key=value ...]\n\n",
-                       bench ? "bench" : "train");
-                launch_config_help(stdout);
-            }
-            free(rest);
-            return 0;
-        }
-        if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config_path = argv[++i];
+    char **keys = vd_calloc((size_t)argc + 1, sizeof *keys);
+    char **opts = vd_calloc((size_t)argc + 1, sizeof *opts);
+    int nkeys = 0, nopts = 0;
+    bool help = false;
+    for (int i = comm ? 2 : 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) help = true;
+        else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config_path = argv[++i];
         else if (strncmp(argv[i], "--config=", 9) == 0) config_path = argv[i] + 9;
-        else rest[nrest++] = argv[i];
+        else if (!comm || is_config_key(argv[i])) keys[nkeys++] = argv[i];
+        else opts[nopts++] = argv[i];
+        /* a key given as "--section.key value" takes the next word along */
+        if (comm && is_config_key(argv[i]) && !strchr(argv[i], '=') && i + 1 < argc)
+            keys[nkeys++] = argv[++i];
+    }
+    if (help) {
+        if (dist_world_rank() == 0) {
+            printf("usage: vdist %s [--config FILE] [--section.key=value ...]%s\n\n",
+                   comm ? "bench comm" : bench ? "bench" : "train", comm ? " [options]" : "");
+            if (comm) launch_bench_comm_help(stdout);
+            else launch_config_help(stdout);
+        }
+        free(keys);
+        free(opts);
+        return 0;
     }
     struct launch_config cfg;
-    int rc = launch_config_load(&cfg, config_path, nrest, rest);
-    free(rest);
+    int rc = launch_config_load(&cfg, config_path, nkeys, keys);
     rc = dist_agree(dist_world(), rc);
     struct launch_train_result res;
-    if (rc == 0) rc = launch_train_run(&cfg, bench, &res);
+    if (rc == 0 && comm) rc = launch_bench_comm(&cfg, nopts, opts);
+    else if (rc == 0) rc = launch_train_run(&cfg, bench, &res);
+    free(keys);
+    free(opts);
     if (rc < 0) {
         if (dist_world_rank() == 0) fprintf(stderr, "vdist: error: %s\n", vd_err_msg());
         return 2;

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "dist/dist.h"
 #include "launch/launch_internal.h"
@@ -183,20 +184,48 @@ static int open_inputs(const struct launch_config *c, struct par_model *pm, laun
     return dist_agree(dist_world(), rc);
 }
 
+/* mkdir -p: creates dir and its missing parents. */
+static int make_dirs(const char *dir)
+{
+    char path[LAUNCH_PATH_MAX];
+    snprintf(path, sizeof path, "%s", dir);
+    for (char *p = path + 1;; p++) {
+        bool const end = *p == '\0';
+        if (*p != '/' && !end) continue;
+        *p = '\0';
+        if (mkdir(path, 0755) != 0 && errno != EEXIST)
+            RETURN_ERR(VD_EIO, "cannot create directory %s: %s", path, strerror(errno));
+        if (end) break;
+        *p = '/';
+    }
+    struct stat sb;
+    RETURN_IF(stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode), VD_EIO,
+              "train.export_to = %s is not a directory", dir);
+    RETURN_IF(access(dir, W_OK) != 0, VD_EIO, "train.export_to = %s is not writable: %s", dir,
+              strerror(errno));
+    return 0;
+}
+
+/* Before training: the export directory exists and is writable, so no run is lost to a
+ * typo in its path. */
+static int check_export_dir(const struct launch_config *c)
+{
+    int const rc = c->train.export_to[0] && dist_world_rank() == 0 ? make_dirs(c->train.export_to) : 0;
+    return dist_agree(dist_world(), rc);
+}
+
+/* Writes model.safetensors then config.json; if the second fails the first is removed, so
+ * the directory never holds weights without their config. */
 static int export_model(const struct launch_config *c, const struct par_model *pm)
 {
-    int rc = 0;
-    char path[LAUNCH_PATH_MAX + 32];
-    if (dist_world_rank() == 0 && mkdir(c->train.export_to, 0755) != 0 && errno != EEXIST)
-        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create directory %s: %s",
-                        c->train.export_to, strerror(errno));
-    FORWARD_IF(dist_agree(dist_world(), rc));
-    snprintf(path, sizeof path, "%s/model.safetensors", c->train.export_to);
-    rc = ckpt_export_hf(pm, path);
-    if (dist_world_rank() == 0) {
-        snprintf(path, sizeof path, "%s/config.json", c->train.export_to);
-        if (rc == 0) rc = launch_config_write_hf(&c->model, path);
-        if (rc == 0) printf("exported %s/{model.safetensors,config.json}\n", c->train.export_to);
+    char weights[LAUNCH_PATH_MAX + 32], config[LAUNCH_PATH_MAX + 32];
+    snprintf(weights, sizeof weights, "%s/model.safetensors", c->train.export_to);
+    snprintf(config, sizeof config, "%s/config.json", c->train.export_to);
+    int rc = ckpt_export_hf(pm, weights);
+    if (dist_world_rank() == 0 && rc == 0) {
+        rc = launch_config_write_hf(&c->model, config);
+        if (rc < 0) unlink(weights);
+        else printf("exported %s and %s\n", weights, config);
     }
     return dist_agree(dist_world(), rc);
 }
@@ -284,6 +313,10 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     int const threads = launch_topo_set_threads(node_ranks);
     struct dist_grid grid;
     FORWARD_IF(make_layout(c, &grid));
+    RETURN_IF(c->ckpt.dir[0], VD_EINVAL,
+              "ckpt.dir = %s: this version does not write checkpoints yet; leave ckpt.dir "
+              "empty and use train.export_to for the final weights", c->ckpt.dir);
+    FORWARD_IF(check_export_dir(c));
     struct par_groups groups;
     par_groups_create(&groups, &grid);
     struct model_layout lay;
