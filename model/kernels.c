@@ -129,8 +129,12 @@ static void causal_softmax_row(float *row, int t, int T)
     for (int u = t + 1; u < T; u++) row[u] = 0.0f;
 }
 
-/* One (sequence, query head) task: probs = softmax(scale q k^T), out = probs v, by two
- * GEMMs each. Tasks run in parallel, so BLAS runs single-threaded inside them. */
+/* Causal attention skips the blocks above the diagonal: query rows are taken in blocks of
+ * MODEL_ATTN_BLOCK, and the rows of block r only meet keys [0, end of block r). That
+ * computes (nb + 1) / (2 nb) of the full T x T work with GEMMs that stay large. */
+
+/* One (sequence, query head) task per iteration: probs = softmax(scale q k^T), out = probs v,
+ * two GEMMs per row block. Tasks run in parallel, so BLAS runs single-threaded inside. */
 void model_attention_forward(float *out, float *probs, const float *q, const float *k,
                              const float *v, int B, int T, int Hl, int Gl, int hd)
 {
@@ -142,12 +146,17 @@ void model_attention_forward(float *out, float *probs, const float *q, const flo
         const float *qb = q + (size_t)b * T * qs + (size_t)i * hd;
         const float *kb = k + (size_t)b * T * ks + (size_t)j * hd;
         const float *vb = v + (size_t)b * T * ks + (size_t)j * hd;
+        float *ob = out + (size_t)b * T * qs + (size_t)i * hd;
         float *p = probs + (size_t)task * T * T;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, qb, qs, kb, ks,
-                    0.0f, p, T);
-        for (int t = 0; t < T; t++) causal_softmax_row(p + (size_t)t * T, t, T);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, p, T, vb, ks,
-                    0.0f, out + (size_t)b * T * qs + (size_t)i * hd, qs);
+        for (int r0 = 0; r0 < T; r0 += MODEL_ATTN_BLOCK) {
+            int const rn = T - r0 < MODEL_ATTN_BLOCK ? T - r0 : MODEL_ATTN_BLOCK, cols = r0 + rn;
+            float *pr = p + (size_t)r0 * T;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, cols, hd, scale,
+                        qb + (size_t)r0 * qs, qs, kb, ks, 0.0f, pr, T);
+            for (int t = 0; t < rn; t++) causal_softmax_row(pr + (size_t)t * T, r0 + t, T);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rn, hd, cols, 1.0f, pr, T,
+                        vb, ks, 0.0f, ob + (size_t)r0 * qs, qs);
+        }
     }
 }
 
@@ -155,6 +164,12 @@ void model_attention_forward(float *out, float *probs, const float *q, const flo
 size_t model_attention_scratch_floats(int T)
 {
     return (size_t)omp_get_max_threads() * (size_t)T * (size_t)T;
+}
+
+/* Zeroes T rows of hd values at stride ld. */
+static void zero_rows(float *x, int T, int hd, int ld)
+{
+    for (int t = 0; t < T; t++) memset(x + (size_t)t * ld, 0, (size_t)hd * sizeof *x);
 }
 
 /* Tasks are (sequence, key/value head) so that the query heads sharing a key/value head
@@ -176,31 +191,39 @@ void model_attention_backward(float *dq, float *dk, float *dv, const float *dout
             const float *vb = v + (size_t)b * T * ks + (size_t)j * hd;
             float *dkb = dk + (size_t)b * T * ks + (size_t)j * hd;
             float *dvb = dv + (size_t)b * T * ks + (size_t)j * hd;
-            for (int ii = 0; ii < group; ii++) {
-                int const i = j * group + ii;
-                float const beta = ii == 0 ? 0.0f : 1.0f;
+            zero_rows(dkb, T, hd, ks);
+            zero_rows(dvb, T, hd, ks);
+            for (int i = j * group; i < (j + 1) * group; i++) {
                 const float *qb = q + (size_t)b * T * qs + (size_t)i * hd;
                 const float *dob = dout + (size_t)b * T * qs + (size_t)i * hd;
+                float *dqb = dq + (size_t)b * T * qs + (size_t)i * hd;
                 const float *p = probs + ((size_t)b * Hl + i) * T * T;
-                /* dv += p^T do; dp = do v^T */
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, p, T, dob,
-                            qs, beta, dvb, ks);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, 1.0f, dob, qs,
-                            vb, ks, 0.0f, dp, T);
-                /* ds = p (dp - rowsum(p dp)) * scale, in place of dp */
-                for (int t = 0; t < T; t++) {
-                    const float *pr = p + (size_t)t * T;
-                    float *dr = dp + (size_t)t * T;
-                    float dot = 0.0f;
-                    for (int u = 0; u <= t; u++) dot += pr[u] * dr[u];
-                    for (int u = 0; u <= t; u++) dr[u] = pr[u] * (dr[u] - dot) * scale;
-                    for (int u = t + 1; u < T; u++) dr[u] = 0.0f;
+                for (int r0 = 0; r0 < T; r0 += MODEL_ATTN_BLOCK) {
+                    int const rn = T - r0 < MODEL_ATTN_BLOCK ? T - r0 : MODEL_ATTN_BLOCK;
+                    int const cols = r0 + rn;
+                    const float *pr = p + (size_t)r0 * T, *dor = dob + (size_t)r0 * qs;
+                    float *dr = dp + (size_t)r0 * T;
+                    /* dv += p^T do; dp = do v^T */
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, hd, rn, 1.0f, pr,
+                                T, dor, qs, 1.0f, dvb, ks);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, cols, hd, 1.0f, dor,
+                                qs, vb, ks, 0.0f, dr, T);
+                    /* ds = p (dp - rowsum(p dp)) * scale, in place of dp */
+                    for (int t = 0; t < rn; t++) {
+                        const float *prow = pr + (size_t)t * T;
+                        float *drow = dr + (size_t)t * T;
+                        int const last = r0 + t;
+                        float dot = 0.0f;
+                        for (int u = 0; u <= last; u++) dot += prow[u] * drow[u];
+                        for (int u = 0; u <= last; u++) drow[u] = prow[u] * (drow[u] - dot) * scale;
+                        for (int u = last + 1; u < cols; u++) drow[u] = 0.0f;
+                    }
+                    /* dq = ds k; dk += ds^T q */
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rn, hd, cols, 1.0f, dr,
+                                T, kb, ks, 0.0f, dqb + (size_t)r0 * qs, qs);
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, hd, rn, 1.0f, dr, T,
+                                qb + (size_t)r0 * qs, qs, 1.0f, dkb, ks);
                 }
-                /* dq = ds k; dk += ds^T q */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, dp, T, kb,
-                            ks, 0.0f, dq + (size_t)b * T * qs + (size_t)i * hd, qs);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, dp, T, qb, qs,
-                            beta, dkb, ks);
             }
         }
     }

@@ -199,6 +199,10 @@ void model_rope_table(float *cos_t, float *sin_t, int seq_len, int head_dim, dou
 void model_rope_apply(float *x, const int *pos, const float *cos_t, const float *sin_t,
                       size_t rows, int nheads, int head_dim, bool inverse);
 
+/* Query rows per block of the causal attention kernels (blocks above the diagonal are
+ * skipped). */
+#define MODEL_ATTN_BLOCK 64
+
 /* Causal grouped-query attention core on local heads, per sequence of T positions.
  * q (B*T, Hl*hd), k, v (B*T, Gl*hd), out (B*T, Hl*hd); probs (B, Hl, T, T) saved.
  * Query head i uses key/value head i / (Hl/Gl). */

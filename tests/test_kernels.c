@@ -573,7 +573,9 @@ static void test_attention_forward(void)
 {
     /* (B, T, Hl, Gl, hd): GQA, MHA, MQA, longer heads. */
     static const int cfgs[][5] = {
-        {2, 5, 4, 2, 4}, {2, 5, 4, 4, 4}, {1, 6, 4, 1, 4}, {3, 7, 6, 3, 8}, {1, 1, 2, 1, 4}};
+        {2, 5, 4, 2, 4}, {2, 5, 4, 4, 4}, {1, 6, 4, 1, 4}, {3, 7, 6, 3, 8}, {1, 1, 2, 1, 4},
+        /* several causal row blocks, the last one ragged */
+        {1, 2 * MODEL_ATTN_BLOCK + 5, 2, 1, 4}};
     rng_seed(41);
     for (size_t s = 0; s < sizeof cfgs / sizeof cfgs[0]; s++) {
         int const B = cfgs[s][0], T = cfgs[s][1], Hl = cfgs[s][2], Gl = cfgs[s][3];
@@ -608,9 +610,8 @@ static double attn_loss(void *p)
     return dot_fd(c->out, c->R, (size_t)c->B * c->T * c->Hl * c->hd);
 }
 
-static void test_attention_backward(void)
+static void attention_backward_case(int B, int T, int Hl, int Gl, int hd)
 {
-    int const B = 2, T = 5, Hl = 4, Gl = 2, hd = 4;
     size_t const nq = (size_t)B * T * Hl * hd, nk = (size_t)B * T * Gl * hd;
     rng_seed(42);
     float *q = fbuf(nq), *k = fbuf(nk), *v = fbuf(nk), *out = fbuf(nq), *R = fbuf(nq);
@@ -640,6 +641,13 @@ static void test_attention_backward(void)
     EXPECT_CLOSEF("dv second call", dv, dv1, nk, 1e-6, 1e-7);
     free(q), free(k), free(v), free(out), free(R), free(probs), free(dq), free(dk), free(dv);
     free(scratch), free(dq1), free(dk1), free(dv1);
+}
+
+static void test_attention_backward(void)
+{
+    attention_backward_case(2, 5, 4, 2, 4);
+    /* several causal row blocks, the last one ragged */
+    attention_backward_case(1, 2 * MODEL_ATTN_BLOCK + 5, 2, 1, 2);
 }
 
 /* B = 0 (no sequences) writes nothing and does not crash; T = 1 is attention to oneself:
@@ -1434,7 +1442,7 @@ int main(void)
          test_rope_forward},
         {"rope inverse is the transpose and undoes the forward", test_rope_inverse},
         {"attention forward vs causal GQA reference", test_attention_forward},
-        {"attention backward vs finite differences (B2 T5 H4 G2 hd4)",
+        {"attention backward vs finite differences (T 5, and T over 2 causal blocks)",
          test_attention_backward},
         {"attention with B = 0 and T = 1", test_attention_edge_sizes},
         {"router forward: softmax, lse, top-k, renormalised weights", test_router_forward},

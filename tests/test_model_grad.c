@@ -44,13 +44,14 @@ enum { V = 16, D = 8, NH = 2, NKV = 1, F = 6, NL = 2, NE = 4, TOPK = 2, B = 2, T
  * actually taken in fp32. Its error is
  *   - truncation, O(h^4 f^(5)): the plain central difference's h^2 f'''/6 was measured up
  *     to 3% on embedding rows (rmsnorm of a row of rms ~0.3 makes a step of 1e-2 a 3%
- *     change of the normalised row); the 4-point stencil brings it below 2e-4 relative;
+ *     change of the normalised row); the 4-point stencil brings it to ~2e-4 relative;
  *   - rounding: the loss comes out of a chain of fp32 kernels; its jitter delta (measured
  *     as the residual of a linear fit over 41 steps of 1e-6) has rms 3e-8 and max 1.6e-7
  *     (loss ~5). The stencil turns it into at most (16 + 2) delta / (12 h) = 1.5 delta / h,
  *     ~2.4e-5 at h = 1e-2, independent of the element's own gradient.
  * Smaller h raises the rounding term (at 2e-3 it reached the tolerance on small expert
- * gradients); larger h changes routing more often (at 2e-2, 6-17% of elements flip it). */
+ * gradients); larger h changes routing more often (at 2e-2, up to 17% of the elements
+ * flipped it, depending on the seed). */
 #define H_REL 1e-2
 #define RETRIES 2 /* when routing changes: retry at h/4, then h/16 */
 
@@ -60,10 +61,11 @@ enum { V = 16, D = 8, NH = 2, NKV = 1, F = 6, NL = 2, NE = 4, TOPK = 2, B = 2, T
  * the truncation (<= 2e-4 measured) and the backward's own fp32 rounding (~1e-6) with
  * ample margin; TOL_ABS judges elements of near-zero gradient at the tensor's scale (a
  * gradient made of cancelling terms carries the rounding of those terms). Over 10 seeds x
- * 3 variants (57k element checks) the worst error was 0.15 of this tolerance, while the
- * plain brief-style criterion (2e-2 relative, 2e-3 of the tensor's max, no noise term)
- * would be 4x looser on large elements. A missing or wrong term of the backward, or a 2%
- * error in one large element, exceeds it: test_checker_detects shows it. */
+ * 3 variants (57k element checks) the worst error was 0.15 of this tolerance; a plain
+ * 2e-2 relative + 2e-3 of the tensor's max (no noise term) would be 4x looser on large
+ * elements yet tighter than the rounding on tensors of small gradient. A missing or wrong
+ * term of the backward, or a 2% error in one large element, exceeds it:
+ * test_checker_detects shows it. */
 #define TOL_REL 5e-3
 #define TOL_ABS 1e-3
 #define NOISE 5e-7
