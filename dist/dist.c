@@ -179,6 +179,64 @@ void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float 
     account(kind, t0, count * (size_t)g->size * sizeof *out);
 }
 
+static size_t sum_counts(const int *counts, int n)
+{
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += (size_t)counts[i];
+    return total;
+}
+
+void dist_alltoallv(const struct dist_group *g, enum dist_kind kind, const float *send,
+                    const int *send_counts, const int *send_displs, float *recv,
+                    const int *recv_counts, const int *recv_displs)
+{
+    if (g->size == 1) {
+        memmove(recv + recv_displs[0], send + send_displs[0], (size_t)send_counts[0] * sizeof *recv);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Alltoallv(send, send_counts, send_displs, MPI_FLOAT, recv, recv_counts,
+                                 recv_displs, MPI_FLOAT, g->comm));
+    account(kind, t0, sum_counts(send_counts, g->size) * sizeof *send);
+}
+
+void dist_allgatherv(const struct dist_group *g, enum dist_kind kind, float *out,
+                     const float *in, const int *counts, const int *displs)
+{
+    if (g->size == 1) {
+        if (out + displs[0] != in) memmove(out + displs[0], in, (size_t)counts[0] * sizeof *out);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Allgatherv(in, counts[g->rank], MPI_FLOAT, out, counts, displs, MPI_FLOAT,
+                                  g->comm));
+    account(kind, t0, sum_counts(counts, g->size) * sizeof *out);
+}
+
+void dist_reduce_scatterv(const struct dist_group *g, enum dist_kind kind, float *out,
+                          const float *in, const int *counts)
+{
+    if (g->size == 1) {
+        if (out != in) memmove(out, in, (size_t)counts[0] * sizeof *out);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Reduce_scatter(in, out, counts, MPI_FLOAT, MPI_SUM, g->comm));
+    account(kind, t0, sum_counts(counts, g->size) * sizeof *out);
+}
+
+void dist_alltoall_int(const struct dist_group *g, enum dist_kind kind, const int *send,
+                       int *recv, int per_rank)
+{
+    if (g->size == 1) {
+        memmove(recv, send, (size_t)per_rank * sizeof *recv);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Alltoall(send, per_rank, MPI_INT, recv, per_rank, MPI_INT, g->comm));
+    account(kind, t0, (size_t)per_rank * (size_t)g->size * sizeof *send);
+}
+
 void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,
                 int root)
 {

@@ -65,6 +65,20 @@ void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void 
 /* Sums in (size * count) over the group, rank r keeps block r in out (count). */
 void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float *out,
                          const float *in, size_t count);
+/* Variable-size exchanges of floats; counts and displacements in elements, one per rank
+ * of the group (MPI's int, checked by the caller with dist_count). */
+void dist_alltoallv(const struct dist_group *g, enum dist_kind kind, const float *send,
+                    const int *send_counts, const int *send_displs, float *recv,
+                    const int *recv_counts, const int *recv_displs);
+/* Rank r contributes counts[r] elements; out holds them in rank order at displs. */
+void dist_allgatherv(const struct dist_group *g, enum dist_kind kind, float *out,
+                     const float *in, const int *counts, const int *displs);
+/* Sums in (sum of counts) over the group; rank r keeps its counts[r] elements. */
+void dist_reduce_scatterv(const struct dist_group *g, enum dist_kind kind, float *out,
+                          const float *in, const int *counts);
+/* Exchanges one int with every rank of the group (MPI_Alltoall of ints). */
+void dist_alltoall_int(const struct dist_group *g, enum dist_kind kind, const int *send,
+                       int *recv, int per_rank);
 void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,
                 int root);
 /* Converts an element count to MPI's int, aborting when it does not fit. */

@@ -65,6 +65,7 @@ _Static_assert(sizeof(enum launch_lr_schedule) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum launch_dtype) == sizeof(int), "enum size");
 
 static const char *const drop_policy_values[] = {"position", "probs", NULL};
+static const char *const dispatcher_values[] = {"alltoall", "allgather", NULL};
 static const char *const lr_schedule_values[] = {"constant", "cosine", NULL};
 static const char *const dtype_values[] = {"uint16", "uint32", NULL};
 static const char *const order_names[] = {"tp", "cp", "ep", "dp", "pp"};
@@ -112,6 +113,10 @@ static const struct key_def key_table[] = {
     {"model.moe_drop_policy", KEY_ENUM, "position",
      "which assignments an over-full expert keeps: by token position or by probability",
      FIELD(model.moe_drop_policy), 0, 0, 0, drop_policy_values},
+    {"model.moe_token_dispatcher_type", KEY_ENUM, "alltoall",
+     "how tokens reach the experts of other ranks: all-to-all over EP (then all-gather over "
+     "ETP), or all-gather over ETP x EP",
+     FIELD(model.moe_token_dispatcher_type), 0, 0, 0, dispatcher_values},
     {"model.config", KEY_STRING, "",
      "Hugging Face config.json whose model keys fill those not set in the file or on the "
      "command line (path relative to the working directory)",

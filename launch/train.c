@@ -81,9 +81,49 @@ static void print_plan(const struct launch_config *c, const struct par_model *pm
                          : "train.peak_gflops");
 }
 
+/* Per MoE layer over a step's micro-batches (all replicas). */
+struct layer_stats {
+    double tokens_max, tokens_mean, dropped_frac, dispatch_ms;
+};
+
 struct step_stats {
     double loss, lm, aux, z, grad_norm, dropped_frac, tokens_max, tokens_mean;
+    int nlayers;
+    struct layer_stats *layers; /* [nlayers], owned by the caller */
 };
+
+/* Folds one micro-batch's per-layer dispatch statistics into sums (dropped, kept) and
+ * maxima over the step. */
+static void collect_layers(const struct par_model *pm, double *sums, float *maxima)
+{
+    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
+    for (int l = 0; l < nl; l++) {
+        const struct par_block_acts *ba = &pm->blocks[l];
+        sums[2 * l] += (double)ba->dropped;
+        maxima[l] = fmaxf(maxima[l], (float)ba->tokens_max);
+    }
+}
+
+/* Per-layer statistics of the step: max over micro-batches and replicas of the most
+ * tokens one expert kept, mean tokens per expert, dropped fraction, dispatch time. */
+static void finish_layers(struct par_model *pm, const struct launch_config *c, double *sums,
+                          float *maxima, struct step_stats *out)
+{
+    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
+    int const n_micro = c->train.global_batch / c->train.micro_batch;
+    int const E = c->model.num_local_experts, k = c->model.num_experts_per_tok;
+    dist_allreduce_sum_f64(&pm->groups.dp, DIST_DP, sums, 2 * (size_t)nl);
+    dist_allreduce_max(&pm->groups.dp, DIST_DP, maxima, (size_t)nl);
+    double const assignments = (double)n_micro * c->train.micro_batch * c->train.seq_len * k;
+    for (int l = 0; l < nl; l++) {
+        struct layer_stats *ls = &out->layers[l];
+        ls->dropped_frac = sums[2 * l] / assignments;
+        ls->tokens_max = maxima[l];
+        ls->tokens_mean = (assignments - sums[2 * l]) / n_micro / E;
+        ls->dispatch_ms = pm->blocks[l].dispatch_s * 1e3;
+        pm->blocks[l].dispatch_s = 0.0;
+    }
+}
 
 /* One optimizer step: the step's micro-batches (this replica's share), then the update. */
 static double train_step(struct par_model *pm, const launch_tokens *tok,
@@ -96,6 +136,9 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
     int *inputs = (int *)pm->dy_perm; /* (2 mb T) ints: free between micro-batches */
     int *targets = inputs + (size_t)mb * T;
     double sums[6] = {0}; /* lm, aux, z, dropped, tokens_max, tokens_mean */
+    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
+    double *lsums = vd_calloc(2 * (size_t)nl + 1, sizeof *lsums);
+    float *lmax = vd_calloc((size_t)nl + 1, sizeof *lmax);
     const struct dist_group *dp = &pm->groups.dp;
     for (int m = dp->rank; m < n_micro; m += dp->size) {
         for (int j = 0; j < mb; j++) {
@@ -105,6 +148,7 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
         struct par_mb_stats st;
         par_forward(pm, inputs, targets, &st);
         par_backward(pm, 1.0f / (float)n_micro);
+        collect_layers(pm, lsums, lmax);
         sums[0] += st.lm_loss;
         sums[1] += st.aux_loss;
         sums[2] += st.z_loss;
@@ -113,6 +157,9 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
         sums[5] += st.tokens_mean;
     }
     dist_allreduce_sum_f64(dp, DIST_DP, sums, 4);
+    finish_layers(pm, c, lsums, lmax, out);
+    free(lsums);
+    free(lmax);
     struct par_hparams const hp = {.lr = lr, .beta1 = (float)c->train.beta1,
                                    .beta2 = (float)c->train.beta2, .eps = (float)c->train.eps,
                                    .weight_decay = (float)c->train.weight_decay,
@@ -139,6 +186,16 @@ static void write_metrics(FILE *f, int step, const struct step_stats *s, float l
                           "step_ms", ms, "tokens_per_s", tps, "mfu", mfu, "dropped_frac",
                           s->dropped_frac, "tokens_per_expert_max", s->tokens_max,
                           "tokens_per_expert_mean", s->tokens_mean);
+    json_t *layers = json_array();
+    for (int l = 0; l < s->nlayers; l++) {
+        const struct layer_stats *ls = &s->layers[l];
+        json_array_append_new(layers, json_pack("{s:i, s:f, s:f, s:f, s:f}", "layer", l,
+                                                "tokens_per_expert_max", ls->tokens_max,
+                                                "tokens_per_expert_mean", ls->tokens_mean,
+                                                "dropped_frac", ls->dropped_frac,
+                                                "dispatch_ms", ls->dispatch_ms));
+    }
+    json_object_set_new(o, "moe_layers", layers);
     char *line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
     fprintf(f, "%s\n", line);
     fflush(f);
@@ -237,14 +294,10 @@ static int make_layout(const struct launch_config *c, struct dist_grid *grid)
     int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
     FORWARD_IF(dist_grid_init(grid, dist_world_size(), p->tp, p->cp, p->ep, etp, p->pp,
                               p->order));
-    RETURN_IF(p->cp != 1 || p->pp != 1 || p->vpp != 1 || p->ep != 1, VD_EINVAL,
-              "parallel.cp = %d, pp = %d, vpp = %d, ep = %d: this version runs tensor, "
-              "sequence and data parallelism; context, pipeline and expert parallelism "
-              "need sizes of 1", p->cp, p->pp, p->vpp, p->ep);
-    RETURN_IF(etp != p->tp, VD_EINVAL,
-              "parallel.etp = %d with parallel.tp = %d: without expert parallelism the MoE "
-              "layers split each expert over the tensor ranks, so etp must equal tp",
-              etp, p->tp);
+    RETURN_IF(p->cp != 1 || p->pp != 1 || p->vpp != 1, VD_EINVAL,
+              "parallel.cp = %d, pp = %d, vpp = %d: this version runs tensor, sequence, data "
+              "and expert parallelism; context and pipeline parallelism need sizes of 1",
+              p->cp, p->pp, p->vpp);
     int const dp = grid->dims.dp;
     RETURN_IF(c->train.global_batch % (dp * c->train.micro_batch), VD_EINVAL,
               "train.global_batch = %d is not divisible by data-parallel size %d x "
@@ -357,13 +410,15 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     double const flops_per_step = 3.0 * model_flops_per_token(&c->model, c->train.seq_len) *
                                   tokens_per_step;
     double timed_s = 0.0, t_start = MPI_Wtime();
+    struct layer_stats *layer_stats =
+        vd_calloc((size_t)(lay.layer_end - lay.layer_begin) + 1, sizeof *layer_stats);
     for (int s = 0; rc == 0 && s < c->train.steps; s++) {
         if (s == 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
         float const lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE,
                                      (float)c->train.lr, (float)c->train.lr_min,
                                      c->train.warmup, c->train.steps, s);
         double const t0 = MPI_Wtime();
-        struct step_stats st;
+        struct step_stats st = {.nlayers = lay.layer_end - lay.layer_begin, .layers = layer_stats};
         train_step(&pm, tok, c, s, lr, &st);
         double const dt = MPI_Wtime() - t0;
         if (s > 0 || c->train.steps == 1) timed_s += dt;
@@ -392,6 +447,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         res->mfu = flops_per_step * timed_steps / (timed_s * dist_world_size() * peak * 1e9);
     }
     if (metrics) fclose(metrics);
+    free(layer_stats);
     if (rc == 0 && bench && root)
         print_bench(&pm, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
     if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);

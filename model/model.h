@@ -61,6 +61,7 @@ void *vd_calloc(size_t count, size_t size);
 /* ---------------------------------------------------------------- model config */
 
 enum model_drop_policy { MODEL_DROP_POSITION = 0, MODEL_DROP_PROBS = 1 };
+enum model_dispatcher { MODEL_DISPATCH_ALLTOALL = 0, MODEL_DISPATCH_ALLGATHER = 1 };
 
 struct model_config {
     int vocab_size;        /* V */
@@ -77,6 +78,7 @@ struct model_config {
     double router_z_loss_coef;   /* beta */
     double moe_capacity_factor;  /* 0: dropless */
     enum model_drop_policy moe_drop_policy;
+    enum model_dispatcher moe_token_dispatcher_type; /* how tokens reach their experts */
 };
 
 /* Defaults of shared/docs/model.md for the optional keys; sizes left 0. */

@@ -94,7 +94,8 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     size_t const Vl = (size_t)(c->vocab_size / pm->lay.tp);
     size_t const A = par_moe_rows_max(pm);
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-    bool const tp_gather = pm->groups.tp.size > 1, moe_gather = pm->groups.etpep.size > 1;
+    bool const tp_gather = pm->groups.tp.size > 1;
+    size_t const q = (size_t)pm->groups.etpep.size, Ng = Ns * q;
     size_t const f = sizeof(float);
 
     pm->inputs = arena_take(acts, N * sizeof(int));
@@ -113,19 +114,23 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
         ba->probs = arena_take(acts, (size_t)B * Hl * (size_t)T * (size_t)T * f);
         ba->att = arena_take(acts, N * Hl * hd * f);
         ba->m_loc = arena_take(acts, Ns * d * f);
-        ba->m = moe_gather ? arena_take(acts, N * d * f) : ba->m_loc;
         ba->rstd2 = arena_take(acts, Ns * f);
         ba->rprobs = arena_take(acts, Ns * E * f);
         ba->rtopk_w = arena_take(acts, Ns * k * f);
         ba->rlse = arena_take(acts, Ns * f);
         ba->rtopk = arena_take(acts, Ns * k * sizeof(int));
-        ba->g_probs = moe_gather ? arena_take(acts, N * E * f) : ba->rprobs;
-        ba->g_w = moe_gather ? arena_take(acts, N * k * f) : ba->rtopk_w;
-        ba->g_topk = moe_gather ? arena_take(acts, N * k * sizeof(int)) : ba->rtopk;
-        ba->slot_pos = arena_take(acts, N * k * sizeof(int));
-        ba->perm_src = arena_take(acts, A * sizeof(int));
-        ba->expert_off = arena_take(acts, (E_local + 1) * sizeof(size_t));
         ba->counts = arena_take(acts, E * f);
+        ba->kept = arena_take(acts, Ns * k);
+        ba->slot_row = arena_take(acts, Ns * k * sizeof(int));
+        ba->send_tok = arena_take(acts, Ns * k * sizeof(int));
+        ba->y_ret = arena_take(acts, Ns * k * d * f);
+        ba->counts_matrix = arena_take(acts, q * E * sizeof(int));
+        ba->w_g = arena_take(acts, Ng * k * f);
+        ba->topk_g = arena_take(acts, Ng * k * sizeof(int));
+        ba->kept_g = arena_take(acts, Ng * k);
+        ba->sorted_from = arena_take(acts, A * sizeof(int));
+        ba->slot_of = arena_take(acts, A * sizeof(int));
+        ba->expert_off = arena_take(acts, (E_local + 1) * sizeof(size_t));
         ba->x_perm = arena_take(acts, A * d * f);
         ba->h1 = arena_take(acts, A * Fl * f);
         ba->h3 = arena_take(acts, A * Fl * f);
@@ -150,10 +155,21 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     pm->dv = arena_take(scr, N * Gl * hd * f);
     pm->datt = arena_take(scr, N * Hl * hd * f);
     pm->drl = arena_take(scr, Ns * E * f);
-    pm->dtopk_w = arena_take(scr, N * k * f);
+    pm->dtopk_w = arena_take(scr, Ns * k * f);
     pm->dx_perm = arena_take(scr, A * d * f);
     pm->dy_perm = arena_take(scr, A * d * f);
     pm->exp_scratch = arena_take(scr, A * 2 * Fl * f);
+    size_t const gather_floats = A * d > N * (k + E) ? A * d : N * (k + E);
+    pm->xsend = arena_take(scr, Ns * k * (d > q ? d : q) * f);
+    pm->xrecv = arena_take(scr, Ns * k * (size_t)pm->groups.ep.size * d * f);
+    pm->xgather = arena_take(scr, gather_floats * f);
+    pm->full_topk = arena_take(scr, N * k * sizeof(int));
+    pm->full_token = arena_take(scr, N * sizeof(int));
+    pm->full_probs = arena_take(scr, N * E * f);
+    pm->full_kept = arena_take(scr, N * k);
+    size_t const sort_ints = N * k > q * E + E + 1 ? N * k : q * E + E + 1;
+    pm->sort_scratch = arena_take(scr, sort_ints * sizeof(int));
+    pm->xcounts = arena_take(scr, 12 * (q + 1) * sizeof(int));
     pm->att_scratch = arena_take(scr, model_attention_scratch_floats(T) * f);
     pm->rope_cos = arena_take(scr, (size_t)T * hd / 2 * f);
     pm->rope_sin = arena_take(scr, (size_t)T * hd / 2 * f);
@@ -180,6 +196,28 @@ static void plan_ranges(struct par_model *pm)
     pm->dense.state_offset = 0;
     pm->expert.state_offset = pm->dense.shard_len;
     pm->state_len = pm->dense.shard_len + pm->expert.shard_len;
+}
+
+/* Which micro-batch token each local row is (sequence parallelism: a contiguous slice per
+ * tensor rank), and the coordinates of the etp x ep group's ranks. */
+static void locate_rows(struct par_model *pm)
+{
+    size_t const Ns = pm->shape.Ns;
+    pm->row_token = vd_calloc(Ns, sizeof *pm->row_token);
+    for (size_t i = 0; i < Ns; i++) pm->row_token[i] = (int)((size_t)pm->lay.tp_rank * Ns + i);
+    size_t const q = (size_t)pm->groups.etpep.size;
+    pm->etpep_ep = vd_calloc(q, sizeof(int));
+    pm->etpep_etp = vd_calloc(q, sizeof(int));
+    pm->etpep_of = vd_calloc(q, sizeof(int));
+    int const mine[2] = {pm->lay.etp_rank, pm->lay.ep_rank};
+    int *both = vd_calloc(2 * q, sizeof(int));
+    dist_allgather_bytes(&pm->groups.etpep, DIST_ETPEP, both, mine, sizeof mine);
+    for (size_t r = 0; r < q; r++) {
+        pm->etpep_etp[r] = both[2 * r];
+        pm->etpep_ep[r] = both[2 * r + 1];
+        pm->etpep_of[both[2 * r] + pm->groups.etp.size * both[2 * r + 1]] = (int)r;
+    }
+    free(both);
 }
 
 int par_model_init(struct par_model *pm, const struct model_config *cfg,
@@ -232,6 +270,7 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
 
     int const hd = cfg->hidden_size / cfg->num_attention_heads;
     model_rope_table(pm->rope_cos, pm->rope_sin, T, hd, cfg->rope_theta);
+    locate_rows(pm);
     return 0;
 }
 
@@ -248,6 +287,10 @@ void par_model_free(struct par_model *pm)
     free(pm->layers);
     free(pm->blocks);
     free(pm->act_base);
+    free(pm->row_token);
+    free(pm->etpep_ep);
+    free(pm->etpep_etp);
+    free(pm->etpep_of);
     free(pm->scratch_base);
     memset(pm, 0, sizeof *pm);
 }
@@ -356,53 +399,31 @@ static void attention_backward(struct par_model *pm, struct par_block_acts *ba,
 /* ---------------------------------------------------------------- MoE sub-block */
 
 /* h_out (Ns, d) = h_mid + sum over kept (t, e) of w_te expert_e(rmsnorm(h_mid)_t). The
- * router runs on the local rows; the all-gather dispatcher gathers rows and routing over
- * etp x ep, every rank runs its experts' F slice on the tokens routed to them, and a
- * reduce-scatter returns the weighted sums to the rows' owners. */
+ * router runs on the local rows; the dispatcher (parallel/dispatch.c) decides capacity
+ * over the micro-batch and moves the rows to their experts and back. */
 static void moe_forward(struct par_model *pm, struct par_block_acts *ba,
                         const struct model_layer_ptrs *w, float *h_out, struct par_mb_stats *st)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
+    size_t const Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
-    int const Fl = c->intermediate_size / pm->lay.etp;
-    const struct dist_group *g = &pm->groups.etpep;
-    double t0 = omp_get_wtime();
+    double const t0 = omp_get_wtime();
     model_rmsnorm_forward(ba->m_loc, ba->rstd2, ba->h_mid, w->ln2, Ns, d, (float)c->rms_norm_eps);
     float *rlogits = pm->drl; /* router logits live only until the router has run */
     model_matmul_forward(rlogits, ba->m_loc, w->router, Ns, d, (size_t)E, false);
     model_router_forward(ba->rprobs, ba->rtopk, ba->rtopk_w, ba->rlse, rlogits, Ns, E, k);
     par_router_losses(pm, ba, st);
-    double t1 = omp_get_wtime();
-    par_timers[PAR_T_ROUTER] += t1 - t0;
+    par_timers[PAR_T_ROUTER] += omp_get_wtime() - t0;
 
-    dist_allgather(g, DIST_ETPEP, ba->m, ba->m_loc, Ns * d);
-    dist_allgather(g, DIST_ETPEP, ba->g_probs, ba->rprobs, Ns * (size_t)E);
-    dist_allgather(g, DIST_ETPEP, ba->g_w, ba->rtopk_w, Ns * (size_t)k);
-    dist_allgather_bytes(g, DIST_ETPEP, ba->g_topk, ba->rtopk, Ns * (size_t)k * sizeof(int));
-    size_t const rows = par_dispatch_plan(pm, ba, st);
-    par_dispatch_gather(pm, ba, rows);
-    double t2 = omp_get_wtime();
-    par_timers[PAR_T_DISPATCH] += t2 - t1;
-
-    int const E_local = E / pm->lay.ep;
-    for (int el = 0; el < E_local; el++) {
-        size_t const r0 = ba->expert_off[el], n = ba->expert_off[el + 1] - r0;
-        model_expert_forward(ba->y_perm + r0 * d, ba->h1 + r0 * Fl, ba->h3 + r0 * Fl,
-                             ba->act + r0 * Fl, ba->x_perm + r0 * d, w->w1[el], w->w3[el],
-                             w->w2[el], n, (int)d, Fl);
-    }
-    double t3 = omp_get_wtime();
-    par_timers[PAR_T_EXPERTS] += t3 - t2;
-
-    float *full = g->size > 1 ? pm->dtmp : h_out;
-    memset(full, 0, N * d * sizeof(float));
-    par_dispatch_combine(pm, ba, full);
-    dist_reduce_scatter(g, DIST_ETPEP, h_out, full, Ns * d);
+    double const t1 = omp_get_wtime();
+    par_moe_decide(pm, ba, st);
+    par_timers[PAR_T_DISPATCH] += omp_get_wtime() - t1;
+    ba->dispatch_s += omp_get_wtime() - t1;
+    float *moe = pm->dsmall; /* backward scratch, free during the forward */
+    par_moe_dispatch_forward(pm, ba, w, moe);
     size_t const n = Ns * d;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) h_out[i] += ba->h_mid[i];
-    par_timers[PAR_T_DISPATCH] += omp_get_wtime() - t3;
+    for (size_t i = 0; i < n; i++) h_out[i] = ba->h_mid[i] + moe[i];
 }
 
 /* dh (Ns, d): on entry d loss / d h_out, on return d loss / d h_mid. */
@@ -411,50 +432,25 @@ static void moe_backward(struct par_model *pm, struct par_block_acts *ba,
                          float *dh, float loss_scale)
 {
     const struct model_config *c = &pm->cfg;
-    size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
+    size_t const Ns = pm->shape.Ns, d = (size_t)c->hidden_size;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
-    int const Fl = c->intermediate_size / pm->lay.etp;
-    const struct dist_group *g = &pm->groups.etpep;
-    double t0 = omp_get_wtime();
-    float *dfull = pm->dfull;
-    dist_allgather(g, DIST_ETPEP, dfull, dh, Ns * d);
-    par_dispatch_combine_backward(pm, ba, dfull, pm->dy_perm, pm->dtopk_w);
-    /* each rank's y is a partial sum over its F slice: so are the weight gradients */
-    dist_allreduce_sum(&pm->groups.etp, DIST_ETP, pm->dtopk_w, N * (size_t)k);
-    double t1 = omp_get_wtime();
-    par_timers[PAR_T_DISPATCH] += t1 - t0;
-
-    int const E_local = E / pm->lay.ep;
-    for (int el = 0; el < E_local; el++) {
-        size_t const r0 = ba->expert_off[el], n = ba->expert_off[el + 1] - r0;
-        model_expert_backward(pm->dx_perm + r0 * d, gw->w1[el], gw->w3[el], gw->w2[el],
-                              pm->dy_perm + r0 * d, ba->h1 + r0 * Fl, ba->h3 + r0 * Fl,
-                              ba->act + r0 * Fl, ba->x_perm + r0 * d, w->w1[el], w->w3[el],
-                              w->w2[el], n, (int)d, Fl, pm->exp_scratch);
-    }
-    double t2 = omp_get_wtime();
-    par_timers[PAR_T_EXPERTS] += t2 - t1;
-
-    float *dm_full = g->size > 1 ? pm->dtmp : pm->dsmall, *dm = pm->dsmall;
-    par_dispatch_gather_backward(pm, ba, dm_full);
-    dist_reduce_scatter(g, DIST_ETPEP, dm, dm_full, Ns * d);
-    double t3 = omp_get_wtime();
-    par_timers[PAR_T_DISPATCH] += t3 - t2;
+    float *dm = pm->dsmall;
+    par_moe_dispatch_backward(pm, ba, w, gw, dh, dm, pm->dtopk_w);
 
     /* Router: aux = alpha (E/k) sum_e (c_e/N) P_e with P_e = mean_t p_te, so
      * d aux / d p_te = alpha (E/k) c_e / N^2; z = beta mean_t lse_t^2 gives 2 beta lse_t / N. */
-    double const Ng = (double)N;
+    double const t0 = omp_get_wtime();
+    double const Ng = (double)pm->shape.N;
     float *aux_coef = pm->aux_coef;
     for (int e = 0; e < E; e++)
         aux_coef[e] = (float)(c->router_aux_loss_coef * E / k * ba->counts[e] / (Ng * Ng) *
                               loss_scale);
     float const zcoef = (float)(2.0 * c->router_z_loss_coef / Ng * loss_scale);
-    const float *dw_local = pm->dtopk_w + (size_t)g->rank * Ns * (size_t)k;
-    model_router_backward(pm->drl, dw_local, ba->rprobs, ba->rtopk, ba->rtopk_w, ba->rlse,
+    model_router_backward(pm->drl, pm->dtopk_w, ba->rprobs, ba->rtopk, ba->rtopk_w, ba->rlse,
                           aux_coef, zcoef, Ns, E, k);
     model_matmul_backward(dm, gw->router, pm->drl, ba->m_loc, w->router, Ns, d, (size_t)E, true);
     model_rmsnorm_backward(dh, gw->ln2, dm, ba->h_mid, w->ln2, ba->rstd2, Ns, d);
-    par_timers[PAR_T_ROUTER] += omp_get_wtime() - t3;
+    par_timers[PAR_T_ROUTER] += omp_get_wtime() - t0;
 }
 
 /* ---------------------------------------------------------------- head */

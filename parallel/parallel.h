@@ -52,17 +52,26 @@ struct par_block_acts {
     float *probs;                  /* (B, Hl, T, T) */
     float *att;                    /* (N, Hl hd) */
     float *m_loc, *rstd2;          /* post_attention_layernorm out (Ns, d), (Ns) */
-    float *m;                      /* (N, d) m_loc gathered over etp x ep */
     float *rprobs, *rtopk_w, *rlse;/* router on local rows (Ns, E), (Ns, k), (Ns) */
     int *rtopk;                    /* (Ns, k) */
-    float *g_probs, *g_w;          /* gathered router output (N, E), (N, k) */
-    int *g_topk;                   /* (N, k) */
-    int *slot_pos;                 /* (N, k): row in the permuted block, -1 if dropped */
-    int *perm_src;                 /* (A_max): token of each permuted row */
-    size_t *expert_off;            /* (E_local + 1): rows of each local expert */
-    float *x_perm, *h1, *h3, *act, *y_perm; /* (A, d), (A, F_l) x3, (A, d) */
     float *counts;                 /* (E): c_e over the micro-batch, for the aux gradient */
-    long dropped;                  /* assignments dropped in the last forward */
+    /* dispatcher state (parallel/dispatch.c) */
+    unsigned char *kept;           /* (Ns, k): kept after the capacity decision */
+    int *slot_row;                 /* (Ns, k): all-to-all send row of each kept slot, or -1 */
+    int *send_tok;                 /* (Ns k): local row of each send row */
+    float *y_ret;                  /* (Ns k, d): expert outputs returned per send row */
+    int *counts_matrix;            /* (etp ep, E): kept rows each rank sends to each expert */
+    float *w_g;                    /* (Ng, k): gathered weights (all-gather dispatcher) */
+    int *topk_g;                   /* (Ng, k) */
+    unsigned char *kept_g;         /* (Ng, k) */
+    int *sorted_from;              /* (R): source of each expert row (gathered row or token) */
+    int *slot_of;                  /* (R): gathered slot of each expert row (all-gather) */
+    size_t *expert_off;            /* (E_local + 1): rows of each local expert */
+    size_t rows, send_rows, recv_rows; /* expert rows; all-to-all send and receive rows */
+    float *x_perm, *h1, *h3, *act, *y_perm; /* (R, d), (R, F_l) x3, (R, d) */
+    long dropped;                  /* assignments of the micro-batch dropped (last forward) */
+    long tokens_max;               /* most assignments kept by one expert (last forward) */
+    double dispatch_s;             /* dispatch time, forward and backward (caller resets) */
 };
 
 /* Statistics of one micro-batch's forward. */
@@ -105,6 +114,10 @@ struct par_model {
     struct model_ptrs p, g;
     long adam_step;
 
+    int *row_token;           /* (Ns): index in the micro-batch (b T + position) of each row */
+    int *etpep_ep, *etpep_etp;/* (etp ep): coordinates of each rank of the etp x ep group */
+    int *etpep_of;            /* (etp ep): group rank at (etp coordinate a, ep b), a + etp b */
+    bool identity_experts;    /* tests only: experts return their input (exact round trips) */
     struct par_layer *layers; /* the ordered list of this stage's layers */
     int nlayers;
 
@@ -116,6 +129,12 @@ struct par_model {
     /* scratch */
     float *dh, *dsmall, *dfull, *dtmp, *dq, *dk, *dv, *datt, *drl, *dtopk_w, *dx_perm,
         *dy_perm, *exp_scratch, *att_scratch;
+    float *xsend, *xrecv, *xgather;     /* dispatcher exchange buffers */
+    int *full_topk, *full_token;        /* (N k), (N): the micro-batch's routing, gathered */
+    float *full_probs;                  /* (N, E) */
+    unsigned char *full_kept;           /* (N k) */
+    int *sort_scratch;                  /* (N k) */
+    int *xcounts;                       /* (6 (etp ep + 1)) exchange counts and offsets */
     float *rope_cos, *rope_sin;
     double *router_sums;      /* (2 E + 1) */
     size_t *expert_counts;    /* (3 (E + 1)) */

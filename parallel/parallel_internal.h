@@ -11,19 +11,18 @@ size_t par_moe_rows_max(const struct par_model *pm);
  * Statistics are summed over the ranks that hold the micro-batch's tokens. */
 void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
                        struct par_mb_stats *st);
-/* Decides which assignments are kept (capacity over the whole micro-batch), lays out the
- * expert-major permutation (ba->slot_pos, perm_src, expert_off) and returns its rows. */
-size_t par_dispatch_plan(struct par_model *pm, struct par_block_acts *ba,
-                         struct par_mb_stats *st);
-/* x_perm (rows, d) = the normalised token rows in expert-major order. */
-void par_dispatch_gather(struct par_model *pm, struct par_block_acts *ba, size_t rows);
-/* h_out (N, d) += sum over kept slots of w * y_perm. */
-void par_dispatch_combine(struct par_model *pm, struct par_block_acts *ba, float *h_out);
-/* dy_perm = w * dh_out of each kept slot; dtopk_w = <dh_out, y> (0 for dropped slots). */
-void par_dispatch_combine_backward(struct par_model *pm, struct par_block_acts *ba,
-                                   const float *dh_out, float *dy_perm, float *dtopk_w);
-/* dm (N, d) = sum over kept slots of dx_perm rows (overwritten). */
-void par_dispatch_gather_backward(struct par_model *pm, struct par_block_acts *ba, float *dm);
+/* The capacity decision over the whole micro-batch (gathered over tp x cp): ba->kept for
+ * the local slots, the layer's dropped and per-expert statistics. */
+void par_moe_decide(struct par_model *pm, struct par_block_acts *ba, struct par_mb_stats *st);
+/* out (Ns, d) = sum over the local rows' kept slots of w * expert(m), through the
+ * configured dispatcher. */
+void par_moe_dispatch_forward(struct par_model *pm, struct par_block_acts *ba,
+                              const struct model_layer_ptrs *w, float *out);
+/* From dout (Ns, d): dm (Ns, d, overwritten), dtopk_w (Ns, k; 0 for dropped slots) and the
+ * local experts' weight gradients (accumulated). */
+void par_moe_dispatch_backward(struct par_model *pm, struct par_block_acts *ba,
+                               const struct model_layer_ptrs *w, struct model_layer_ptrs *gw,
+                               const float *dout, float *dm, float *dtopk_w);
 
 /* Mean cross-entropy of pm->logits (N, V_l, this rank's vocabulary slice) against
  * pm->targets, with the softmax statistics combined over the tensor group; leaves the

@@ -20,6 +20,7 @@ static const char *const all_keys[] = {
     "model.num_local_experts", "model.num_experts_per_tok", "model.rope_theta",
     "model.rms_norm_eps", "model.tie_word_embeddings", "model.router_aux_loss_coef",
     "model.router_z_loss_coef", "model.moe_capacity_factor", "model.moe_drop_policy",
+    "model.moe_token_dispatcher_type",
     "model.config", "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len",
     "train.lr", "train.lr_min", "train.lr_schedule", "train.warmup", "train.weight_decay",
     "train.beta1", "train.beta2", "train.eps", "train.clip", "train.seed", "train.init_from",
@@ -150,7 +151,7 @@ static void test_shipped_configs(void)
     CU_ASSERT_EQUAL(c.model.num_hidden_layers, 2);
     CU_ASSERT_EQUAL(c.model.num_attention_heads, 8);
     CU_ASSERT_EQUAL(c.model.num_key_value_heads, 4);
-    CU_ASSERT_EQUAL(c.model.num_local_experts, 4);
+    CU_ASSERT_EQUAL(c.model.num_local_experts, 8);
     CU_ASSERT_EQUAL(c.model.num_experts_per_tok, 2);
     CU_ASSERT_EQUAL(c.train.seq_len, 16);
     CU_ASSERT_EQUAL(c.train.micro_batch, 2);
@@ -333,8 +334,8 @@ static void test_cross_checks(void)
         {{{"model.num_key_value_heads", "3"}},
          "model.num_attention_heads = 8 is not divisible by model.num_key_value_heads = 3",
          "multiple of num_key_value_heads"},
-        {{{"model.num_experts_per_tok", "5"}},
-         "model.num_experts_per_tok = 5 is larger than model.num_local_experts = 4",
+        {{{"model.num_experts_per_tok", "9"}},
+         "model.num_experts_per_tok = 9 is larger than model.num_local_experts = 8",
          "1 <= num_experts_per_tok <= num_local_experts"},
         {{{"train.global_batch", "6"}, {"train.micro_batch", "4"}},
          "train.global_batch = 6 is not divisible by train.micro_batch = 4",
@@ -343,7 +344,7 @@ static void test_cross_checks(void)
          "train.warmup = 10 is not smaller than train.steps = 10", "warmup must be < steps"},
         {{{"train.lr_min", "0.1"}}, "train.lr_min = 0.1 is larger than train.lr = 0.01",
          "lr_min must be <= lr"},
-        {{{"parallel.ep", "3"}}, "model.num_local_experts = 4 is not divisible by parallel.ep = 3",
+        {{{"parallel.ep", "3"}}, "model.num_local_experts = 8 is not divisible by parallel.ep = 3",
          "same number of experts"},
         {{{"parallel.tp", "8"}, {"model.vocab_size", "64"}}, "divisible by parallel.tp = 8",
          "heads evenly"},
@@ -421,9 +422,9 @@ static void test_hf_roundtrip(void)
     char path[512];
     tmp_path(path, sizeof path, "config.json");
     const struct model_config cases[] = {
-        {1000, 96, 200, 3, 6, 2, 16, 4, 1e6, 1e-6, 0.02, 0.002, 1.25, MODEL_DROP_PROBS},
+        {1000, 96, 200, 3, 6, 2, 16, 4, 1e6, 1e-6, 0.02, 0.002, 1.25, MODEL_DROP_PROBS, MODEL_DISPATCH_ALLTOALL},
         {32000, 4096, 14336, 32, 32, 8, 8, 2, 1000000.0, 1e-5, 0.1 + 0.2, 1.0 / 3, 0.0,
-         MODEL_DROP_POSITION},
+         MODEL_DROP_POSITION, MODEL_DISPATCH_ALLTOALL},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         int rc = launch_config_write_hf(&cases[i], path);
@@ -509,7 +510,7 @@ static void test_hf_precedence(void)
     tmp_path(hf, sizeof hf, "hf_config.json");
     struct model_config m;
     model_config_defaults(&m);
-    m = (struct model_config){512, 64, 96, 4, 4, 4, 8, 2, 5e5, 1e-6, 0.02, 0.001, 0, 0};
+    m = (struct model_config){512, 64, 96, 4, 4, 4, 8, 2, 5e5, 1e-6, 0.02, 0.001, 0, 0, 0};
     CU_ASSERT_EQUAL_FATAL(launch_config_write_hf(&m, hf), 0);
 
     tmp_path(ini, sizeof ini, "prec.ini");

@@ -125,9 +125,8 @@ static double forward_loss(struct par_model *pm, enum loss_part part)
     }
 }
 
-/* Routing of the last forward: per layer, each (token, slot)'s expert, and kept flags
- * (g_topk: the whole micro-batch's top-k that slot_pos goes with; in the serial layout it
- * is rtopk itself). */
+/* Routing of the last forward: per layer, each (token, slot)'s expert and kept flag (on
+ * one rank the local rows are the whole micro-batch). */
 struct routing {
     int topk[NL][N * TOPK];
     unsigned char kept[NL][N * TOPK];
@@ -138,8 +137,8 @@ static void routing_get(const struct par_model *pm, struct routing *r)
     memset(r, 0, sizeof *r);
     for (int l = 0; l < NL; l++)
         for (int s = 0; s < N * TOPK; s++) {
-            r->topk[l][s] = pm->blocks[l].g_topk[s];
-            r->kept[l][s] = pm->blocks[l].slot_pos[s] >= 0;
+            r->topk[l][s] = pm->blocks[l].rtopk[s];
+            r->kept[l][s] = pm->blocks[l].kept[s];
         }
 }
 
@@ -284,7 +283,7 @@ static void check_routing_coverage(const struct par_model *pm, bool expect_drops
     for (int l = 0; l < NL; l++) {
         int cnt[NE] = {0};
         for (int s = 0; s < N * TOPK; s++)
-            if (pm->blocks[l].slot_pos[s] >= 0) cnt[pm->blocks[l].g_topk[s]]++;
+            if (pm->blocks[l].kept[s]) cnt[pm->blocks[l].rtopk[s]]++;
         for (int e = 0; e < NE; e++) CU_ASSERT(cnt[e] > 0);
         if (expect_drops) {
             CU_ASSERT(pm->blocks[l].dropped > 0);
@@ -302,8 +301,8 @@ static bool probs_differs_from_position(const struct par_model *pm)
     for (int l = 0; l < NL; l++) {
         int fill[NE] = {0};
         for (int s = 0; s < N * TOPK; s++) {
-            bool const pos_kept = fill[pm->blocks[l].g_topk[s]]++ < C;
-            differs |= pos_kept != (pm->blocks[l].slot_pos[s] >= 0);
+            bool const pos_kept = fill[pm->blocks[l].rtopk[s]]++ < C;
+            differs |= pos_kept != (pm->blocks[l].kept[s]);
         }
     }
     return differs;
