@@ -483,7 +483,7 @@ static void test_config_errors(void)
     EXPECT_REFUSED("train.global_batch", "5", "train.micro_batch");
 
     run_vdist("%s --model.num_experts_per_tok=9", base);
-    EXPECT_REFUSED("num_experts_per_tok", "5", "num_local_experts", "4");
+    EXPECT_REFUSED("num_experts_per_tok", "9", "num_local_experts", "8");
 
     run_vdist("train --config %s --data.path=%s", tp("no_such.ini"), data);
     EXPECT_REFUSED("<TMP>/no_such.ini");
