@@ -7,6 +7,8 @@
 #ifndef VDIST_CKPT_H
 #define VDIST_CKPT_H
 
+#include <stdio.h>
+
 #include "model/model.h"
 #include "parallel/parallel.h"
 
@@ -63,5 +65,41 @@ int ckpt_load_hf(struct par_model *pm, const char *path);
  * world; every block's owner sends it to rank 0, which writes the file. The error (rank 0's
  * file error) is returned on rank 0 only: agree on it with dist_agree. */
 int ckpt_export_hf(const struct par_model *pm, const char *path);
+
+/* ---------------------------------------------------------------- sharded checkpoints */
+
+/* A checkpoint is a directory ROOT/step_NNNNNNNN holding one zstd-compressed shard file per
+ * writing rank and a manifest.json written last; a directory without a valid manifest is
+ * not a checkpoint (it was cut short) and is never loaded. Every model element of the
+ * parameters and both AdamW moments is written exactly once, whatever the layout: the
+ * writing of replicated blocks is spread over the replicas, and under the distributed
+ * optimizer each rank writes its own moment shards. Pieces are recorded by tensor name
+ * and global coordinates, so a checkpoint loads into any valid layout. */
+
+struct ckpt_meta {
+    long step;            /* optimizer steps done: the next step to run */
+    long adam_step;       /* AdamW's t */
+    uint64_t seed;        /* train.seed of the run (initialisation) */
+    const char *config;   /* the run's configuration, JSON text (stored verbatim) */
+    const char *layout;   /* the layout that wrote it, JSON text (for the record) */
+};
+
+/* Collective over the world: writes ROOT/step_NNNNNNNN (via a temporary directory renamed
+ * once complete). level: zstd level (1..19). Returns 0, or an error agreed by all ranks;
+ * on error nothing is left under the final name. */
+int ckpt_save(const struct par_model *pm, const char *root, const struct ckpt_meta *meta,
+              int level);
+/* Collective: loads parameters, moments and AdamW's step from a checkpoint directory into
+ * pm (any layout, the model's shapes must match). *step, and the stored config (malloc'd
+ * JSON text, caller frees; may be NULL) are returned. */
+int ckpt_load(struct par_model *pm, const char *dir, long *step, char **config_json);
+/* The newest complete checkpoint under root into out (empty when there is none). */
+int ckpt_latest(const char *root, char *out, size_t cap);
+/* Deletes complete checkpoints under root beyond the newest `keep` (0: keep all), and
+ * incomplete ones older than the newest complete one. */
+int ckpt_prune(const char *root, int keep);
+/* Reads every shard, checks sizes, checksums and that the pieces cover every element of
+ * every tensor exactly once; prints a summary to out. */
+int ckpt_verify(const char *dir, FILE *out);
 
 #endif

@@ -2,6 +2,7 @@
 #ifndef VDIST_LAUNCH_INTERNAL_H
 #define VDIST_LAUNCH_INTERNAL_H
 
+#include "dist/dist.h"
 #include "launch/launch.h"
 
 /* Cores this rank may use (hwloc): those of its binding, or, when it is bound to the whole
@@ -9,5 +10,11 @@
 int launch_topo_bound_cores(int node_ranks);
 /* Sets the OpenMP (and so OpenBLAS) thread count to OMP_NUM_THREADS or the cores above. */
 int launch_topo_set_threads(int node_ranks);
+
+/* The grid of c's parallel sizes over the world, checked against what this version runs
+ * and against the batch and sequence sizes; 0 or VD_EINVAL naming the sizes. */
+int launch_layout_make(const struct launch_config *c, struct dist_grid *grid);
+/* `vdist bench dispatch`: the MoE dispatcher's exchange against MPI_Alltoall. */
+int launch_bench_dispatch(const struct launch_config *c);
 
 #endif

@@ -15,6 +15,7 @@ static void usage(FILE *out)
             "  [mpirun -np N] vdist train --config FILE [--section.key=value ...]\n"
             "  [mpirun -np N] vdist bench --config FILE [--section.key=value ...]\n"
             "  mpirun -np N vdist bench comm [--config FILE] [--parallel.tp=N ...] [options]\n"
+            "  mpirun -np N vdist bench dispatch --config FILE [--parallel.ep=N ...]\n"
             "  vdist data text IN OUT | synth OUT [options] | info FILE\n"
             "  vdist train --help          every configuration key, its default and meaning\n"
             "  vdist data --help\n\n"
@@ -35,12 +36,13 @@ static bool is_config_key(const char *arg)
 static int run_train(int argc, char **argv, bool bench)
 {
     bool const comm = bench && argc > 1 && strcmp(argv[1], "comm") == 0;
+    bool const dispatch = bench && argc > 1 && strcmp(argv[1], "dispatch") == 0;
     const char *config_path = NULL;
     char **keys = vd_calloc((size_t)argc + 1, sizeof *keys);
     char **opts = vd_calloc((size_t)argc + 1, sizeof *opts);
     int nkeys = 0, nopts = 0;
     bool help = false;
-    for (int i = comm ? 2 : 1; i < argc; i++) {
+    for (int i = comm || dispatch ? 2 : 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) help = true;
         else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config_path = argv[++i];
         else if (strncmp(argv[i], "--config=", 9) == 0) config_path = argv[i] + 9;
@@ -66,6 +68,7 @@ static int run_train(int argc, char **argv, bool bench)
     rc = dist_agree(dist_world(), rc);
     struct launch_train_result res;
     if (rc == 0 && comm) rc = launch_bench_comm(&cfg, nopts, opts);
+    else if (rc == 0 && dispatch) rc = launch_bench_dispatch(&cfg);
     else if (rc == 0) rc = launch_train_run(&cfg, bench, &res);
     free(keys);
     free(opts);

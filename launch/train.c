@@ -288,7 +288,7 @@ static int export_model(const struct launch_config *c, const struct par_model *p
 }
 
 /* The layout of the grid, checked against what this version runs, before any work. */
-static int make_layout(const struct launch_config *c, struct dist_grid *grid)
+int launch_layout_make(const struct launch_config *c, struct dist_grid *grid)
 {
     const struct launch_parallel *p = &c->parallel;
     int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
@@ -365,7 +365,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     dist_node_ranks(&node_ranks, &node_index);
     int const threads = launch_topo_set_threads(node_ranks);
     struct dist_grid grid;
-    FORWARD_IF(make_layout(c, &grid));
+    FORWARD_IF(launch_layout_make(c, &grid));
     RETURN_IF(c->ckpt.dir[0], VD_EINVAL,
               "ckpt.dir = %s: this version does not write checkpoints yet; leave ckpt.dir "
               "empty and use train.export_to for the final weights", c->ckpt.dir);

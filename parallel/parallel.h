@@ -166,6 +166,21 @@ void par_zero_grads(struct par_model *pm);
  * checkpoints): replicas beyond rank 0 and tensor ranks of replicated tensors do not. */
 bool par_owns_block(const struct par_model *pm, const struct model_tensor *t);
 
+/* The token dispatcher of one MoE layer (ba: that layer's activations, whose router
+ * outputs rtopk, rtopk_w, rprobs and rows m_loc are set). */
+/* The capacity decision over the whole micro-batch (gathered over tp x cp): ba->kept for
+ * the local slots, the layer's dropped and per-expert statistics. */
+void par_moe_decide(struct par_model *pm, struct par_block_acts *ba, struct par_mb_stats *st);
+/* out (Ns, d) = sum over the local rows' kept slots of w * expert(m), through the
+ * configured dispatcher. */
+void par_moe_dispatch_forward(struct par_model *pm, struct par_block_acts *ba,
+                              const struct model_layer_ptrs *w, float *out);
+/* From dout (Ns, d): dm (Ns, d, overwritten), dtopk_w (Ns, k; 0 for dropped slots) and the
+ * local experts' weight gradients (accumulated). */
+void par_moe_dispatch_backward(struct par_model *pm, struct par_block_acts *ba,
+                               const struct model_layer_ptrs *w, struct model_layer_ptrs *gw,
+                               const float *dout, float *dm, float *dtopk_w);
+
 /* Per-kind wall time of the last forward and backward, for the benchmark's split. */
 enum par_timer { PAR_T_ATTN, PAR_T_ROUTER, PAR_T_EXPERTS, PAR_T_DISPATCH, PAR_T_OTHER,
                  PAR_T_COUNT };

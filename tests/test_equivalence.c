@@ -217,14 +217,56 @@ enum { F_LOSS, F_LM, F_AUX, F_Z, F_LOSS_FIELDS, F_DROPPED = F_LOSS_FIELDS, F_GNO
 static const char *const field_names[F_COUNT] = {"loss",   "lm_loss",      "aux_loss",
                                                  "z_loss", "dropped_frac", "grad_norm"};
 
+/* tiny.ini has 2 layers; the metrics' "moe_layers" array may hold up to this many. */
+#define MAX_MOE_LAYERS 8
+
 /* What a run left behind: its metrics per step and where its export lies. */
 struct run {
     bool ok;                /* exit 0, layout as asked, STEPS complete metrics lines, export */
     char dir[64];           /* under g_tmp: metrics.jsonl, model.safetensors */
+    char label[160];        /* the layout in words (failure messages) */
     char cmd[16384];        /* the command line that made it */
     double m[STEPS][F_COUNT];
+    int nlayers;            /* entries of "moe_layers" (the same at every step) */
+    double layer_dropped[STEPS][MAX_MOE_LAYERS]; /* moe_layers[l].dropped_frac */
     double seconds;
 };
+
+/* Reads the "moe_layers" array of metrics line `step` (1-based) into r: one object per
+ * layer, "layer" 0, 1, ... in order, each with a finite "dropped_frac" in [0, 1], as many
+ * at every step; their mean must be the top-level dropped_frac (every layer sees the same
+ * number of assignments). */
+static bool read_moe_layers(struct run *r, const json_t *o, int step, const char *line)
+{
+    const json_t *arr = json_object_get(o, "moe_layers");
+    size_t const n = json_is_array(arr) ? json_array_size(arr) : 0;
+    if (!EXPECT(n >= 1 && n <= MAX_MOE_LAYERS && (step == 1 || (int)n == r->nlayers),
+                "%s `%s`: metrics line %d must hold a \"moe_layers\" array of 1..%d entries, "
+                "as many as the previous lines (%d): %s", r->label, r->cmd, step,
+                MAX_MOE_LAYERS, r->nlayers, line))
+        return false;
+    r->nlayers = (int)n;
+    double mean = 0.0;
+    for (size_t l = 0; l < n; l++) {
+        const json_t *e = json_array_get(arr, l);
+        const json_t *li = json_object_get(e, "layer"), *d = json_object_get(e, "dropped_frac");
+        if (!EXPECT(json_is_integer(li) && json_integer_value(li) == (json_int_t)l &&
+                        json_is_number(d) && isfinite(json_number_value(d)) &&
+                        json_number_value(d) >= 0.0 && json_number_value(d) <= 1.0,
+                    "%s `%s`: metrics line %d, moe_layers[%zu] must be {\"layer\": %zu, ..., "
+                    "\"dropped_frac\": a number in [0, 1]}: %s", r->label, r->cmd, step, l,
+                    l, line))
+            return false;
+        r->layer_dropped[step - 1][l] = json_number_value(d);
+        mean += json_number_value(d) / (double)n;
+    }
+    /* The metrics print 10 significant digits. */
+    double const top = r->m[step - 1][F_DROPPED];
+    return EXPECT(fabs(mean - top) <= 1e-9,
+                  "%s `%s`: metrics line %d, the mean of moe_layers[].dropped_frac (%.10g) must "
+                  "be the top-level dropped_frac (%.10g): %s", r->label, r->cmd, step, mean,
+                  top, line);
+}
 
 /* Reads dir/metrics.jsonl into r->m; every line must hold every field, steps 1..STEPS. */
 static bool read_metrics(struct run *r)
@@ -232,7 +274,7 @@ static bool read_metrics(struct run *r)
     char name[128];
     snprintf(name, sizeof name, "%s/metrics.jsonl", r->dir);
     char *text = read_file(tp(name));
-    if (!EXPECT(text != NULL, "`%s` must write its metrics file %s", r->cmd, tp(name)))
+    if (!EXPECT(text != NULL, "%s: `%s` must write its metrics file %s", r->label, r->cmd, tp(name)))
         return false;
     int lines = 0;
     bool ok = true;
@@ -244,63 +286,101 @@ static bool read_metrics(struct run *r)
         const json_t *st = o ? json_object_get(o, "step") : NULL;
         ok = EXPECT(o && json_is_object(o) && json_is_integer(st) &&
                         json_integer_value(st) == lines + 1 && lines < STEPS,
-                    "`%s`: metrics line %d must be a JSON object with \"step\": %d (at most "
-                    "%d lines): %s", r->cmd, lines + 1, lines + 1, STEPS, line);
+                    "%s `%s`: metrics line %d must be a JSON object with \"step\": %d (at "
+                    "most %d lines): %s", r->label, r->cmd, lines + 1, lines + 1, STEPS, line);
         for (int f = 0; ok && f < F_COUNT; f++) {
             const json_t *v = json_object_get(o, field_names[f]);
             ok = EXPECT(v && json_is_number(v) && isfinite(json_number_value(v)),
-                        "`%s`: metrics line %d must hold a finite \"%s\": %s", r->cmd,
+                        "%s `%s`: metrics line %d must hold a finite \"%s\": %s", r->label, r->cmd,
                         lines + 1, field_names[f], line);
             if (ok) r->m[lines][f] = json_number_value(v);
         }
+        if (ok) ok = read_moe_layers(r, o, lines + 1, line);
         json_decref(o);
         lines++;
     }
     free(text);
-    return ok && EXPECT(lines == STEPS, "`%s` must write %d metrics lines, got %d", r->cmd,
+    return ok && EXPECT(lines == STEPS, "%s `%s` must write %d metrics lines, got %d", r->label, r->cmd,
                         STEPS, lines);
 }
 
-/* Trains tiny.ini for STEPS steps in the given layout, exporting to g_tmp/dir. `extra`:
- * further options (may be ""). Checks the program ran the layout it was asked for (its
- * "layout:" line), on the embedded synthetic data, to the end. */
-static void train(struct run *r, const char *dir, int tp_size, int dp, const char *order,
-                  bool dopt, int mb, int gb, const char *extra)
+/* A layout: the attention grid tp x dp (cp = pp = 1) and the MoE grid etp x ep x edp over
+ * the same tp * dp ranks (edp = tp * dp / (etp * ep)). etp 0 and ep 0 pass no option (the
+ * program's defaults: etp = tp, ep = 1), as the layouts without expert parallelism do. */
+struct layout {
+    const char *name;
+    int tp, dp;
+    int etp, ep;       /* 0: not passed */
+    const char *order; /* NULL: the default tp-cp-ep-dp-pp */
+    bool accum;        /* expert-parallel layouts: with gradient accumulation or not */
+};
+static int lay_ranks(const struct layout *l) { return l->tp * l->dp; }
+static int lay_etp(const struct layout *l) { return l->etp ? l->etp : l->tp; }
+static int lay_ep(const struct layout *l) { return l->ep ? l->ep : 1; }
+static int lay_edp(const struct layout *l) { return lay_ranks(l) / (lay_etp(l) * lay_ep(l)); }
+
+static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false};
+
+/* Trains tiny.ini for STEPS steps in the given layout, exporting to g_tmp/dir.
+ * `dispatcher`: model.moe_token_dispatcher_type, or NULL for the default (not passed).
+ * `extra`: further options (may be ""). Checks the program ran the layout it was asked for
+ * (both grids of its "layout:" line), on the embedded synthetic data, to the end. */
+static void train(struct run *r, const char *dir, const struct layout *lay,
+                  const char *dispatcher, bool dopt, int mb, int gb, const char *extra)
 {
     memset(r, 0, sizeof *r);
     snprintf(r->dir, sizeof r->dir, "%s", dir);
-    char args[4096], order_opt[96] = "";
-    if (order) snprintf(order_opt, sizeof order_opt, " --parallel.order=%s", order);
+    snprintf(r->label, sizeof r->label, "layout %s%s%s (attention tp %d x dp %d, MoE etp %d x "
+             "ep %d x edp %d)", lay->name, dispatcher ? ", dispatcher " : "",
+             dispatcher ? dispatcher : "", lay->tp, lay->dp, lay_etp(lay), lay_ep(lay),
+             lay_edp(lay));
+    char args[4096], par[256] = "";
+    size_t n = 0;
+    if (lay->etp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.etp=%d", lay->etp);
+    if (lay->ep) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.ep=%d", lay->ep);
+    if (lay->order) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.order=%s", lay->order);
+    if (dispatcher)
+        snprintf(par + n, sizeof par - n, " --model.moe_token_dispatcher_type=%s", dispatcher);
     snprintf(args, sizeof args,
              "train --config %s/configs/tiny.ini --train.steps=%d --train.global_batch=%d "
-             "--train.micro_batch=%d --parallel.tp=%d --parallel.distributed_optimizer=%s%s "
+             "--train.micro_batch=%d --parallel.tp=%d%s --parallel.distributed_optimizer=%s "
              "--train.peak_gflops=1 --log.interval=%d%s%s --log.metrics=%s/metrics.jsonl "
              "--train.export_to=%s",
-             g_root, STEPS, gb, mb, tp_size, dopt ? "true" : "false", order_opt, STEPS,
+             g_root, STEPS, gb, mb, lay->tp, par, dopt ? "true" : "false", STEPS,
              extra[0] ? " " : "", extra, dir, dir);
     double const t0 = now_s();
-    run_vdist(tp_size * dp, args);
+    run_vdist(lay_ranks(lay), args);
     r->seconds = now_s() - t0;
     snprintf(r->cmd, sizeof r->cmd, "%s", g_cmd);
-    if (!EXPECT(g_rc == 0, "`%s` must succeed, got exit status %d; the end of its output:\n%s",
-                r->cmd, g_rc, tail(g_out, 3000)))
+    if (!EXPECT(g_rc == 0, "%s: `%s` must succeed, got exit status %d; the end of its "
+                "output:\n%s", r->label, r->cmd, g_rc, tail(g_out, 3000)))
         return;
-    /* The program prints "layout: N ranks, attention tp T x cp C x dp D x pp P, ...". */
-    int ranks = 0, t = 0, c = 0, d = 0;
+    /* The program prints "layout: N ranks, attention tp T x cp C x dp D x pp P, MoE etp
+     * ET x ep EP x edp ED x pp P, order O". */
+    int ranks = 0, t = 0, c = 0, d = 0, pp = 0, et = 0, ep = 0, ed = 0, mpp = 0;
+    char order[64] = "";
     const char *p = strstr(g_out, "layout: ");
-    bool const parsed = p && sscanf(p, "layout: %d ranks, attention tp %d x cp %d x dp %d",
-                                    &ranks, &t, &c, &d) == 4;
-    if (!EXPECT(parsed && ranks == tp_size * dp && t == tp_size && c == 1 && d == dp,
-                "`%s` must run %d ranks as tp %d x cp 1 x dp %d; its layout line says: %.200s",
-                r->cmd, tp_size * dp, tp_size, dp, p ? p : "(no \"layout:\" line)"))
+    bool const parsed =
+        p && sscanf(p, "layout: %d ranks, attention tp %d x cp %d x dp %d x pp %d, MoE etp %d "
+                       "x ep %d x edp %d x pp %d, order %63s", &ranks, &t, &c, &d, &pp, &et,
+                    &ep, &ed, &mpp, order) == 10;
+    const char *const want_order = lay->order ? lay->order : "tp-cp-ep-dp-pp";
+    if (!EXPECT(parsed && ranks == lay_ranks(lay) && t == lay->tp && c == 1 && d == lay->dp &&
+                    pp == 1 && et == lay_etp(lay) && ep == lay_ep(lay) && ed == lay_edp(lay) &&
+                    mpp == 1 && strcmp(order, want_order) == 0,
+                "%s: `%s` must run %d ranks as attention tp %d x cp 1 x dp %d x pp 1, MoE etp "
+                "%d x ep %d x edp %d x pp 1, order %s; its layout line says: %.200s", r->label,
+                r->cmd, lay_ranks(lay), lay->tp, lay->dp, lay_etp(lay), lay_ep(lay),
+                lay_edp(lay), want_order, p ? p : "(no \"layout:\" line)"))
         return;
     if (!EXPECT(strstr(g_out, "runs/synth-v64.bin"),
-                "`%s` must train on the embedded synthetic dataset runs/synth-v64.bin (shared "
-                "by every run in %s)", r->cmd, g_tmp))
+                "%s: `%s` must train on the embedded synthetic dataset runs/synth-v64.bin "
+                "(shared by every run in %s)", r->label, r->cmd, g_tmp))
         return;
     char st[128];
     snprintf(st, sizeof st, "%s/model.safetensors", dir);
-    if (!EXPECT(file_exists(tp(st)), "`%s` must export %s", r->cmd, tp(st))) return;
+    if (!EXPECT(file_exists(tp(st)), "%s: `%s` must export %s", r->label, r->cmd, tp(st)))
+        return;
     r->ok = read_metrics(r);
 }
 
@@ -373,6 +453,7 @@ static int st_set_find(const struct st_set *s, const char *name)
 
 struct cmp {
     int loss_bad, dropped_bad, gnorm_bad, param_bad; /* counts of mismatches */
+    int layer_dropped_bad; /* (step, layer) pairs with another moe_layers[].dropped_frac */
     double max_rel_loss;                  /* over steps and the four loss fields */
     int max_rel_loss_step;
     const char *max_rel_loss_field;
@@ -389,8 +470,8 @@ static double rel_diff(double a, double b)
 }
 
 /* Compares run `x` with the reference `ref`: every step's losses (relative LOSS_REL_TOL),
- * dropped_frac (exactly), grad_norm (relative GNORM_REL_TOL) and the exported parameters
- * by name (absolute PARAM_ABS_TOL).
+ * dropped_frac (exactly, the top-level one and each layer's in moe_layers), grad_norm
+ * (relative GNORM_REL_TOL) and the exported parameters by name (absolute PARAM_ABS_TOL).
  * `report`: print each mismatch (the layout's command line, step, field, both values) as
  * a test failure; without it, only count (the negative control). */
 static void compare(const struct run *x, const struct run *ref, bool report, struct cmp *c)
@@ -409,38 +490,56 @@ static void compare(const struct run *x, const struct run *ref, bool report, str
             if (d > LOSS_REL_TOL) {
                 c->loss_bad++;
                 if (report && shown++ < 12)
-                    EXPECT(false, "layout `%s`: step %d, %s = %.10g, but the 1-rank reference "
-                           "`%s` has %.10g (relative difference %.3g > %g)", x->cmd, s + 1,
-                           field_names[f], a, ref->cmd, b, d, LOSS_REL_TOL);
+                    EXPECT(false, "%s `%s`: step %d, %s = %.10g, but the 1-rank reference "
+                           "`%s` has %.10g (relative difference %.3g > %g)", x->label, x->cmd,
+                           s + 1, field_names[f], a, ref->cmd, b, d, LOSS_REL_TOL);
             }
         }
         double const a = x->m[s][F_DROPPED], b = ref->m[s][F_DROPPED];
         if (a != b) {
             c->dropped_bad++;
             if (report && shown++ < 12)
-                EXPECT(false, "layout `%s`: step %d, dropped_frac = %.10g, but the 1-rank "
-                       "reference `%s` has %.10g: the dropping decisions differ", x->cmd, s + 1,
-                       a, ref->cmd, b);
+                EXPECT(false, "%s `%s`: step %d, dropped_frac = %.10g, but the 1-rank "
+                       "reference `%s` has %.10g: the dropping decisions differ", x->label,
+                       x->cmd, s + 1, a, ref->cmd, b);
+        }
+        for (int l = 0; l < ref->nlayers && l < x->nlayers; l++) {
+            double const la = x->layer_dropped[s][l], lb = ref->layer_dropped[s][l];
+            if (la != lb) {
+                c->layer_dropped_bad++;
+                if (report && shown++ < 12)
+                    EXPECT(false, "%s `%s`: step %d, moe_layers[%d].dropped_frac = %.10g, but "
+                           "the 1-rank reference `%s` has %.10g: layer %d's dropping decisions "
+                           "differ", x->label, x->cmd, s + 1, l, la, ref->cmd, lb, l);
+            }
         }
         double const ga = x->m[s][F_GNORM], gb = ref->m[s][F_GNORM], gd = rel_diff(ga, gb);
         c->max_rel_gnorm = fmax(c->max_rel_gnorm, gd);
         if (gd > GNORM_REL_TOL) {
             c->gnorm_bad++;
             if (report && shown++ < 12)
-                EXPECT(false, "layout `%s`: step %d, grad_norm = %.10g, but the 1-rank reference "
-                       "`%s` has %.10g (relative difference %.3g > %g)", x->cmd, s + 1, ga,
-                       ref->cmd, gb, gd, GNORM_REL_TOL);
+                EXPECT(false, "%s `%s`: step %d, grad_norm = %.10g, but the 1-rank reference "
+                       "`%s` has %.10g (relative difference %.3g > %g)", x->label, x->cmd,
+                       s + 1, ga, ref->cmd, gb, gd, GNORM_REL_TOL);
         }
     }
+    if (x->nlayers != ref->nlayers) {
+        c->layer_dropped_bad++;
+        if (report)
+            EXPECT(false, "%s `%s`: %d entries in moe_layers, the 1-rank reference `%s` has %d",
+                   x->label, x->cmd, x->nlayers, ref->cmd, ref->nlayers);
+    }
     if (report && shown > 12)
-        printf("  ... %d more mismatches of `%s` not shown\n", shown - 12, x->cmd);
+        printf("  ... %d more mismatches of %s `%s` not shown\n", shown - 12, x->label, x->cmd);
     if (report)
-        EXPECT(c->loss_bad == 0 && c->dropped_bad == 0 && c->gnorm_bad == 0,
-               "layout `%s`: %d loss values beyond relative %g, %d steps with another "
-               "dropped_frac than the reference, %d grad_norms beyond relative %g (max relative "
-               "loss difference %.3g, step %d, %s)", x->cmd, c->loss_bad, LOSS_REL_TOL,
-               c->dropped_bad, c->gnorm_bad, GNORM_REL_TOL, c->max_rel_loss,
-               c->max_rel_loss_step, c->max_rel_loss_field);
+        EXPECT(c->loss_bad == 0 && c->dropped_bad == 0 && c->layer_dropped_bad == 0 &&
+                   c->gnorm_bad == 0,
+               "%s `%s`: %d loss values beyond relative %g, %d steps with another "
+               "dropped_frac than the reference, %d (step, layer) pairs with another "
+               "moe_layers[].dropped_frac, %d grad_norms beyond relative %g (max relative "
+               "loss difference %.3g, step %d, %s)", x->label, x->cmd, c->loss_bad,
+               LOSS_REL_TOL, c->dropped_bad, c->layer_dropped_bad, c->gnorm_bad, GNORM_REL_TOL,
+               c->max_rel_loss, c->max_rel_loss_step, c->max_rel_loss_field);
 
     char pa[128], pb[128];
     snprintf(pa, sizeof pa, "%s/model.safetensors", x->dir);
@@ -448,16 +547,16 @@ static void compare(const struct run *x, const struct run *ref, bool report, str
     struct st_set a, b;
     bool const la = st_set_load(&a, tp(pa)), lb = st_set_load(&b, tp(pb));
     if (la && lb &&
-        EXPECT(a.n == b.n && a.n > 0, "layout `%s` exported %d tensors, the reference %d",
-               x->cmd, a.n, b.n)) {
+        EXPECT(a.n == b.n && a.n > 0, "%s `%s` exported %d tensors, the reference %d",
+               x->label, x->cmd, a.n, b.n)) {
         c->params_compared = true;
         shown = 0;
         for (int i = 0; i < b.n; i++) {
             int const j = st_set_find(&a, b.name[i]);
             if (!EXPECT(j >= 0 && a.ndim[j] == b.ndim[i] &&
                             memcmp(a.shape[j], b.shape[i], sizeof a.shape[j]) == 0,
-                        "layout `%s`: tensor '%s' must be exported with the reference's shape",
-                        x->cmd, b.name[i])) {
+                        "%s `%s`: tensor '%s' must be exported with the reference's shape",
+                        x->label, x->cmd, b.name[i])) {
                 c->param_bad++;
                 continue;
             }
@@ -479,15 +578,15 @@ static void compare(const struct run *x, const struct run *ref, bool report, str
             if (amax > PARAM_ABS_TOL) {
                 c->param_bad++;
                 if (report && shown++ < 8)
-                    EXPECT(false, "layout `%s`: final parameter %s[%zu] = %.9g, the reference "
-                           "`%s` has %.9g (absolute difference %.3g > %g)", x->cmd, b.name[i],
-                           at, (double)a.data[j][at], ref->cmd, (double)b.data[i][at], amax,
-                           PARAM_ABS_TOL);
+                    EXPECT(false, "%s `%s`: final parameter %s[%zu] = %.9g, the reference "
+                           "`%s` has %.9g (absolute difference %.3g > %g)", x->label, x->cmd,
+                           b.name[i], at, (double)a.data[j][at], ref->cmd,
+                           (double)b.data[i][at], amax, PARAM_ABS_TOL);
             }
         }
         if (report)
-            EXPECT(c->param_bad == 0, "layout `%s`: %d of %d tensors differ from the reference "
-                   "beyond absolute %g (max %.3g in %s)", x->cmd, c->param_bad, b.n,
+            EXPECT(c->param_bad == 0, "%s `%s`: %d of %d tensors differ from the reference "
+                   "beyond absolute %g (max %.3g in %s)", x->label, x->cmd, c->param_bad, b.n,
                    PARAM_ABS_TOL, c->max_abs_param, c->max_abs_param_name);
     } else {
         c->param_bad++;
@@ -522,46 +621,78 @@ static const struct run *reference(int mb, int gb, const char *extra)
     snprintf(dir, sizeof dir, "ref%02d", g_nrefs);
     g_nrefs++;
     /* The optimizer flag is irrelevant on one rank; the default (true) is passed. */
-    train(&r->run, dir, 1, 1, NULL, true, mb, gb, extra);
+    train(&r->run, dir, &one_rank, NULL, true, mb, gb, extra);
     return &r->run;
 }
 
 /* ---------------------------------------------------------------- the layouts */
 
-struct layout {
-    const char *name;
-    int tp, dp;
-    const char *order; /* NULL: the default tp-cp-ep-dp-pp */
-};
+/* Without expert parallelism (ep 1, etp = tp): every optimizer x accumulation
+ * combination, dropless; six of them also with capacity 1.0 (build_cases). */
 static const struct layout layouts[] = {
-    {"dp2", 1, 2, NULL},
-    {"dp4", 1, 4, NULL},
-    {"dp8", 1, 8, NULL},
-    {"tp2", 2, 1, NULL},
-    {"tp4", 4, 1, NULL},
-    {"tp2 x dp2", 2, 2, NULL},
+    {"dp2", 1, 2, 0, 0, NULL, false},
+    {"dp4", 1, 4, 0, 0, NULL, false},
+    {"dp8", 1, 8, 0, 0, NULL, false},
+    {"tp2", 2, 1, 0, 0, NULL, false},
+    {"tp4", 4, 1, 0, 0, NULL, false},
+    {"tp2 x dp2", 2, 2, 0, 0, NULL, false},
     /* The same sizes with DP fastest: the tensor group is ranks {0,2}, not neighbours. */
-    {"tp2 x dp2 (dp-tp order)", 2, 2, "dp-tp-cp-ep-pp"},
-    {"tp2 x dp4", 2, 4, NULL},
-    {"tp4 x dp2", 4, 2, NULL},
+    {"tp2 x dp2 (dp-tp order)", 2, 2, 0, 0, "dp-tp-cp-ep-pp", false},
+    {"tp2 x dp4", 2, 4, 0, 0, NULL, false},
+    {"tp4 x dp2", 4, 2, 0, 0, NULL, false},
 };
 #define NLAYOUTS (sizeof layouts / sizeof layouts[0])
+
+/* MoE parallel folding (shared/docs/parallelism.md): the MoE grid etp x ep x edp re-splits
+ * the attention grid's tp x dp ranks, EP larger than DP and spanning the tensor ranks.
+ * Names: "attention | MoE". Each runs with both dispatchers (alltoall, allgather), each
+ * dropless and with capacity 1.0 under both policies (build_cases); `accum` picks the
+ * micro-batching (add_case), the optimizer alternates (distributed for alltoall on the
+ * even rows, for allgather on the odd ones) so that both meet both dispatchers. */
+static const struct layout ep_layouts[] = {
+    /* 2 ranks */
+    {"dp2 | ep2", 1, 2, 1, 2, NULL, true},
+    {"tp2 | ep2", 2, 1, 1, 2, NULL, false},
+    {"tp2 | etp2", 2, 1, 2, 1, NULL, true},
+    /* 4 ranks */
+    {"tp4 | ep4", 4, 1, 1, 4, NULL, true},
+    {"tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, false},
+    {"tp4 | etp2 x ep2", 4, 1, 2, 2, NULL, false},
+    {"dp4 | ep2 x edp2", 1, 4, 1, 2, NULL, true},
+    {"dp4 | ep4", 1, 4, 1, 4, NULL, false},
+    {"tp2 x dp2 | etp2 x ep2", 2, 2, 2, 2, NULL, true},
+    /* EDP fastest after ETP: the EP group is ranks {0,2}, the EDP group {0,1} (an
+     * attention TP group). */
+    {"tp2 x dp2 | ep2 x edp2 (tp-cp-dp-ep-pp)", 2, 2, 1, 2, "tp-cp-dp-ep-pp", false},
+    /* 8 ranks */
+    {"tp2 x dp4 | ep8", 2, 4, 1, 8, NULL, true},
+    {"tp2 x dp4 | ep4 x edp2", 2, 4, 1, 4, NULL, false},
+    {"tp2 x dp4 | etp2 x ep4", 2, 4, 2, 4, NULL, true},
+    {"tp4 x dp2 | ep8", 4, 2, 1, 8, NULL, false},
+    {"dp8 | ep8", 1, 8, 1, 8, NULL, true},
+    /* DP fastest: attention TP group {0,4}; MoE EP group {0,2,4,6}, EDP {0,1}. */
+    {"tp2 x dp4 | ep4 x edp2 (dp-tp-cp-ep-pp)", 2, 4, 1, 4, "dp-tp-cp-ep-pp", true},
+};
+#define NEP_LAYOUTS (sizeof ep_layouts / sizeof ep_layouts[0])
+static const char *const dispatchers[] = {"alltoall", "allgather"};
 
 static const char CAP_POSITION[] = "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=position";
 static const char CAP_PROBS[] = "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=probs";
 
 struct eq_case {
-    char name[160];
+    char name[256];
     const struct layout *lay;
+    const char *dispatcher; /* NULL: the default, not passed */
     bool dopt, accum;
     int mb, gb;
     const char *extra; /* "" or a capacity setting */
     /* results */
     bool ran, passed;
     struct cmp cmp;
+    double max_dropped; /* largest dropped_frac over the steps */
     double seconds;
 };
-#define MAX_CASES 64
+#define MAX_CASES 160
 static struct eq_case g_cases[MAX_CASES];
 static int g_ncases;
 
@@ -569,21 +700,27 @@ static int g_ncases;
  * accumulation). With accumulation: micro_batch 2 (dp <= 2) or 1 (dp >= 4), so each
  * replica runs at least two micro-batches; without: micro_batch = global_batch / dp, one
  * micro-batch per replica. */
-static void add_case(const struct layout *lay, bool dopt, bool accum, const char *extra,
-                     const char *extra_name)
+static void add_case(const struct layout *lay, const char *dispatcher, bool dopt, bool accum,
+                     const char *extra, const char *extra_name)
 {
-    if (g_ncases >= MAX_CASES) return;
+    if (g_ncases >= MAX_CASES) {
+        fprintf(stderr, "test_equivalence: more than %d cases (raise MAX_CASES)\n", MAX_CASES);
+        exit(2);
+    }
     struct eq_case *c = &g_cases[g_ncases++];
     c->lay = lay;
+    c->dispatcher = dispatcher;
     c->dopt = dopt;
     c->accum = accum;
     c->gb = lay->dp >= 8 ? 16 : 8;
     c->mb = accum ? (lay->dp <= 2 ? 2 : 1) : c->gb / lay->dp;
     c->extra = extra;
-    snprintf(c->name, sizeof c->name, "%s, %s optimizer, %s (micro_batch %d, global_batch %d, "
-             "%d micro-batch(es) per replica)%s%s", lay->name, dopt ? "distributed" : "replicated",
-             accum ? "accumulation" : "no accumulation", c->mb, c->gb, c->gb / (c->mb * lay->dp),
-             extra_name ? ", " : "", extra_name ? extra_name : "");
+    snprintf(c->name, sizeof c->name, "%s%s%s, %s optimizer, %s (micro_batch %d, global_batch "
+             "%d, %d micro-batch(es) per replica)%s%s", lay->name,
+             dispatcher ? ", dispatcher " : "", dispatcher ? dispatcher : "",
+             dopt ? "distributed" : "replicated", accum ? "accumulation" : "no accumulation",
+             c->mb, c->gb, c->gb / (c->mb * lay->dp), extra_name ? ", " : "",
+             extra_name ? extra_name : "");
 }
 
 static void build_cases(void)
@@ -591,9 +728,9 @@ static void build_cases(void)
     for (size_t l = 0; l < NLAYOUTS; l++)
         for (int dopt = 1; dopt >= 0; dopt--)
             for (int accum = 1; accum >= 0; accum--)
-                add_case(&layouts[l], dopt, accum, "", NULL);
-    /* Capacity 1.0: C = ceil(N k / E) = N / 2 per expert per micro-batch, so any routing
-     * imbalance drops tokens. Tensor-parallel layouts split each micro-batch's tokens over
+                add_case(&layouts[l], NULL, dopt, accum, "", NULL);
+    /* Capacity 1.0: C = ceil(N k / E) = N / 4 per expert per micro-batch (8 experts, top
+     * 2), so any routing imbalance drops tokens. Tensor-parallel layouts split each micro-batch's tokens over
      * ranks (sequence parallelism), where the decision needs the whole micro-batch. */
     static const struct {
         const char *lay;
@@ -606,9 +743,18 @@ static void build_cases(void)
         for (size_t i = 0; i < sizeof cap / sizeof cap[0]; i++)
             for (size_t l = 0; l < NLAYOUTS; l++)
                 if (strcmp(layouts[l].name, cap[i].lay) == 0)
-                    add_case(&layouts[l], cap[i].dopt, cap[i].accum,
+                    add_case(&layouts[l], NULL, cap[i].dopt, cap[i].accum,
                              pol ? CAP_PROBS : CAP_POSITION,
                              pol ? "capacity 1.0 probs" : "capacity 1.0 position");
+    /* Expert parallelism: every layout x dispatcher x {dropless, position, probs}. */
+    static const char *const variant_extra[] = {"", CAP_POSITION, CAP_PROBS};
+    static const char *const variant_name[] = {NULL, "capacity 1.0 position",
+                                               "capacity 1.0 probs"};
+    for (size_t l = 0; l < NEP_LAYOUTS; l++)
+        for (int d = 0; d < 2; d++)
+            for (int v = 0; v < 3; v++)
+                add_case(&ep_layouts[l], dispatchers[d], (l + (size_t)d) % 2 == 0,
+                         ep_layouts[l].accum, variant_extra[v], variant_name[v]);
 }
 
 /* ---------------------------------------------------------------- tests */
@@ -633,16 +779,17 @@ static void test_negative_control(void)
     const struct run *ref = reference(1, 8, "");
     CU_ASSERT_FATAL(ref && ref->ok);
     struct run again, other;
-    train(&again, "ctl_same", 1, 1, NULL, true, 1, 8, "");
+    train(&again, "ctl_same", &one_rank, NULL, true, 1, 8, "");
     if (again.ok) {
         struct cmp c;
         compare(&again, ref, true, &c);
-        EXPECT(c.max_rel_loss == 0.0 && c.max_abs_param == 0.0,
+        EXPECT(c.max_rel_loss == 0.0 && c.max_abs_param == 0.0 && c.dropped_bad == 0 &&
+                   c.layer_dropped_bad == 0 && c.max_rel_gnorm == 0.0,
                "re-running the 1-rank reference `%s` must reproduce it bit for bit; max "
                "relative loss difference %.3g, max parameter difference %.3g", again.cmd,
                c.max_rel_loss, c.max_abs_param);
     }
-    train(&other, "ctl_seed", 1, 1, NULL, true, 1, 8, "--train.seed=2");
+    train(&other, "ctl_seed", &one_rank, NULL, true, 1, 8, "--train.seed=2");
     if (other.ok) {
         struct cmp c;
         compare(&other, ref, false, &c);
@@ -654,6 +801,58 @@ static void test_negative_control(void)
                "only %d loss values and %d tensors were beyond the tolerances", other.cmd,
                c.loss_bad, c.param_bad);
     }
+}
+
+/* The dropping checks must be able to fail too (the references compared here serve the
+ * layouts anyway, so this costs no run): a capacity run against the dropless reference
+ * differs in dropped_frac, top-level and per layer; the two drop policies drop as many
+ * assignments but not the same ones, which the losses must tell; and a run whose per-layer
+ * numbers differ while their mean (the top-level dropped_frac) does not -- one assignment
+ * dropped in layer 1 instead of layer 0 -- is caught by the per-layer comparison alone. */
+static void test_negative_control_dropping(void)
+{
+    const struct run *dl = reference(2, 8, ""), *pos = reference(2, 8, CAP_POSITION),
+                     *prob = reference(2, 8, CAP_PROBS);
+    CU_ASSERT_FATAL(EXPECT(dl && dl->ok && pos && pos->ok && prob && prob->ok,
+                           "the three 1-rank references (micro_batch 2) must train"));
+    struct cmp c;
+    compare(pos, dl, false, &c);
+    printf("\n    (capacity 1.0 position against dropless: %d steps with another dropped_frac, "
+           "%d (step, layer) pairs with another moe_layers[].dropped_frac, %d loss values "
+           "beyond the tolerance)", c.dropped_bad, c.layer_dropped_bad, c.loss_bad);
+    EXPECT(c.dropped_bad >= STEPS && c.layer_dropped_bad >= STEPS,
+           "the comparison must tell the capacity-1.0 run `%s` from the dropless `%s` by "
+           "dropped_frac at every step: only %d steps and %d (step, layer) pairs differ",
+           pos->cmd, dl->cmd, c.dropped_bad, c.layer_dropped_bad);
+    compare(prob, pos, false, &c);
+    printf("\n    (policy probs against position: %d steps with another dropped_frac, %d loss "
+           "values and %d tensors beyond the tolerances)", c.dropped_bad, c.loss_bad,
+           c.param_bad);
+    EXPECT(c.loss_bad > 0 && c.param_bad > 0,
+           "the comparison must tell drop policy probs (`%s`) from position (`%s`): only %d "
+           "loss values and %d tensors are beyond the tolerances", prob->cmd, pos->cmd,
+           c.loss_bad, c.param_bad);
+    struct run *m = malloc(sizeof *m);
+    CU_ASSERT_FATAL(m != NULL);
+    *m = *pos;
+    snprintf(m->label, sizeof m->label, "the position reference with one drop moved");
+    int at = -1;
+    for (int s = 0; s < STEPS && at < 0; s++)
+        if (m->nlayers >= 2 && m->layer_dropped[s][0] > 0) at = s;
+    if (EXPECT(at >= 0, "the position reference `%s` must drop in layer 0 at some step", pos->cmd)) {
+        /* One assignment of the step: n_micro * micro_batch * seq_len * k = 4 * 2 * 16 * 2. */
+        double const one = 1.0 / 256.0;
+        m->layer_dropped[at][0] -= one;
+        m->layer_dropped[at][1] += one;
+        compare(m, pos, false, &c);
+        EXPECT(c.layer_dropped_bad == 2 && c.dropped_bad == 0 && c.loss_bad == 0 &&
+                   c.param_bad == 0,
+               "moving one dropped assignment of step %d from layer 0 to layer 1 must show in "
+               "exactly the two moe_layers[].dropped_frac values and nowhere else: %d (step, "
+               "layer) pairs, %d steps with another dropped_frac, %d loss values, %d tensors",
+               at + 1, c.layer_dropped_bad, c.dropped_bad, c.loss_bad, c.param_bad);
+    }
+    free(m);
 }
 
 /* The calibration of the tolerances: the 1-rank reference's own sensitivity. Its initial
@@ -704,7 +903,7 @@ static void test_calibration(void)
     snprintf(extra, sizeof extra, "%s --train.init_from=calib_init/perturbed.safetensors",
              CAP_POSITION);
     struct run x;
-    train(&x, "calib", 1, 1, NULL, true, 4, 8, extra);
+    train(&x, "calib", &one_rank, NULL, true, 4, 8, extra);
     if (!x.ok) return;
     compare(&x, ref, false, &g_calib);
     g_calib_ran = true;
@@ -715,7 +914,7 @@ static void test_calibration(void)
     EXPECT(g_calib.max_abs_param > 0 && g_calib.max_rel_loss > 0,
            "the perturbed run `%s` must differ from the reference `%s` at all", x.cmd, ref->cmd);
     EXPECT(g_calib.loss_bad == 0 && g_calib.gnorm_bad == 0 && g_calib.dropped_bad == 0 &&
-               g_calib.param_bad == 0,
+               g_calib.layer_dropped_bad == 0 && g_calib.param_bad == 0,
            "the tolerances must lie above the 1-rank run's own sensitivity to 1-ulp "
            "perturbations of its initial weights, or they test noise: `%s` against `%s` has "
            "%d loss values beyond relative %g (max %.3g), %d grad_norms beyond relative %g "
@@ -739,57 +938,75 @@ static void test_case(void)
     if (!EXPECT(ref && ref->ok, "the 1-rank reference for %s must train", c->name)) return;
     unsigned const failures_before = CU_get_number_of_failures();
     char dir[32];
-    snprintf(dir, sizeof dir, "case%02d", (int)(c - g_cases));
+    snprintf(dir, sizeof dir, "case%03d", (int)(c - g_cases));
     struct run x;
-    train(&x, dir, c->lay->tp, c->lay->dp, c->lay->order, c->dopt, c->mb, c->gb, c->extra);
+    train(&x, dir, c->lay, c->dispatcher, c->dopt, c->mb, c->gb, c->extra);
     c->ran = true;
     if (x.ok) {
         compare(&x, ref, true, &c->cmp);
+        for (int s = 0; s < STEPS; s++) c->max_dropped = fmax(c->max_dropped, x.m[s][F_DROPPED]);
         if (c->extra[0]) {
             double ref_dropped = 0.0;
             for (int s = 0; s < STEPS; s++) ref_dropped = fmax(ref_dropped, ref->m[s][F_DROPPED]);
             EXPECT(ref_dropped > 0.0, "capacity 1.0 must drop tokens in the reference `%s` "
                    "(dropped_frac is 0 at every step): the case checks nothing", ref->cmd);
+            /* Each layer's decisions are compared: each must have some to compare. */
+            for (int l = 0; l < ref->nlayers; l++) {
+                double mx = 0.0;
+                for (int s = 0; s < STEPS; s++) mx = fmax(mx, ref->layer_dropped[s][l]);
+                EXPECT(mx > 0.0, "capacity 1.0 must drop tokens in layer %d of the reference "
+                       "`%s` (moe_layers[%d].dropped_frac is 0 at every step)", l, ref->cmd, l);
+            }
         }
     }
     c->passed = x.ok && CU_get_number_of_failures() == failures_before;
     c->seconds = now_s() - t0;
     printf("\n    (%.1f s; %d ranks; max rel loss diff %.2e; max abs param diff %.2e)",
-           c->seconds, c->lay->tp * c->lay->dp, c->cmp.max_rel_loss, c->cmp.max_abs_param);
+           c->seconds, lay_ranks(c->lay), c->cmp.max_rel_loss, c->cmp.max_abs_param);
 }
 
 /* ---------------------------------------------------------------- summary */
 
-static void print_row(const char *layout, int ranks, const char *opt, const char *mbgb,
-                      const char *accum, const char *cap, const struct cmp *c,
-                      const char *result)
+#define ROW_FMT_S "%-40s %5s %-9s %-4s %-9s %-5s %-12s %8s %10s %-12s %10s %10s %10s %6s %s\n"
+
+static void print_row(const char *layout, int ranks, const char *disp, const char *opt,
+                      const char *mbgb, const char *accum, const char *cap, double dropped,
+                      const struct cmp *c, double seconds, const char *result)
 {
-    char at[32] = "-";
-    if (c && c->max_rel_loss > 0)
-        snprintf(at, sizeof at, "s%d %s", c->max_rel_loss_step, c->max_rel_loss_field);
-    if (!c) {
-        printf("%-24s %5d %-4s %-9s %-5s %-12s %10s %-12s %10s %10s %10s %s\n", layout, ranks,
-               opt, mbgb, accum, cap, "-", at, "-", "-", "-", result);
-        return;
+    char at[32] = "-", rk[16], dr[16] = "-", sec[16] = "-";
+    char rl[16] = "-", ap[16] = "-", rp[16] = "-", rg[16] = "-";
+    snprintf(rk, sizeof rk, "%d", ranks);
+    if (dropped >= 0) snprintf(dr, sizeof dr, "%.4f", dropped);
+    if (seconds > 0) snprintf(sec, sizeof sec, "%.1f", seconds);
+    if (c) {
+        if (c->max_rel_loss > 0)
+            snprintf(at, sizeof at, "s%d %s", c->max_rel_loss_step, c->max_rel_loss_field);
+        snprintf(rl, sizeof rl, "%.2e", c->max_rel_loss);
+        snprintf(ap, sizeof ap, "%.2e", c->max_abs_param);
+        snprintf(rp, sizeof rp, "%.2e", c->max_rel_param);
+        snprintf(rg, sizeof rg, "%.2e", c->max_rel_gnorm);
     }
-    printf("%-24s %5d %-4s %-9s %-5s %-12s %10.2e %-12s %10.2e %10.2e %10.2e %s\n", layout,
-           ranks, opt, mbgb, accum, cap, c->max_rel_loss, at, c->max_abs_param,
-           c->max_rel_param, c->max_rel_gnorm, result);
+    printf(ROW_FMT_S, layout, rk, disp, opt, mbgb, accum, cap, dr, rl, at, ap, rp, rg, sec,
+           result);
 }
 
 static void print_summary(double total_s)
 {
     printf("\nequivalence with the 1-rank run, %d steps of configs/tiny.ini. Tolerances: losses "
-           "relative %g, grad_norm relative %g, dropped_frac exact, parameters absolute %g. "
-           "mb x n/gb: micro_batch x micro-batches per replica / global_batch. rel loss: max "
-           "over steps and loss, lm_loss, aux_loss, z_loss (at: where). rel param: over "
-           "elements with |w| >= %g.\n", STEPS, LOSS_REL_TOL, GNORM_REL_TOL, PARAM_ABS_TOL,
-           REL_FLOOR);
-    printf("%-24s %5s %-4s %-9s %-5s %-12s %10s %-12s %10s %10s %10s %s\n", "layout", "ranks",
-           "opt", "mb x n/gb", "accum", "capacity", "rel loss", "at", "abs param",
-           "rel param", "rel gnorm", "result");
+           "relative %g, grad_norm relative %g, dropped_frac exact (top-level and every "
+           "moe_layers entry), parameters absolute %g. layout: attention grid | MoE grid "
+           "(etp = tp and ep 1 where the MoE grid is not written). dispatcher: - is the "
+           "default (alltoall), not passed. mb x n/gb: micro_batch x micro-batches per replica "
+           "/ global_batch. dropped: the largest dropped_frac over the steps (the same as the "
+           "reference's). rel loss: max over steps and loss, lm_loss, aux_loss, z_loss (at: "
+           "where). rel param: over elements with |w| >= %g. s: seconds of the case, "
+           "its reference included when the case made it.\n", STEPS, LOSS_REL_TOL,
+           GNORM_REL_TOL, PARAM_ABS_TOL, REL_FLOOR);
+    printf(ROW_FMT_S, "layout", "ranks", "dispatch", "opt", "mb x n/gb", "accum", "capacity",
+           "dropped", "rel loss", "at", "abs param", "rel param", "rel gnorm", "s", "result");
     double worst_loss = 0, worst_param = 0, worst_rel = 0, worst_gnorm = 0;
-    int passed = 0, ran = 0;
+    double ep_worst_loss = 0, ep_worst_param = 0, ep_worst_gnorm = 0, ep_seconds = 0;
+    int passed = 0, ran = 0, ep_cases = 0, ep_passed = 0;
     for (int i = 0; i < g_ncases; i++) {
         const struct eq_case *c = &g_cases[i];
         char mbgb[32];
@@ -797,10 +1014,13 @@ static void print_summary(double total_s)
         const char *cap = c->extra == CAP_POSITION ? "1.0 position"
                           : c->extra == CAP_PROBS  ? "1.0 probs"
                                                    : "dropless";
-        int const ranks = c->lay->tp * c->lay->dp;
+        int const ranks = lay_ranks(c->lay);
         const char *opt = c->dopt ? "dist" : "repl", *accum = c->accum ? "yes" : "no";
+        const char *disp = c->dispatcher ? c->dispatcher : "-";
+        bool const ep = c->dispatcher != NULL;
+        ep_cases += ep;
         if (!c->ran) {
-            print_row(c->lay->name, ranks, opt, mbgb, accum, cap, NULL, "NOT RUN");
+            print_row(c->lay->name, ranks, disp, opt, mbgb, accum, cap, -1, NULL, 0, "NOT RUN");
             continue;
         }
         ran++;
@@ -809,16 +1029,27 @@ static void print_summary(double total_s)
         worst_param = fmax(worst_param, c->cmp.max_abs_param);
         worst_rel = fmax(worst_rel, c->cmp.max_rel_param);
         worst_gnorm = fmax(worst_gnorm, c->cmp.max_rel_gnorm);
-        print_row(c->lay->name, ranks, opt, mbgb, accum, cap, &c->cmp,
-                  c->passed ? "ok" : "FAIL");
+        if (ep) {
+            ep_passed += c->passed;
+            ep_worst_loss = fmax(ep_worst_loss, c->cmp.max_rel_loss);
+            ep_worst_param = fmax(ep_worst_param, c->cmp.max_abs_param);
+            ep_worst_gnorm = fmax(ep_worst_gnorm, c->cmp.max_rel_gnorm);
+            ep_seconds += c->seconds;
+        }
+        print_row(c->lay->name, ranks, disp, opt, mbgb, accum, cap, c->max_dropped, &c->cmp,
+                  c->seconds, c->passed ? "ok" : "FAIL");
     }
     if (g_calib_ran)
-        print_row("1 rank, 1-ulp init", 1, "-", "4x2/8", "yes", "1.0 position", &g_calib,
-                  "(calibration)");
+        print_row("1 rank, 1-ulp init", 1, "-", "-", "4x2/8", "yes", "1.0 position", -1,
+                  &g_calib, 0, "(calibration)");
     printf("%d of %d cases ran, %d passed; %d 1-rank references; worst over layouts: relative "
            "loss %.2e, absolute parameter %.2e, relative parameter %.2e, relative grad_norm "
            "%.2e; %.1f s in all\n", ran, g_ncases, passed, g_nrefs, worst_loss, worst_param,
            worst_rel, worst_gnorm, total_s);
+    printf("expert-parallel layouts: %d layouts x 2 dispatchers x 3 (dropless, capacity 1.0 "
+           "position, probs) = %d cases, %d passed; worst: relative loss %.2e, absolute "
+           "parameter %.2e, relative grad_norm %.2e; %.1f s\n", (int)NEP_LAYOUTS, ep_cases,
+           ep_passed, ep_worst_loss, ep_worst_param, ep_worst_gnorm, ep_seconds);
 }
 
 /* ---------------------------------------------------------------- main */
@@ -881,6 +1112,8 @@ int main(void)
                                test_first_reference) &&
               CU_add_test(s, "negative control: a reference with another seed is told apart",
                           test_negative_control) &&
+              CU_add_test(s, "negative control: other dropping decisions are told apart",
+                          test_negative_control_dropping) &&
               CU_add_test(s, "calibration: the 1-rank run from 1-ulp perturbed initial weights "
                              "stays within the tolerances", test_calibration);
     for (int i = 0; ok && i < g_ncases; i++) ok = CU_add_test(s, g_cases[i].name, test_case);

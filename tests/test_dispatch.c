@@ -1,0 +1,888 @@
+/* The token dispatcher (parallel/dispatch.c) in exact mode: the capacity decision, both
+ * dispatchers' forward and backward round trips, their counts and splits, on 1, 2, 4 and 8
+ * ranks, in layouts with and without MoE parallel folding.
+ *
+ * One file, two programs. Started without VDIST_DISPATCH_RANKS, it is the CUnit driver:
+ * each test runs this same executable under `mpirun -np N` with VDIST_DISPATCH_RANKS=N and
+ * checks its exit status, every layout's line and rank 0's summary line (printing the whole
+ * output on failure). Started with VDIST_DISPATCH_RANKS=N, it is the MPI program: for every
+ * layout of the table on N ranks and both dispatchers it runs every routing scenario on
+ * block 0 of a one-layer model, prints `dispatch: <layout> <dispatcher> wrong W` and a
+ * summary line, and exits non-zero when any element was wrong.
+ *
+ * Exact mode: the test writes the router's outputs itself (rtopk, small integer weights
+ * rtopk_w, probabilities rprobs on a 1/64 grid with ties) and the MoE input m_loc as
+ * integers that encode (global token, column): m = 1 + column + d (replica N + token), where
+ * the replica is the attention grid's dp coordinate (each replica runs its own micro-batch).
+ * pm.identity_experts makes the experts return their input on ETP rank 0 and zeros
+ * elsewhere, so every sum the dispatcher forms is a sum of small integers below 2^24:
+ * exact in any order. Each result is compared with an expectation computed here from the
+ * routing of every micro-batch, element by element; a wrong element is counted, never
+ * tolerated. Outputs and the dispatcher's buffers are filled with NaN (or -7) first, so an
+ * element the dispatcher failed to write is wrong too.
+ *
+ * The expected capacity decision is computed independently of the library, per micro-batch
+ * (shared/docs/model.md): C = ceil(cf N k / E); `position` keeps an assignment (t, j) to
+ * expert e when fewer than C assignments to e precede it in (token, slot) order; `probs`
+ * when fewer than C assignments to e have a higher p_te or an equal p_te and come earlier
+ * in (token, slot) order.
+ *
+ * VDIST_DISPATCH_CORRUPT=1 adds one to a single expected output value on world rank 0 so
+ * the driver can show that a wrong element is reported and fails the run. */
+#include <CUnit/Basic.h>
+#include <CUnit/CUnit.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "dist/dist.h"
+#include "parallel/parallel.h"
+#include "parallel/parallel_internal.h"
+
+/* ---------------------------------------------------------------- layouts */
+
+/* Context and pipeline parallelism stay 1: the dispatcher runs inside one stage, and
+ * this version trains with cp = pp = 1. dp and edp follow from the world size. */
+struct layout {
+    int world, tp, ep, etp;
+    const char *order; /* NULL: the default */
+    const char *name;  /* printed in the layout's line; no spaces */
+};
+
+static const struct layout layouts[] = {
+    {1, 1, 1, 1, NULL, "serial"},
+    {2, 1, 2, 1, NULL, "dp2/ep2"},
+    {2, 2, 1, 2, NULL, "tp2/etp2"},
+    {2, 2, 2, 1, NULL, "tp2/ep2-etp1"},
+    {2, 2, 1, 1, NULL, "tp2/etp1-edp2"},
+    {2, 1, 1, 2, NULL, "dp2/etp2"},
+    {4, 2, 4, 1, NULL, "tp2-dp2/ep4"},
+    {4, 4, 2, 2, NULL, "tp4/etp2-ep2"},
+    {4, 2, 2, 2, NULL, "tp2-dp2/etp2-ep2"},
+    {4, 1, 4, 1, NULL, "dp4/ep4"},
+    {4, 2, 2, 1, "tp-cp-dp-ep-pp", "tp2-dp2/ep2-edp2@tp-cp-dp-ep-pp"},
+    {8, 2, 8, 1, NULL, "tp2-dp4/ep8"},
+    {8, 2, 4, 2, NULL, "tp2-dp4/etp2-ep4"},
+    {8, 4, 8, 1, NULL, "tp4-dp2/ep8"},
+    {8, 1, 4, 2, NULL, "dp8/etp2-ep4"},
+    {8, 2, 2, 2, "tp-cp-dp-ep-pp", "tp2-dp4/etp2-ep2-edp2@tp-cp-dp-ep-pp"},
+};
+enum { NLAYOUTS = sizeof layouts / sizeof layouts[0] };
+
+static int layouts_on(int world)
+{
+    int n = 0;
+    for (int i = 0; i < NLAYOUTS; i++) n += layouts[i].world == world;
+    return n;
+}
+
+static const char *const dispatcher_names[2] = {"alltoall", "allgather"};
+static const enum model_dispatcher dispatchers[2] = {MODEL_DISPATCH_ALLTOALL,
+                                                     MODEL_DISPATCH_ALLGATHER};
+
+#define LINE_LAYOUT "dispatch: %s %s wrong %lld\n"
+#define SUMMARY "dispatch: %d cases on %d ranks, total wrong %lld\n"
+
+/* ---------------------------------------------------------------- the model */
+
+/* Small sizes valid for every layout above: H, G and V divisible by tp <= 4, E = 8 by
+ * ep <= 8, F by etp <= 2. N = B T = 24 tokens per micro-batch, divisible by tp. */
+enum { D = 16, E = 8, F = 8, H = 4, G = 4, V = 64, B = 3, T = 8, N = B * T };
+
+/* ---------------------------------------------------------------- scenarios */
+
+enum routing {
+    R_ROUND,  /* round robin: slot j of token g to expert (g k + j) mod E */
+    R_RANDOM, /* hashed, distinct experts per token */
+    R_HOT,    /* every token to the same experts (3 and 6; k = 1: expert 7) */
+    R_SKEW,   /* tokens held by odd world ranks to experts 0 (and 4); others round robin */
+    R_HOME,   /* k = 1: every token to an expert of its own rank's EP coordinate */
+};
+
+struct scenario {
+    const char *name;
+    int k;
+    enum routing routing;
+    double cf; /* 0: dropless */
+    enum model_drop_policy policy;
+};
+
+static const struct scenario scenarios[] = {
+    {"k2-round-dropless", 2, R_ROUND, 0.0, MODEL_DROP_POSITION},
+    {"k2-round-cf0.5-position", 2, R_ROUND, 0.5, MODEL_DROP_POSITION},
+    {"k2-round-cf0.5-probs", 2, R_ROUND, 0.5, MODEL_DROP_PROBS},
+    {"k2-random-dropless", 2, R_RANDOM, 0.0, MODEL_DROP_POSITION},
+    {"k2-random-cf1-position", 2, R_RANDOM, 1.0, MODEL_DROP_POSITION},
+    {"k2-random-cf1-probs", 2, R_RANDOM, 1.0, MODEL_DROP_PROBS},
+    {"k2-hot-dropless", 2, R_HOT, 0.0, MODEL_DROP_POSITION},
+    {"k2-hot-cf1-position", 2, R_HOT, 1.0, MODEL_DROP_POSITION},
+    {"k2-hot-cf1-probs", 2, R_HOT, 1.0, MODEL_DROP_PROBS},
+    {"k2-skew-dropless", 2, R_SKEW, 0.0, MODEL_DROP_POSITION},
+    {"k2-skew-cf1-probs", 2, R_SKEW, 1.0, MODEL_DROP_PROBS},
+    {"k1-home-dropless", 1, R_HOME, 0.0, MODEL_DROP_POSITION},
+    {"k1-hot-dropless", 1, R_HOT, 0.0, MODEL_DROP_POSITION},
+    {"k1-hot-cf1-position", 1, R_HOT, 1.0, MODEL_DROP_POSITION},
+    {"k1-hot-cf1-probs", 1, R_HOT, 1.0, MODEL_DROP_PROBS},
+    {"k1-skew-cf1-position", 1, R_SKEW, 1.0, MODEL_DROP_POSITION},
+    {"k1-random-cf2-position", 1, R_RANDOM, 2.0, MODEL_DROP_POSITION},
+};
+enum { NSCEN = sizeof scenarios / sizeof scenarios[0] };
+
+/* ---------------------------------------------------------------- checks and their counts */
+
+enum check {
+    C_ROWTOK, C_KEPT, C_STATS, C_OUT, C_MLOC, C_SEND, C_YRET, C_COUNTS, C_ROWS, C_XPERM,
+    C_DM, C_DTOPK, NCHECK
+};
+static const char *const check_names[NCHECK] = {
+    "row_token", "kept", "dropped/tokens_max", "out", "m_loc changed", "send plan",
+    "y_ret", "counts_matrix", "rows/expert_off", "x_perm", "dm", "dtopk_w"};
+
+enum { PRINT_PER_CHECK = 3 };
+
+struct tally {
+    long long wrong[NCHECK];
+    int printed[NCHECK];
+    /* what the scenario exercised: dropped assignments (counted once per micro-batch),
+     * ranks with no kept local slot (they send nothing), local experts that get no row */
+    long long cover[3];
+    const char *where; /* "layout dispatcher scenario" */
+};
+
+static bool corrupt_pending;
+
+/* Counts one wrong element of check c and prints the first few with this rank's view. */
+static void wrong_at(struct tally *ty, enum check c, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void wrong_at(struct tally *ty, enum check c, const char *fmt, ...)
+{
+    ty->wrong[c]++;
+    if (ty->printed[c]++ >= PRINT_PER_CHECK) return;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    printf("  [rank %d] %s: %s: %s\n", dist_world_rank(), ty->where, check_names[c], msg);
+    fflush(stdout);
+}
+
+/* Whether got differs from the exact integer expectation (corrupted once on demand). */
+static bool differs(float got, long long expect)
+{
+    if (corrupt_pending) {
+        expect += 1;
+        corrupt_pending = false;
+    }
+    return !(got == (float)expect);
+}
+
+/* ---------------------------------------------------------------- exact values */
+
+static uint64_t mix(uint64_t a, uint64_t b, uint64_t c)
+{
+    uint64_t x = a * 0x9E3779B97F4A7C15u ^ (b + 1) * 0xC2B2AE3D27D4EB4Fu ^
+                 (c + 7) * 0x165667B19E3779F9u;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9u;
+    x ^= x >> 29;
+    return x;
+}
+
+/* The MoE input of global token g (replica N + token), column c. */
+static long long m_value(int g, int c) { return 1 + c + (long long)D * g; }
+/* Its upstream gradient: an integer in [-3, 3]. */
+static long long dout_value(int g, int c) { return (long long)(mix(11, (uint64_t)g, (uint64_t)c) % 7) - 3; }
+/* Weight of slot j: 1, 2 or 3. */
+static long long w_value(int g, int j) { return 1 + (g + 2 * j) % 3; }
+
+/* ---------------------------------------------------------------- one layout's context */
+
+struct ctx {
+    const struct layout *lay;
+    struct dist_grid grid;
+    int me, dp, Ns, El;
+    struct dist_grid_coords my;
+    int *members, nmembers, my_index; /* the etp x ep group, group rank order */
+};
+
+/* The world rank holding token t of replica rep (sequence parallel: tp = t / Ns). */
+static int holder_of(const struct ctx *cx, int rep, int t)
+{
+    struct dist_grid_coords c = {.tp = t / cx->Ns, .cp = 0, .dp = rep, .pp = 0};
+    return dist_grid_rank_of(&cx->grid, DIST_GRID_ATTN, &c);
+}
+
+/* Routing of token t of replica rep: topk (k), probabilities (E). */
+static void route(const struct ctx *cx, const struct scenario *sc, int rep, int t, int *topk,
+                  float *probs)
+{
+    int const k = sc->k, g = rep * N + t;
+    int const holder = holder_of(cx, rep, t);
+    switch (sc->routing) {
+    case R_ROUND:
+        for (int j = 0; j < k; j++) topk[j] = (g * k + j) % E;
+        break;
+    case R_RANDOM: {
+        int const e0 = (int)(mix(3, (uint64_t)g, 0) % E);
+        topk[0] = e0;
+        if (k > 1) topk[1] = (e0 + 1 + (int)(mix(3, (uint64_t)g, 1) % (E - 1))) % E;
+        break;
+    }
+    case R_HOT:
+        if (k == 1) topk[0] = E - 1;
+        else topk[0] = 3, topk[1] = 6;
+        break;
+    case R_SKEW:
+        if (holder % 2 == 1)
+            for (int j = 0; j < k; j++) topk[j] = j * (E / 2);
+        else
+            for (int j = 0; j < k; j++) topk[j] = (g * k + j) % E;
+        break;
+    case R_HOME: {
+        struct dist_grid_coords c;
+        dist_grid_coords(&cx->grid, holder, &c);
+        VD_CHECK(k == 1, "R_HOME routes one slot");
+        topk[0] = c.ep * cx->El + t % cx->El;
+        break;
+    }
+    }
+    /* The router's top-k have the largest probabilities; on a 1/64 grid with ties. */
+    for (int e = 0; e < E; e++) probs[e] = (float)(1 + (int)(mix(5, (uint64_t)g, (uint64_t)e) % 4)) / 64.0f;
+    for (int j = 0; j < k; j++)
+        probs[topk[j]] =
+            (float)(40 - 8 * j + (int)(mix(5, (uint64_t)g, (uint64_t)topk[j]) % 4)) / 64.0f;
+}
+
+/* The micro-batch of replica rep: routing and the serial capacity decision. */
+struct mb {
+    int topk[N * 2];
+    float probs[N * E];
+    unsigned char kept[N * 2];
+    long dropped, tokens_max;
+};
+
+static void micro_batch(const struct ctx *cx, const struct scenario *sc, int rep, struct mb *b)
+{
+    int const k = sc->k, S = N * k;
+    for (int t = 0; t < N; t++) route(cx, sc, rep, t, b->topk + t * k, b->probs + t * E);
+    long const C = sc->cf > 0.0 ? (long)ceil(sc->cf * (double)N * k / E) : S;
+    long per_expert[E] = {0};
+    b->dropped = 0;
+    for (int s = 0; s < S; s++) {
+        int const e = b->topk[s];
+        float const p = b->probs[(s / k) * E + e];
+        long before = 0;
+        for (int s2 = 0; s2 < S; s2++) {
+            if (s2 == s || b->topk[s2] != e) continue;
+            float const p2 = b->probs[(s2 / k) * E + e];
+            bool const earlier = sc->policy == MODEL_DROP_PROBS ? p2 > p || (p2 == p && s2 < s)
+                                                                 : s2 < s;
+            before += earlier;
+        }
+        b->kept[s] = sc->cf <= 0.0 || before < C;
+        per_expert[e] += b->kept[s];
+        b->dropped += !b->kept[s];
+    }
+    b->tokens_max = 0;
+    for (int e = 0; e < E; e++)
+        if (per_expert[e] > b->tokens_max) b->tokens_max = per_expert[e];
+}
+
+/* ---------------------------------------------------------------- one scenario */
+
+struct bufs {
+    float *out, *dout, *dm, *dtopk, *m_copy;
+    unsigned char *seen; /* (dp N) */
+    struct mb *mbs;      /* (dp) */
+};
+
+static void fill_nan(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++) x[i] = NAN;
+}
+
+/* Global token index encoded by an x_perm row, or -1 when the row is not a valid row of m. */
+static int decode_row(const struct ctx *cx, const float *row)
+{
+    float const v0 = row[0];
+    if (!(v0 >= 1.0f) || v0 != floorf(v0)) return -1;
+    long long const g = ((long long)v0 - 1) / D;
+    if (g < 0 || g >= (long long)cx->dp * N) return -1;
+    for (int c = 0; c < D; c++)
+        if (row[c] != (float)m_value((int)g, c)) return -1;
+    return (int)g;
+}
+
+/* Index of world rank r in my etp x ep group, or -1. */
+static int member_index(const struct ctx *cx, int r)
+{
+    for (int i = 0; i < cx->nmembers; i++)
+        if (cx->members[i] == r) return i;
+    return -1;
+}
+
+/* Checks the expert block x_perm (both dispatchers): for each local expert exactly the
+ * kept rows routed to it from the whole etp x ep group, each source's rows contiguous and
+ * in increasing token order. */
+static void check_x_perm(const struct ctx *cx, const struct scenario *sc,
+                         const struct par_model *pm, const struct par_block_acts *ba,
+                         struct bufs *bf, struct tally *ty)
+{
+    int const k = sc->k, Ng = cx->dp * N;
+    size_t const A = par_moe_rows_max(pm);
+    size_t expect_total = 0;
+    size_t *expect_n = calloc((size_t)cx->El, sizeof *expect_n);
+    int *src_seen = calloc((size_t)cx->nmembers, sizeof *src_seen);
+    VD_CHECK(expect_n && src_seen, "out of memory");
+    for (int le = 0; le < cx->El; le++) {
+        int const e = cx->my.ep * cx->El + le;
+        for (int g = 0; g < Ng; g++) {
+            int const rep = g / N, t = g % N;
+            if (member_index(cx, holder_of(cx, rep, t)) < 0) continue;
+            for (int j = 0; j < k; j++)
+                if (bf->mbs[rep].kept[t * k + j] && bf->mbs[rep].topk[t * k + j] == e)
+                    expect_n[le]++;
+        }
+        expect_total += expect_n[le];
+    }
+    if (ba->rows != expect_total)
+        wrong_at(ty, C_ROWS, "rows %zu, expected %zu", ba->rows, expect_total);
+    for (int le = 0; le <= cx->El; le++) {
+        size_t want = 0;
+        for (int i = 0; i < le; i++) want += expect_n[i];
+        if (ba->expert_off[le] != want)
+            wrong_at(ty, C_ROWS, "expert_off[%d] = %zu, expected %zu", le, ba->expert_off[le],
+                     want);
+    }
+    /* Walk the blocks by the expected offsets, so a wrong offset does not hide the rows. */
+    size_t r0 = 0;
+    for (int le = 0; le < cx->El; le++) {
+        int const e = cx->my.ep * cx->El + le;
+        memset(bf->seen, 0, (size_t)Ng);
+        memset(src_seen, 0, (size_t)cx->nmembers * sizeof *src_seen);
+        int prev_src = -1, prev_g = -1;
+        for (size_t r = r0; r < r0 + expect_n[le] && r < A; r++) {
+            const float *row = ba->x_perm + r * D;
+            int const g = decode_row(cx, row);
+            if (g < 0) {
+                wrong_at(ty, C_XPERM, "expert %d row %zu is not a row of m (first value %g)",
+                         e, r, (double)row[0]);
+                continue;
+            }
+            int const rep = g / N, t = g % N;
+            int const src = member_index(cx, holder_of(cx, rep, t));
+            bool routed = false;
+            for (int j = 0; j < k; j++)
+                routed |= bf->mbs[rep].kept[t * k + j] && bf->mbs[rep].topk[t * k + j] == e;
+            if (src < 0 || !routed || bf->seen[g]) {
+                wrong_at(ty, C_XPERM,
+                         "expert %d row %zu holds token %d of replica %d (%s)", e, r, t, rep,
+                         src < 0 ? "from outside the etp x ep group"
+                                 : !routed ? "not routed to this expert, or dropped"
+                                           : "a second time");
+                continue;
+            }
+            bf->seen[g] = 1;
+            if (src != prev_src) {
+                if (src_seen[src])
+                    wrong_at(ty, C_XPERM, "expert %d row %zu: rows of source %d not contiguous",
+                             e, r, src);
+                src_seen[src] = 1;
+            } else if (g <= prev_g) {
+                wrong_at(ty, C_XPERM,
+                         "expert %d row %zu: token %d after token %d of the same source", e, r,
+                         g, prev_g);
+            }
+            prev_src = src;
+            prev_g = g;
+        }
+        r0 += expect_n[le];
+        ty->cover[2] += expect_n[le] == 0;
+    }
+    free(expect_n);
+    free(src_seen);
+}
+
+/* The all-to-all path's plan: send rows expert-major in (token, slot) order, the returned
+ * rows equal to the sent ones, and the counts matrix of the whole etp x ep group. */
+static void check_a2a(const struct ctx *cx, const struct scenario *sc,
+                      const struct par_block_acts *ba,
+                      const struct mb *mine, const int *row_token, struct tally *ty)
+{
+    int const k = sc->k, Ns = cx->Ns;
+    size_t kept_local = 0;
+    for (int r = 0; r < Ns; r++)
+        for (int j = 0; j < k; j++) kept_local += mine->kept[row_token[r] * k + j];
+    if (ba->send_rows != kept_local)
+        wrong_at(ty, C_SEND, "send_rows %zu, expected %zu", ba->send_rows, kept_local);
+    /* The expected send row of each kept local slot: expert-major, (token, slot) order. */
+    int a = 0;
+    for (int e = 0; e < E; e++)
+        for (int r = 0; r < Ns; r++)
+            for (int j = 0; j < k; j++) {
+                int const s = row_token[r] * k + j;
+                bool const kept = mine->kept[s];
+                int const got = ba->slot_row[r * k + j];
+                if (mine->topk[s] != e) continue;
+                if (!kept) {
+                    if (got != -1)
+                        wrong_at(ty, C_SEND, "dropped slot (row %d, j %d) has send row %d", r, j,
+                                 got);
+                    continue;
+                }
+                if (got != a)
+                    wrong_at(ty, C_SEND, "slot (row %d, j %d) of expert %d: send row %d, "
+                             "expected %d", r, j, e, got, a);
+                else if (ba->send_tok[a] != r)
+                    wrong_at(ty, C_SEND, "send_tok[%d] = %d, expected row %d", a,
+                             ba->send_tok[a], r);
+                a++;
+            }
+    size_t const n = ba->send_rows < (size_t)Ns * k ? ba->send_rows : (size_t)Ns * k;
+    for (size_t i = 0; i < n; i++) {
+        int const r = ba->send_tok[i];
+        if (r < 0 || r >= Ns) {
+            wrong_at(ty, C_YRET, "send_tok[%zu] = %d is not a local row", i, r);
+            continue;
+        }
+        if (memcmp(ba->y_ret + i * D, ba->m_loc + (size_t)r * D, D * sizeof(float)) != 0)
+            wrong_at(ty, C_YRET, "returned row %zu (local row %d) differs from the sent row: "
+                     "%g vs %g in column 0", i, r, (double)ba->y_ret[i * D],
+                     (double)ba->m_loc[(size_t)r * D]);
+    }
+}
+
+/* counts_matrix against the micro-batches of every member of the etp x ep group. */
+static void check_counts(const struct ctx *cx, const struct scenario *sc,
+                         const struct par_block_acts *ba, const struct bufs *bf,
+                         struct tally *ty)
+{
+    int const k = sc->k;
+    for (int i = 0; i < cx->nmembers; i++) {
+        struct dist_grid_coords c;
+        dist_grid_coords(&cx->grid, cx->members[i], &c);
+        const struct mb *b = &bf->mbs[c.dp];
+        for (int e = 0; e < E; e++) {
+            int want = 0;
+            for (int t = c.tp * cx->Ns; t < (c.tp + 1) * cx->Ns; t++)
+                for (int j = 0; j < k; j++) want += b->kept[t * k + j] && b->topk[t * k + j] == e;
+            int const got = ba->counts_matrix[(size_t)i * E + e];
+            if (got != want)
+                wrong_at(ty, C_COUNTS, "member %d (world rank %d) to expert %d: %d, expected %d",
+                         i, cx->members[i], e, got, want);
+        }
+    }
+}
+
+static void run_scenario(const struct ctx *cx, const struct scenario *sc,
+                         struct par_model *pm, struct bufs *bf, struct tally *ty)
+{
+    int const k = sc->k, Ns = cx->Ns;
+    struct par_block_acts *ba = &pm->blocks[0];
+    pm->cfg.moe_capacity_factor = sc->cf;
+    pm->cfg.moe_drop_policy = sc->policy;
+    for (int rep = 0; rep < cx->dp; rep++) micro_batch(cx, sc, rep, &bf->mbs[rep]);
+    const struct mb *mine = &bf->mbs[cx->my.dp];
+    int const rep = cx->my.dp;
+
+    /* The router's outputs and the MoE input of the local rows. */
+    for (int r = 0; r < Ns; r++) {
+        int const t = pm->row_token[r];
+        if (t != cx->my.tp * Ns + r) {
+            wrong_at(ty, C_ROWTOK, "row %d is token %d, expected %d", r, t, cx->my.tp * Ns + r);
+            continue;
+        }
+        int const g = rep * N + t;
+        for (int j = 0; j < k; j++) {
+            ba->rtopk[r * k + j] = mine->topk[t * k + j];
+            ba->rtopk_w[r * k + j] = (float)w_value(g, j);
+        }
+        memcpy(ba->rprobs + (size_t)r * E, mine->probs + (size_t)t * E, E * sizeof(float));
+        ba->rlse[r] = 0.0f;
+        for (int c = 0; c < D; c++) {
+            ba->m_loc[(size_t)r * D + c] = (float)m_value(g, c);
+            bf->dout[(size_t)r * D + c] = (float)dout_value(g, c);
+        }
+    }
+    memcpy(bf->m_copy, ba->m_loc, (size_t)Ns * D * sizeof(float));
+    if (cx->my.tp == 0) ty->cover[0] += mine->dropped;
+    bool any_kept = false;
+    for (int s = cx->my.tp * Ns * k; s < (cx->my.tp + 1) * Ns * k; s++) any_kept |= mine->kept[s];
+    ty->cover[1] += !any_kept;
+
+    /* The decision. */
+    memset(ba->kept, 0x5a, (size_t)Ns * k);
+    struct par_mb_stats st;
+    memset(&st, 0, sizeof st);
+    par_moe_decide(pm, ba, &st);
+    for (int r = 0; r < Ns; r++)
+        for (int j = 0; j < k; j++) {
+            int const t = cx->my.tp * Ns + r;
+            if (ba->kept[r * k + j] != mine->kept[t * k + j])
+                wrong_at(ty, C_KEPT, "token %d slot %d (expert %d, p %g): kept %d, expected %d",
+                         t, j, mine->topk[t * k + j],
+                         (double)mine->probs[t * E + mine->topk[t * k + j]],
+                         ba->kept[r * k + j], mine->kept[t * k + j]);
+        }
+    if (ba->dropped != mine->dropped || st.dropped != mine->dropped)
+        wrong_at(ty, C_STATS, "dropped %ld (stats %ld), expected %ld", ba->dropped, st.dropped,
+                 mine->dropped);
+    if (ba->tokens_max != mine->tokens_max || st.tokens_max != mine->tokens_max)
+        wrong_at(ty, C_STATS, "tokens_max %ld (stats %ld), expected %ld", ba->tokens_max,
+                 st.tokens_max, mine->tokens_max);
+
+    /* Forward. */
+    size_t const A = par_moe_rows_max(pm);
+    fill_nan(ba->x_perm, A * D);
+    fill_nan(ba->y_ret, (size_t)Ns * k * D);
+    for (int s = 0; s < Ns * k; s++) ba->slot_row[s] = ba->send_tok[s] = -7;
+    fill_nan(bf->out, (size_t)Ns * D);
+    par_moe_dispatch_forward(pm, ba, &pm->p.layers[0], bf->out);
+    for (int r = 0; r < Ns; r++) {
+        int const t = cx->my.tp * Ns + r, g = rep * N + t;
+        for (int c = 0; c < D; c++) {
+            long long want = 0;
+            for (int j = 0; j < k; j++)
+                if (mine->kept[t * k + j]) want += w_value(g, j) * m_value(g, c);
+            float const got = bf->out[(size_t)r * D + c];
+            if (differs(got, want))
+                wrong_at(ty, C_OUT, "token %d column %d: %g, expected %lld", t, c, (double)got,
+                         want);
+        }
+    }
+    for (size_t i = 0; i < (size_t)Ns * D; i++)
+        if (memcmp(&ba->m_loc[i], &bf->m_copy[i], sizeof(float)) != 0)
+            wrong_at(ty, C_MLOC, "element %zu", i);
+    check_x_perm(cx, sc, pm, ba, bf, ty);
+    if (pm->cfg.moe_token_dispatcher_type == MODEL_DISPATCH_ALLTOALL) {
+        int row_token[N];
+        for (int r = 0; r < Ns; r++) row_token[r] = cx->my.tp * Ns + r;
+        check_a2a(cx, sc, ba, mine, row_token, ty);
+        check_counts(cx, sc, ba, bf, ty);
+    }
+
+    /* Backward. */
+    fill_nan(bf->dm, (size_t)Ns * D);
+    fill_nan(bf->dtopk, (size_t)Ns * k);
+    par_moe_dispatch_backward(pm, ba, &pm->p.layers[0], &pm->g.layers[0], bf->dout, bf->dm,
+                              bf->dtopk);
+    for (int r = 0; r < Ns; r++) {
+        int const t = cx->my.tp * Ns + r, g = rep * N + t;
+        for (int c = 0; c < D; c++) {
+            long long want = 0;
+            for (int j = 0; j < k; j++)
+                if (mine->kept[t * k + j]) want += w_value(g, j) * dout_value(g, c);
+            float const got = bf->dm[(size_t)r * D + c];
+            if (differs(got, want))
+                wrong_at(ty, C_DM, "token %d column %d: %g, expected %lld", t, c, (double)got,
+                         want);
+        }
+        long long dot = 0;
+        for (int c = 0; c < D; c++) dot += dout_value(g, c) * m_value(g, c);
+        for (int j = 0; j < k; j++) {
+            long long const want = mine->kept[t * k + j] ? dot : 0;
+            float const got = bf->dtopk[r * k + j];
+            if (differs(got, want))
+                wrong_at(ty, C_DTOPK, "token %d slot %d (%s): %g, expected %lld", t, j,
+                         mine->kept[t * k + j] ? "kept" : "dropped", (double)got, want);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- one layout */
+
+/* Runs every scenario of one layout with one dispatcher; returns the world's wrong count
+ * and prints the layout's line (and, when wrong, the scenarios and checks that were). */
+static long long run_layout(const struct layout *l, int disp)
+{
+    int const rank = dist_world_rank();
+    struct ctx cx = {.lay = l};
+    if (dist_grid_init(&cx.grid, dist_world_size(), l->tp, 1, l->ep, l->etp, 1, l->order) < 0) {
+        if (rank == 0) printf("layout %s refused: %s\n" LINE_LAYOUT, l->name, vd_err_msg(),
+                              l->name, dispatcher_names[disp], 1LL);
+        return 1;
+    }
+    cx.me = rank;
+    dist_grid_coords(&cx.grid, rank, &cx.my);
+    cx.dp = cx.grid.dims.dp;
+    cx.Ns = N / l->tp;
+    cx.El = E / l->ep;
+    cx.nmembers = dist_grid_group_size(&cx.grid, DIST_ETPEP);
+    cx.members = vd_calloc((size_t)cx.nmembers, sizeof *cx.members);
+    dist_grid_group(&cx.grid, DIST_ETPEP, rank, cx.members, NULL, &cx.my_index);
+
+    struct par_groups groups;
+    par_groups_create(&groups, &cx.grid);
+    struct model_layout lay;
+    par_layout_from_grid(&lay, &cx.grid, rank, 1);
+
+    struct bufs bf;
+    bf.out = vd_alloc((size_t)cx.Ns * D * sizeof(float));
+    bf.dout = vd_alloc((size_t)cx.Ns * D * sizeof(float));
+    bf.dm = vd_alloc((size_t)cx.Ns * D * sizeof(float));
+    bf.dtopk = vd_alloc((size_t)cx.Ns * 2 * sizeof(float));
+    bf.m_copy = vd_alloc((size_t)cx.Ns * D * sizeof(float));
+    bf.seen = vd_alloc((size_t)cx.dp * N);
+    bf.mbs = vd_calloc((size_t)cx.dp, sizeof *bf.mbs);
+
+    long long layout_wrong = 0, cover[3] = {0};
+    char where[256];
+    for (int kk = 1; kk <= 2; kk++) {
+        struct model_config cfg;
+        model_config_defaults(&cfg);
+        cfg.vocab_size = V;
+        cfg.hidden_size = D;
+        cfg.intermediate_size = F;
+        cfg.num_hidden_layers = 1;
+        cfg.num_attention_heads = H;
+        cfg.num_key_value_heads = G;
+        cfg.num_local_experts = E;
+        cfg.num_experts_per_tok = kk;
+        cfg.moe_token_dispatcher_type = dispatchers[disp];
+        VD_CHECK(model_config_validate(&cfg) == 0, "%s", vd_err_msg());
+        struct par_model pm;
+        struct par_options const opt = {.distributed_optimizer = false};
+        int const rc = dist_agree(dist_world(), par_model_init(&pm, &cfg, &lay, &groups, &opt,
+                                                                B, T));
+        if (rc < 0) {
+            if (rank == 0) printf("layout %s: par_model_init refused: %s\n", l->name,
+                                  vd_err_msg());
+            layout_wrong++;
+            continue;
+        }
+        pm.identity_experts = true;
+        for (int si = 0; si < NSCEN; si++) {
+            const struct scenario *sc = &scenarios[si];
+            if (sc->k != kk) continue;
+            struct tally ty;
+            memset(&ty, 0, sizeof ty);
+            snprintf(where, sizeof where, "%s %s %s", l->name, dispatcher_names[disp],
+                     sc->name);
+            ty.where = where;
+            if (pm.groups.etpep.rank != cx.my_index ||
+                pm.groups.etpep.size != cx.nmembers)
+                wrong_at(&ty, C_COUNTS, "etp x ep group rank %d of %d, grid says %d of %d",
+                         pm.groups.etpep.rank, pm.groups.etpep.size, cx.my_index,
+                         cx.nmembers);
+            run_scenario(&cx, sc, &pm, &bf, &ty);
+            long long all[NCHECK];
+            DIST_CHECK_MPI(MPI_Allreduce(ty.wrong, all, NCHECK, MPI_LONG_LONG, MPI_SUM,
+                                         MPI_COMM_WORLD));
+            long long sum = 0, cov[3];
+            for (int c = 0; c < NCHECK; c++) sum += all[c];
+            DIST_CHECK_MPI(MPI_Allreduce(ty.cover, cov, 3, MPI_LONG_LONG, MPI_SUM,
+                                         MPI_COMM_WORLD));
+            for (int c = 0; c < 3; c++) cover[c] += cov[c];
+            layout_wrong += sum;
+            if (sum != 0 && rank == 0) {
+                printf("  %s: wrong %lld:", where, sum);
+                for (int c = 0; c < NCHECK; c++)
+                    if (all[c]) printf(" %s %lld", check_names[c], all[c]);
+                printf("\n");
+            }
+        }
+        par_model_free(&pm);
+    }
+    if (rank == 0) {
+        printf("  %s %s: %d scenarios; over them %lld assignments dropped, %lld ranks with "
+               "nothing to send, %lld local experts with no rows\n", l->name,
+               dispatcher_names[disp], NSCEN, cover[0], cover[1], cover[2]);
+        printf(LINE_LAYOUT, l->name, dispatcher_names[disp], layout_wrong);
+        fflush(stdout);
+    }
+    free(bf.out);
+    free(bf.dout);
+    free(bf.dm);
+    free(bf.dtopk);
+    free(bf.m_copy);
+    free(bf.seen);
+    free(bf.mbs);
+    free(cx.members);
+    par_groups_free(&groups);
+    return layout_wrong;
+}
+
+static int mpi_main(int argc, char **argv, int ranks)
+{
+    dist_init(&argc, &argv);
+    int const world = dist_world_size(), rank = dist_world_rank();
+    if (world != ranks) {
+        if (rank == 0)
+            printf("VDIST_DISPATCH_RANKS=%d but the world has %d ranks\n", ranks, world);
+        fflush(stdout);
+        dist_finalize();
+        return 2;
+    }
+    const char *const corrupt = getenv("VDIST_DISPATCH_CORRUPT");
+    corrupt_pending = rank == 0 && corrupt && strcmp(corrupt, "1") == 0;
+    long long total = 0;
+    int cases = 0;
+    for (int i = 0; i < NLAYOUTS; i++) {
+        if (layouts[i].world != world) continue;
+        for (int disp = 0; disp < 2; disp++) {
+            total += run_layout(&layouts[i], disp);
+            cases++;
+        }
+    }
+    if (rank == 0) printf(SUMMARY, cases, world, total);
+    fflush(stdout);
+    dist_finalize();
+    return total == 0 && cases > 0 ? 0 : 1;
+}
+
+/* ---------------------------------------------------------------- the driver */
+
+enum { RUN_TIMEOUT_S = 120 };
+
+/* Runs this executable under mpirun on np ranks; returns its wait status (-1 when it could
+ * not run or timed out) and its stdout and stderr in *out (caller frees). */
+static int run_mpi(int np, bool corrupt, char **out)
+{
+    *out = NULL;
+    char exe[4096];
+    ssize_t const len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len <= 0) return -1;
+    exe[len] = '\0';
+    char path[] = "/tmp/vdist_test_dispatch_XXXXXX";
+    int const fd = mkstemp(path);
+    if (fd < 0) return -1;
+    unlink(path);
+
+    char nbuf[16];
+    snprintf(nbuf, sizeof nbuf, "%d", np);
+    fflush(stdout);
+    pid_t const pid = fork();
+    if (pid == 0) {
+        setenv("VDIST_DISPATCH_RANKS", nbuf, 1);
+        setenv("OMP_NUM_THREADS", "1", 1);
+        if (corrupt) setenv("VDIST_DISPATCH_CORRUPT", "1", 1);
+        else unsetenv("VDIST_DISPATCH_CORRUPT");
+        dup2(fd, STDOUT_FILENO);
+        dup2(fd, STDERR_FILENO);
+        char *const args[] = {"mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to",
+                              "none", "-np", nbuf, exe, NULL};
+        execvp(args[0], args);
+        perror("execvp mpirun");
+        _exit(127);
+    }
+    int status = -1;
+    if (pid > 0) {
+        struct timespec const tick = {0, 20 * 1000 * 1000};
+        int waited_ms = 0;
+        pid_t done = 0;
+        while ((done = waitpid(pid, &status, WNOHANG)) == 0 && waited_ms < RUN_TIMEOUT_S * 1000) {
+            nanosleep(&tick, NULL);
+            waited_ms += 20;
+        }
+        if (done == 0) {
+            /* mpirun passes SIGTERM on to its ranks. */
+            kill(pid, SIGTERM);
+            sleep(3);
+            if (waitpid(pid, &status, WNOHANG) == 0) {
+                kill(pid, SIGKILL);
+                waitpid(pid, &status, 0);
+            }
+            dprintf(fd, "\n[driver] mpirun killed after %d s\n", RUN_TIMEOUT_S);
+            status = -1;
+        }
+    }
+    off_t const size = lseek(fd, 0, SEEK_END);
+    char *const text = malloc(size > 0 ? (size_t)size + 1 : 1);
+    size_t got = 0;
+    if (text && size > 0 && lseek(fd, 0, SEEK_SET) == 0)
+        for (ssize_t n; got < (size_t)size && (n = read(fd, text + got, (size_t)size - got)) > 0;)
+            got += (size_t)n;
+    if (text) text[got] = '\0';
+    close(fd);
+    *out = text;
+    return status;
+}
+
+static bool exited_zero(int status)
+{
+    return status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* Every layout on np ranks with both dispatchers: exit status 0, each layout's line with
+ * wrong 0 and the summary with total wrong 0. */
+static void expect_ranks(int np)
+{
+    char *out = NULL;
+    int const status = run_mpi(np, false, &out);
+    bool ok = exited_zero(status);
+    CU_ASSERT(ok);
+    char needle[256];
+    for (int i = 0; i < NLAYOUTS; i++) {
+        if (layouts[i].world != np) continue;
+        for (int disp = 0; disp < 2; disp++) {
+            snprintf(needle, sizeof needle, LINE_LAYOUT, layouts[i].name,
+                     dispatcher_names[disp], 0LL);
+            bool const found = out && strstr(out, needle);
+            CU_ASSERT(found);
+            ok = ok && found;
+        }
+    }
+    snprintf(needle, sizeof needle, SUMMARY, 2 * layouts_on(np), np, 0LL);
+    bool const found = out && strstr(out, needle);
+    CU_ASSERT(found);
+    ok = ok && found;
+    if (!ok)
+        printf("\n--- mpirun -np %d (status %d):\n%s---\n", np, status,
+               out ? out : "(no output)");
+    free(out);
+}
+
+static void test_ranks_1(void) { expect_ranks(1); }
+static void test_ranks_2(void) { expect_ranks(2); }
+static void test_ranks_4(void) { expect_ranks(4); }
+static void test_ranks_8(void) { expect_ranks(8); }
+
+/* The harness itself: one corrupted expectation must be counted and fail the run. */
+static void test_corruption_is_caught(void)
+{
+    char *out = NULL;
+    int const status = run_mpi(2, true, &out);
+    char needle[128];
+    snprintf(needle, sizeof needle, SUMMARY, 2 * layouts_on(2), 2, 1LL);
+    bool const failed = status != -1 && !exited_zero(status);
+    bool const found = out && strstr(out, needle);
+    CU_ASSERT(failed);
+    CU_ASSERT(found);
+    if (!failed || !found)
+        printf("\n--- mpirun -np 2, corrupted (status %d; looked for \"%s\"):\n%s---\n", status,
+               needle, out ? out : "(no output)");
+    free(out);
+}
+
+int main(int argc, char **argv)
+{
+    const char *const ranks = getenv("VDIST_DISPATCH_RANKS");
+    if (ranks) return mpi_main(argc, argv, atoi(ranks));
+
+    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
+    CU_pSuite s = CU_add_suite("token dispatcher (mpirun)", NULL, NULL);
+    if (!s ||
+        !CU_add_test(s, "1 rank: both dispatchers, every routing, exact", test_ranks_1) ||
+        !CU_add_test(s, "2-rank layouts: both dispatchers, every routing, exact", test_ranks_2) ||
+        !CU_add_test(s, "4-rank layouts: both dispatchers, every routing, exact", test_ranks_4) ||
+        !CU_add_test(s, "8-rank layouts: both dispatchers, every routing, exact", test_ranks_8) ||
+        !CU_add_test(s, "a corrupted expectation fails the run", test_corruption_is_caught)) {
+        CU_cleanup_registry();
+        return 1;
+    }
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    unsigned const failures = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    return failures != 0;
+}
