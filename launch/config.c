@@ -187,6 +187,12 @@ static const struct key_def key_table[] = {
      INT_MIN0(ckpt.interval)},
     {"ckpt.keep", KEY_INT, "2", "most recent checkpoints kept; 0 = keep all",
      INT_MIN0(ckpt.keep)},
+    {"ckpt.load", KEY_STRING, "auto",
+     "checkpoint to resume from: auto = the newest complete one under ckpt.dir (none: start "
+     "fresh), none, or a checkpoint directory",
+     STR(ckpt.load)},
+    {"ckpt.zstd_level", KEY_INT, "3", "zstd compression level of checkpoint shards, 1..19",
+     FIELD(ckpt.zstd_level), 1, 19, KF_MIN | KF_MAX, NULL},
     /* [log] */
     {"log.metrics", KEY_STRING, "", "JSON-lines metrics file; empty = none",
      STR(log.metrics)},
@@ -555,6 +561,34 @@ static int key_set(struct launch_config *c, const char *name, const char *text, 
 }
 
 /* ---------------------------------------------------------------- public: keys */
+
+char *launch_config_to_json(const struct launch_config *c)
+{
+    json_t *o = json_object();
+    for (size_t i = 0; i < KEY_COUNT; i++) {
+        const struct key_def *k = &key_table[i];
+        if (k->offset == NO_FIELD) continue;
+        const char *src = (const char *)c + k->offset;
+        json_t *v = NULL;
+        int iv;
+        uint64_t uv;
+        double dv;
+        bool bv;
+        switch (k->type) {
+        case KEY_INT: memcpy(&iv, src, sizeof iv); v = json_integer(iv); break;
+        case KEY_ENUM: memcpy(&iv, src, sizeof iv); v = json_string(k->values[iv]); break;
+        case KEY_U64: memcpy(&uv, src, sizeof uv); v = json_integer((json_int_t)uv); break;
+        case KEY_DOUBLE: memcpy(&dv, src, sizeof dv); v = json_real(dv); break;
+        case KEY_BOOL: memcpy(&bv, src, sizeof bv); v = json_boolean(bv); break;
+        case KEY_STRING: v = json_string(src); break;
+        }
+        json_object_set_new(o, k->name, v);
+    }
+    char *text = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17));
+    json_decref(o);
+    VD_CHECK(text != NULL, "out of memory serialising the configuration");
+    return text;
+}
 
 void launch_config_defaults(struct launch_config *c)
 {

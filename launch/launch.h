@@ -49,8 +49,10 @@ struct launch_parallel {
 };
 
 struct launch_ckpt {
-    char dir[LAUNCH_PATH_MAX];
+    char dir[LAUNCH_PATH_MAX];  /* root of the run's checkpoints; empty: none */
     int interval, keep;
+    char load[LAUNCH_PATH_MAX]; /* "auto": newest under dir; "none"; or a checkpoint path */
+    int zstd_level;
 };
 
 struct launch_log {
@@ -80,6 +82,8 @@ int launch_config_load(struct launch_config *c, const char *path, int argc,
 int launch_config_set(struct launch_config *c, const char *key, const char *value);
 /* Cross-key checks (batch divisibility, model sizes, ...); the loader calls it. */
 int launch_config_validate(const struct launch_config *c);
+/* Every key and its value as a JSON object {"section.key": value, ...} (malloc'd text). */
+char *launch_config_to_json(const struct launch_config *c);
 /* Prints every key with its default and meaning. */
 void launch_config_help(FILE *out);
 /* Writes the model keys as a Hugging Face config.json (MixtralForCausalLM). */

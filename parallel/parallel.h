@@ -67,7 +67,7 @@ struct par_block_acts {
     int *sorted_from;              /* (R): source of each expert row (gathered row or token) */
     int *slot_of;                  /* (R): gathered slot of each expert row (all-gather) */
     size_t *expert_off;            /* (E_local + 1): rows of each local expert */
-    size_t rows, send_rows, recv_rows; /* expert rows; all-to-all send and receive rows */
+    size_t rows, send_rows;        /* expert rows; all-to-all send rows */
     float *x_perm, *h1, *h3, *act, *y_perm; /* (R, d), (R, F_l) x3, (R, d) */
     long dropped;                  /* assignments of the micro-batch dropped (last forward) */
     long tokens_max;               /* most assignments kept by one expert (last forward) */

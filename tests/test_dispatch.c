@@ -46,7 +46,6 @@
 
 #include "dist/dist.h"
 #include "parallel/parallel.h"
-#include "parallel/parallel_internal.h"
 
 /* ---------------------------------------------------------------- layouts */
 
@@ -201,16 +200,18 @@ static uint64_t mix(uint64_t a, uint64_t b, uint64_t c)
 /* The MoE input of global token g (replica N + token), column c. */
 static long long m_value(int g, int c) { return 1 + c + (long long)D * g; }
 /* Its upstream gradient: an integer in [-3, 3]. */
-static long long dout_value(int g, int c) { return (long long)(mix(11, (uint64_t)g, (uint64_t)c) % 7) - 3; }
+static long long dout_value(int g, int c)
+{
+    return (long long)(mix(11, (uint64_t)g, (uint64_t)c) % 7) - 3;
+}
 /* Weight of slot j: 1, 2 or 3. */
 static long long w_value(int g, int j) { return 1 + (g + 2 * j) % 3; }
 
 /* ---------------------------------------------------------------- one layout's context */
 
 struct ctx {
-    const struct layout *lay;
     struct dist_grid grid;
-    int me, dp, Ns, El;
+    int dp, Ns, El;
     struct dist_grid_coords my;
     int *members, nmembers, my_index; /* the etp x ep group, group rank order */
 };
@@ -257,7 +258,8 @@ static void route(const struct ctx *cx, const struct scenario *sc, int rep, int 
     }
     }
     /* The router's top-k have the largest probabilities; on a 1/64 grid with ties. */
-    for (int e = 0; e < E; e++) probs[e] = (float)(1 + (int)(mix(5, (uint64_t)g, (uint64_t)e) % 4)) / 64.0f;
+    for (int e = 0; e < E; e++)
+        probs[e] = (float)(1 + (int)(mix(5, (uint64_t)g, (uint64_t)e) % 4)) / 64.0f;
     for (int j = 0; j < k; j++)
         probs[topk[j]] =
             (float)(40 - 8 * j + (int)(mix(5, (uint64_t)g, (uint64_t)topk[j]) % 4)) / 64.0f;
@@ -306,6 +308,13 @@ struct bufs {
     struct mb *mbs;      /* (dp) */
 };
 
+/* Rows of the expert block a rank may receive: every local slot of its etp x ep group
+ * (the size of ba->x_perm). */
+static size_t rows_max(const struct par_model *pm)
+{
+    return pm->shape.Ns * (size_t)pm->cfg.num_experts_per_tok * (size_t)pm->groups.etpep.size;
+}
+
 static void fill_nan(float *x, size_t n)
 {
     for (size_t i = 0; i < n; i++) x[i] = NAN;
@@ -339,7 +348,7 @@ static void check_x_perm(const struct ctx *cx, const struct scenario *sc,
                          struct bufs *bf, struct tally *ty)
 {
     int const k = sc->k, Ng = cx->dp * N;
-    size_t const A = par_moe_rows_max(pm);
+    size_t const A = rows_max(pm);
     size_t expect_total = 0;
     size_t *expect_n = calloc((size_t)cx->El, sizeof *expect_n);
     int *src_seen = calloc((size_t)cx->nmembers, sizeof *src_seen);
@@ -542,7 +551,7 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
                  st.tokens_max, mine->tokens_max);
 
     /* Forward. */
-    size_t const A = par_moe_rows_max(pm);
+    size_t const A = rows_max(pm);
     fill_nan(ba->x_perm, A * D);
     fill_nan(ba->y_ret, (size_t)Ns * k * D);
     for (int s = 0; s < Ns * k; s++) ba->slot_row[s] = ba->send_tok[s] = -7;
@@ -606,13 +615,12 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
 static long long run_layout(const struct layout *l, int disp)
 {
     int const rank = dist_world_rank();
-    struct ctx cx = {.lay = l};
+    struct ctx cx;
     if (dist_grid_init(&cx.grid, dist_world_size(), l->tp, 1, l->ep, l->etp, 1, l->order) < 0) {
         if (rank == 0) printf("layout %s refused: %s\n" LINE_LAYOUT, l->name, vd_err_msg(),
                               l->name, dispatcher_names[disp], 1LL);
         return 1;
     }
-    cx.me = rank;
     dist_grid_coords(&cx.grid, rank, &cx.my);
     cx.dp = cx.grid.dims.dp;
     cx.Ns = N / l->tp;
