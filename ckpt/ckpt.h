@@ -76,6 +76,19 @@ int ckpt_export_hf(const struct par_model *pm, const char *path);
  * optimizer each rank writes its own moment shards. Pieces are recorded by tensor name
  * and global coordinates, so a checkpoint loads into any valid layout. */
 
+/* ckpt/shard.c. Each piece is one contiguous element range of one tensor block (row-major)
+ * of one kind (param, m, v): an independent zstd frame with its content checksum, appended
+ * to rank_RRRRR.zst; manifest.json (format "vdist-sharded-checkpoint", version 1) lists the
+ * tensors' global shapes and every piece with its block, range, file, offset and size.
+ * ckpt_save and ckpt_load are collective over the world; ckpt_latest, ckpt_prune and
+ * ckpt_verify only read or change files: call ckpt_prune on one rank, ckpt_latest on any
+ * (every rank sees the same answer on a shared filesystem). A failed ckpt_load leaves pm
+ * as it was (it stages the values, briefly holding a second copy of this rank's
+ * parameters and moments). ckpt_verify prints its summary only when the checkpoint is
+ * sound; otherwise the error names the file and the piece or tensor at fault. Directories
+ * named step_N.<suffix> are saves or removals cut short: never loaded, pruned once older
+ * than the newest complete checkpoint. */
+
 struct ckpt_meta {
     long step;            /* optimizer steps done: the next step to run */
     long adam_step;       /* AdamW's t */

@@ -287,6 +287,90 @@ static int export_model(const struct launch_config *c, const struct par_model *p
     return dist_agree(dist_world(), rc);
 }
 
+/* ---------------------------------------------------------------- checkpoints */
+
+static bool want_checkpoint(const struct launch_config *c, int done)
+{
+    if (!c->ckpt.dir[0]) return false;
+    return done == c->train.steps || (c->ckpt.interval > 0 && done % c->ckpt.interval == 0);
+}
+
+static int save_checkpoint(const struct launch_config *c, const struct par_model *pm,
+                           const struct dist_grid *grid, int done)
+{
+    char *config = launch_config_to_json(c);
+    char layout[256];
+    const struct dist_grid_dims *d = &grid->dims;
+    snprintf(layout, sizeof layout,
+             "{\"world\":%d,\"tp\":%d,\"cp\":%d,\"dp\":%d,\"pp\":%d,\"etp\":%d,\"ep\":%d,"
+             "\"edp\":%d,\"order\":\"%s\",\"distributed_optimizer\":%s}",
+             grid->world, d->tp, d->cp, d->dp, d->pp, d->etp, d->ep, d->edp, grid->order,
+             pm->opt.distributed_optimizer ? "true" : "false");
+    struct ckpt_meta const meta = {.step = done, .adam_step = pm->adam_step,
+                                   .seed = c->train.seed, .config = config, .layout = layout};
+    double const t0 = MPI_Wtime();
+    int rc = ckpt_save(pm, c->ckpt.dir, &meta, c->ckpt.zstd_level);
+    free(config);
+    if (rc == 0 && dist_world_rank() == 0) rc = ckpt_prune(c->ckpt.dir, c->ckpt.keep);
+    rc = dist_agree(dist_world(), rc);
+    if (rc == 0 && dist_world_rank() == 0)
+        printf("checkpoint %s/step_%08d written in %.2f s\n", c->ckpt.dir, done, MPI_Wtime() - t0);
+    return rc;
+}
+
+/* ckpt.load: auto resumes from the newest complete checkpoint under ckpt.dir, if any. */
+static int resume(const struct launch_config *c, struct par_model *pm, long *start)
+{
+    char dir[LAUNCH_PATH_MAX] = "";
+    int rc = 0;
+    if (strcmp(c->ckpt.load, "auto") == 0) {
+        if (c->ckpt.dir[0]) rc = ckpt_latest(c->ckpt.dir, dir, sizeof dir);
+    } else if (strcmp(c->ckpt.load, "none") != 0) {
+        snprintf(dir, sizeof dir, "%s", c->ckpt.load);
+    }
+    FORWARD_IF(dist_agree(dist_world(), rc));
+    if (!dir[0]) return 0;
+    FORWARD_IF(ckpt_load(pm, dir, start, NULL));
+    RETURN_IF(*start > c->train.steps, VD_EINVAL,
+              "checkpoint %s is at step %ld, past train.steps = %d: raise train.steps to "
+              "continue the run", dir, *start, c->train.steps);
+    if (dist_world_rank() == 0) printf("resumed from %s at step %ld\n", dir, *start);
+    return 0;
+}
+
+/* Opens the metrics file: fresh at step 0; on resume, keeps the lines of the steps up to
+ * the checkpoint (a crashed run may have logged steps past it) and appends. */
+static int open_metrics(const char *path, long start, FILE **out)
+{
+    if (start == 0) {
+        *out = fopen(path, "w");
+        RETURN_IF(!*out, VD_EIO, "cannot open log.metrics file %s: %s", path, strerror(errno));
+        return 0;
+    }
+    char tmp[LAUNCH_PATH_MAX + 32];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    FILE *old = fopen(path, "r"), *f = fopen(tmp, "w");
+    if (!f) {
+        if (old) fclose(old);
+        RETURN_ERR(VD_EIO, "cannot write log.metrics file %s: %s", tmp, strerror(errno));
+    }
+    char line[16384];
+    while (old && fgets(line, sizeof line, old)) {
+        json_t *o = json_loads(line, 0, NULL);
+        json_int_t const step = o ? json_integer_value(json_object_get(o, "step")) : 0;
+        json_decref(o);
+        if (step >= 1 && step <= start) fputs(line, f);
+    }
+    if (old) fclose(old);
+    if (fflush(f) != 0 || rename(tmp, path) != 0) {
+        fclose(f);
+        unlink(tmp);
+        RETURN_ERR(VD_EIO, "cannot write log.metrics file %s: %s", path, strerror(errno));
+    }
+    *out = f;
+    return 0;
+}
+
 /* The layout of the grid, checked against what this version runs, before any work. */
 int launch_layout_make(const struct launch_config *c, struct dist_grid *grid)
 {
@@ -366,9 +450,6 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     int const threads = launch_topo_set_threads(node_ranks);
     struct dist_grid grid;
     FORWARD_IF(launch_layout_make(c, &grid));
-    RETURN_IF(c->ckpt.dir[0], VD_EINVAL,
-              "ckpt.dir = %s: this version does not write checkpoints yet; leave ckpt.dir "
-              "empty and use train.export_to for the final weights", c->ckpt.dir);
     FORWARD_IF(check_export_dir(c));
     struct par_groups groups;
     par_groups_create(&groups, &grid);
@@ -387,6 +468,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     model_init_params(&pm.tab, pm.params, c->train.seed, c->model.num_hidden_layers);
     launch_tokens *tok = NULL;
     rc = open_inputs(c, &pm, &tok);
+    long start = 0;
+    if (rc == 0) rc = resume(c, &pm, &start);
     if (rc < 0) {
         launch_tokens_close(tok);
         par_model_free(&pm);
@@ -399,12 +482,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     if (root) print_plan(c, &pm, threads, peak, measured);
 
     FILE *metrics = NULL;
-    if (root && c->log.metrics[0]) {
-        metrics = fopen(c->log.metrics, "w");
-        if (!metrics)
-            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot open log.metrics file %s",
-                            c->log.metrics);
-    }
+    if (root && c->log.metrics[0]) rc = open_metrics(c->log.metrics, start, &metrics);
     rc = dist_agree(dist_world(), rc);
     double const tokens_per_step = (double)c->train.global_batch * c->train.seq_len;
     double const flops_per_step = 3.0 * model_flops_per_token(&c->model, c->train.seq_len) *
@@ -412,8 +490,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     double timed_s = 0.0, t_start = MPI_Wtime();
     struct layer_stats *layer_stats =
         vd_calloc((size_t)(lay.layer_end - lay.layer_begin) + 1, sizeof *layer_stats);
-    for (int s = 0; rc == 0 && s < c->train.steps; s++) {
-        if (s == 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
+    for (int s = (int)start; rc == 0 && s < c->train.steps; s++) {
+        if (s == start + 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
         float const lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE,
                                      (float)c->train.lr, (float)c->train.lr_min,
                                      c->train.warmup, c->train.steps, s);
@@ -421,18 +499,19 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         struct step_stats st = {.nlayers = lay.layer_end - lay.layer_begin, .layers = layer_stats};
         train_step(&pm, tok, c, s, lr, &st);
         double const dt = MPI_Wtime() - t0;
-        if (s > 0 || c->train.steps == 1) timed_s += dt;
+        if (s > start || c->train.steps == start + 1) timed_s += dt;
         double const tps = tokens_per_step / dt;
         double const mfu = flops_per_step / (dt * dist_world_size() * peak * 1e9);
-        if (s == 0) res->first_loss = st.loss;
+        if (s == start) res->first_loss = st.loss;
         res->last_loss = st.loss;
         res->steps = s + 1;
+        if (want_checkpoint(c, s + 1)) rc = save_checkpoint(c, &pm, &grid, s + 1);
         if (!root) continue;
         if (metrics) write_metrics(metrics, s + 1, &st, lr, dt * 1e3, tps, mfu);
         bool const last = s + 1 == c->train.steps;
         if ((s + 1) % c->log.interval == 0 || last || s == 0) {
             char eta[32];
-            format_duration(eta, sizeof eta, (MPI_Wtime() - t_start) / (s + 1) *
+            format_duration(eta, sizeof eta, (MPI_Wtime() - t_start) / (s + 1 - start) *
                                                  (c->train.steps - s - 1));
             printf("step %d/%d | loss %.4f (lm %.4f aux %.4f z %.4f) | gnorm %.3f | lr %.2e | "
                    "%.0f tok/s | MFU %.1f%% | ETA %s\n",
@@ -441,7 +520,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
             fflush(stdout);
         }
     }
-    int const timed_steps = c->train.steps > 1 ? c->train.steps - 1 : 1;
+    int const run_steps = c->train.steps - (int)start;
+    int const timed_steps = run_steps > 1 ? run_steps - 1 : 1;
     if (timed_s > 0) {
         res->tokens_per_s = tokens_per_step * timed_steps / timed_s;
         res->mfu = flops_per_step * timed_steps / (timed_s * dist_world_size() * peak * 1e9);
