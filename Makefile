@@ -89,3 +89,59 @@ clean:
 	rm -rf build build-asan
 
 -include $(LIB_OBJ:.o=.d) $(BUILD)/launch/main.d $(TEST_BIN:=.d) $(TEST_COMMON_OBJ:.o=.d)
+
+# ---------------------------------------------------------------- fuzz (begin)
+# `make fuzz`: libFuzzer harnesses for the two parsers of untrusted files (tests/fuzz/):
+# the safetensors reader and the checkpoint manifest. Built with clang under ASan and UBSan
+# into $(BUILD)/fuzz/, from the library sources compiled again with coverage
+# instrumentation; each runs FUZZ_TIME seconds on its seed corpus (new inputs go to
+# $(BUILD)/fuzz/corpus_*), and the make fails if one finds a crash, a leak or an allocation
+# over FUZZ_RSS_MB (the input that did it is left in $(BUILD)/fuzz/artifacts_*/).
+FUZZ_CC       ?= clang
+FUZZ_DEB_PKGS := clang libclang-rt-dev libomp-dev
+FUZZ_BUILD    := $(BUILD)/fuzz
+FUZZ_TIME     ?= 20
+FUZZ_RSS_MB   ?= 2048
+FUZZ_NAMES    := safetensors manifest
+FUZZ_BIN      := $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz_%)
+FUZZ_LIB_SRC  := $(filter-out launch/%,$(LIB_SRC))
+FUZZ_LIB_OBJ  := $(FUZZ_LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+FUZZ_SAN      := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_CFLAGS    = -std=c17 -D_GNU_SOURCE -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer-no-link -fopenmp \
+                 $(WARN) $(shell pkg-config --cflags mpi-c libzstd jansson 2>/dev/null) \
+                 $(shell PKG_CONFIG_PATH=$(BLAS_DIR)/pkgconfig pkg-config --cflags openblas 2>/dev/null) \
+                 -DFUZZ_SHARD_DIR='"$(CURDIR)/tests/fuzz/shards"' -I. -MMD -MP
+FUZZ_LDLIBS    = $(shell pkg-config --libs mpi-c libzstd jansson 2>/dev/null) -fopenmp -lm
+
+.PHONY: fuzz fuzz-build
+fuzz:
+	@$(MAKE) --no-print-directory deps DEB_PKGS="$(DEB_PKGS) $(FUZZ_DEB_PKGS)"
+	@$(MAKE) --no-print-directory fuzz-build
+	@for n in $(FUZZ_NAMES); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus_$$n $(FUZZ_BUILD)/artifacts_$$n; \
+	  echo "== fuzz_$$n for $(FUZZ_TIME) s"; \
+	  $(FUZZ_BUILD)/fuzz_$$n -max_total_time=$(FUZZ_TIME) -rss_limit_mb=$(FUZZ_RSS_MB) \
+	    -timeout=10 -print_final_stats=1 -dict=tests/fuzz/$$n.dict \
+	    -artifact_prefix=$(FUZZ_BUILD)/artifacts_$$n/ \
+	    $(FUZZ_BUILD)/corpus_$$n tests/fuzz/corpus_$$n 2>$(FUZZ_BUILD)/fuzz_$$n.log; \
+	  rc=$$?; tail -n 25 $(FUZZ_BUILD)/fuzz_$$n.log; \
+	  [ $$rc = 0 ] || { echo "fuzz_$$n failed (exit $$rc): log $(FUZZ_BUILD)/fuzz_$$n.log," \
+	    "input in $(FUZZ_BUILD)/artifacts_$$n/"; exit 1; }; \
+	done
+
+fuzz-build: $(FUZZ_BIN)
+.SECONDARY: $(FUZZ_NAMES:%=$(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.o)
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+$(FUZZ_BUILD)/libvdist_fuzz.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.o $(FUZZ_BUILD)/libvdist_fuzz.a
+	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $^ $(FUZZ_LDLIBS)
+
+-include $(FUZZ_LIB_OBJ:.o=.d) $(FUZZ_NAMES:%=$(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.d)
+# ---------------------------------------------------------------- fuzz (end)

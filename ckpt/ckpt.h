@@ -99,9 +99,35 @@ struct ckpt_meta {
 
 /* Collective over the world: writes ROOT/step_NNNNNNNN (via a temporary directory renamed
  * once complete). level: zstd level (1..19). Returns 0, or an error agreed by all ranks;
- * on error nothing is left under the final name. */
+ * on error nothing is left under the final name. A step saved again is replaced whole.
+ * It is ckpt_save_start then ckpt_save_finish, except that it takes no snapshot: the
+ * writer reads pm, which cannot change while the caller waits. */
 int ckpt_save(const struct par_model *pm, const char *root, const struct ckpt_meta *meta,
               int level);
+
+/* Asynchronous saving (ckpt.async): the same checkpoint as ckpt_save in two collective
+ * halves, so training goes on while this rank's pieces are compressed and written.
+ * Memory: from start to finish a save holds a snapshot, one copy of the pieces this rank
+ * writes (its share of the parameters and of both AdamW moments, 4 bytes an element, at
+ * most 3 x its parameters, less where replicas share the writing or the distributed
+ * optimizer shards the moments), and a compression buffer of one piece (at most ~64 MB).
+ * Between the halves other collectives may run; the writer thread makes no MPI call.
+ * ckpt_prune while a save is pending may remove its temporary directory when a newer
+ * complete checkpoint exists (the save then fails in finish): prune after finish. */
+typedef struct ckpt_pending ckpt_pending;
+/* Every rank calls it. Copies this rank's pieces (params, moments) into the snapshot, and
+ * meta (strings included: the caller may free them); rank 0 creates the temporary
+ * directory; all ranks agree on these; then a background thread (pthread) compresses and
+ * writes the shard, and it returns: pm may change, or be freed, at once. Returns 0 with
+ * *out, or an error agreed by all ranks with *out NULL and nothing left on disk. */
+int ckpt_save_start(const struct par_model *pm, const char *root, const struct ckpt_meta *meta,
+                    int level, ckpt_pending **out);
+/* Collective: waits for this rank's writer thread, agrees on errors over all ranks (the
+ * writer's, e.g. a full disk, included), gathers the piece lists, rank 0 writes the
+ * manifest and renames into place. Returns 0 or an agreed error, after which nothing is
+ * under the final name; frees p either way. Ranks finish their pending saves in the order
+ * they started them. */
+int ckpt_save_finish(ckpt_pending *p);
 /* Collective: loads parameters, moments and AdamW's step from a checkpoint directory into
  * pm (any layout, the model's shapes must match). *step, and the stored config (malloc'd
  * JSON text, caller frees; may be NULL) are returned. */

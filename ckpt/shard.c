@@ -12,6 +12,11 @@
  *                   shape, block start and shape, range, file, byte offset and size).
  * A save writes into ROOT/step_NNNNNNNN.tmp.<pid>.<n> and renames it once the manifest is
  * durable; names of the form step_N.<anything> are leftovers that ckpt_prune removes.
+ * It has two halves: start (collective: plan this rank's pieces, snapshot their values,
+ * create the temporary directory, agree) hands the compressing and writing to a thread
+ * that uses no MPI; finish (collective: join, agree, gather the piece lists, manifest,
+ * rename) completes it. Every MPI call stays on the calling thread; the writer, like
+ * the OpenMP workers, makes none.
  *
  * Who writes what, so every element is written once and the work is spread:
  *   parameters: among the replicas of a block (the dp x cp group of a dense tensor, the
@@ -27,6 +32,9 @@
 #include <ftw.h>
 #include <jansson.h>
 #include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -559,88 +567,249 @@ static json_t *shape_json(const struct model_tensor *t)
                         : json_pack("[II]", (json_int_t)t->shape[0], (json_int_t)t->shape[1]);
 }
 
-/* One rank's shard file, opened at its first piece. */
-struct shard_writer {
-    char dir[PATH_MAX];
-    char file[32];
-    int fd;
-    size_t offset;
-    ZSTD_CCtx *cctx;
-    char *dst;
-    size_t dst_cap;
-    json_t *pieces;
+/* One piece to write: block elements [a, b) of one kind of tensor `tensor` (an index in
+ * the save's copy of the table), values at src; where it landed in the shard file once
+ * written. */
+struct plan_piece {
+    int kind;
+    int tensor;
+    size_t a, b;
+    const float *src;
+    size_t offset, nbytes;
 };
 
-static int writer_piece(struct shard_writer *w, int kind, const struct model_tensor *t,
-                        const float *block, size_t a, size_t b)
+/* The writer thread's first error. It is kept here, not recorded with vd_err_set, whose
+ * message is one global the training thread may set meanwhile; finish raises it. */
+struct bg_error {
+    int code; /* 0: none */
+    const char *file;
+    int line;
+    char msg[2048];
+};
+
+/* A save between start and finish. start fills everything; while the writer thread runs it
+ * reads the rest and writes only the pieces' offset and nbytes and err, which the calling
+ * thread reads after joining it. */
+struct ckpt_pending {
+    char root[PATH_MAX], tmp[PATH_MAX], final[PATH_MAX], aside[PATH_MAX];
+    char shard[PATH_MAX]; /* tmp/file */
+    char file[32];        /* rank_RRRRR.zst */
+    struct model_config cfg;
+    struct ckpt_meta meta; /* its strings are config and layout, copies owned here */
+    char *config, *layout;
+    struct model_tensor *tensors; /* pm's table, copied: pm need not outlive the save */
+    int ntensors;
+    struct plan_piece *pieces;
+    size_t npieces;
+    float *snapshot; /* the pieces' values; NULL when they point into pm (ckpt_save) */
+    ZSTD_CCtx *cctx;
+    char *dst; /* one compressed piece */
+    size_t dst_cap;
+    pthread_t writer;
+    bool writer_started;
+    struct bg_error err;
+};
+
+static void pending_free(struct ckpt_pending *p)
 {
-    char path[PATH_MAX];
-    FORWARD_IF(path_join(path, sizeof path, w->dir, w->file));
-    if (w->fd < 0) {
-        w->fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0666);
-        RETURN_IF(w->fd < 0, VD_EIO, "cannot create checkpoint shard %s: %s", path,
-                  strerror(errno));
-    }
-    size_t const raw_nbytes = (b - a) * sizeof(float);
-    size_t const bound = ZSTD_compressBound(raw_nbytes);
-    if (bound > w->dst_cap) {
-        free(w->dst);
-        w->dst_cap = bound;
-        w->dst = vd_alloc(bound);
-    }
-    size_t const nbytes = ZSTD_compress2(w->cctx, w->dst, w->dst_cap, block + a, raw_nbytes);
-    RETURN_IF(ZSTD_isError(nbytes), VD_EIO, "%s: compressing %s of '%s' failed: %s", path,
-              kind_names[kind], t->name, ZSTD_getErrorName(nbytes));
-    RETURN_IF(write_all(w->fd, w->dst, nbytes) != 0, VD_EIO,
-              "cannot write checkpoint shard %s: %s", path, strerror(errno));
-    json_t *p = json_pack("{s:s, s:s, s:o, s:[II], s:[II], s:[II], s:s, s:I, s:I}",
-                          "kind", kind_names[kind], "tensor", t->name, "shape", shape_json(t),
-                          "block_start", (json_int_t)t->local_start[0],
-                          (json_int_t)t->local_start[1], "block_shape",
-                          (json_int_t)t->local_shape[0], (json_int_t)t->local_shape[1],
-                          "range", (json_int_t)a, (json_int_t)b, "file", w->file,
-                          "offset", (json_int_t)w->offset, "nbytes", (json_int_t)nbytes);
-    VD_CHECK(p && json_array_append_new(w->pieces, p) == 0, "out of memory building the manifest");
-    w->offset += nbytes;
-    return 0;
+    free(p->config);
+    free(p->layout);
+    free(p->tensors);
+    free(p->pieces);
+    free(p->snapshot);
+    ZSTD_freeCCtx(p->cctx);
+    free(p->dst);
+    free(p);
 }
 
-/* Block elements [a, b) of one kind of t, cut into pieces of at most SHARD_PIECE_MAX. */
-static int writer_range(struct shard_writer *w, int kind, const struct model_tensor *t,
-                        const float *block, size_t a, size_t b)
+/* Block elements [a, b) of one kind of tensor i, values from `first` (element a), cut into
+ * pieces of at most SHARD_PIECE_MAX. */
+static void plan_range(struct ckpt_pending *p, size_t *cap, int kind, int i, const float *first,
+                       size_t a, size_t b)
 {
-    for (size_t x = a; x < b; x += SHARD_PIECE_MAX)
-        FORWARD_IF(writer_piece(w, kind, t, block, x, min_sz(b, x + SHARD_PIECE_MAX)));
-    return 0;
+    for (size_t x = a; x < b; x += SHARD_PIECE_MAX) {
+        if (p->npieces == *cap) {
+            *cap = *cap ? 2 * *cap : 64;
+            struct plan_piece *grown = realloc(p->pieces, *cap * sizeof *grown);
+            VD_CHECK(grown != NULL, "out of memory planning a checkpoint");
+            p->pieces = grown;
+        }
+        p->pieces[p->npieces++] = (struct plan_piece){
+            .kind = kind, .tensor = i, .a = x, .b = min_sz(b, x + SHARD_PIECE_MAX),
+            .src = first + (x - a)};
+    }
 }
 
-static int write_shard(const struct par_model *pm, struct shard_writer *w)
+/* The pieces this rank writes, in file order, their values still in pm. */
+static void plan_pieces(struct ckpt_pending *p, const struct par_model *pm)
 {
     const float *const state[SHARD_NKIND] = {pm->params, pm->adam_m, pm->adam_v};
+    size_t cap = 0;
     for (int i = 0; i < pm->tab.count; i++) {
         const struct model_tensor *t = &pm->tab.t[i];
         if (writes_block(pm, i))
-            FORWARD_IF(writer_range(w, SHARD_PARAM, t, pm->params + t->offset, 0, t->numel));
+            plan_range(p, &cap, SHARD_PARAM, i, pm->params + t->offset, 0, t->numel);
         for (int k = SHARD_M; k <= SHARD_V; k++) {
             if (!pm->opt.distributed_optimizer) {
                 if (writes_block(pm, i))
-                    FORWARD_IF(writer_range(w, k, t, state[k] + t->offset, 0, t->numel));
+                    plan_range(p, &cap, k, i, state[k] + t->offset, 0, t->numel);
                 continue;
             }
             size_t ea, eb, at;
             if (shard_lead(pm, t) && moment_span(pm, t, &ea, &eb, &at))
-                FORWARD_IF(writer_range(w, k, t, state[k] + at - ea, ea, eb));
+                plan_range(p, &cap, k, i, state[k] + at, ea, eb);
         }
     }
-    if (w->fd < 0) return 0;
-    char path[PATH_MAX];
-    FORWARD_IF(path_join(path, sizeof path, w->dir, w->file));
-    RETURN_IF(fsync(w->fd) != 0, VD_EIO, "cannot sync checkpoint shard %s: %s", path,
-              strerror(errno));
-    int const rc = close(w->fd);
-    w->fd = -1;
-    RETURN_IF(rc != 0, VD_EIO, "cannot close checkpoint shard %s: %s", path, strerror(errno));
+}
+
+/* Copies every piece's values into one private buffer and points the pieces at it. */
+static int snapshot_take(struct ckpt_pending *p)
+{
+    size_t *at = vd_calloc(p->npieces + 1, sizeof *at);
+    size_t len = 0;
+    for (size_t i = 0; i < p->npieces; i++) {
+        at[i] = len;
+        len += p->pieces[i].b - p->pieces[i].a;
+    }
+    p->snapshot = len ? malloc(len * sizeof(float)) : NULL;
+    if (len && !p->snapshot) {
+        free(at);
+        RETURN_ERR(VD_ENOMEM, "cannot allocate %.1f MB for the snapshot of checkpoint step %ld "
+                   "(a copy of the parameters and moments this rank writes); save "
+                   "synchronously or free memory", (double)len * sizeof(float) / 1e6,
+                   p->meta.step);
+    }
+    /* training waits for this copy: spread it over the threads */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t i = 0; i < p->npieces; i++) {
+        struct plan_piece *q = &p->pieces[i];
+        memcpy(p->snapshot + at[i], q->src, (q->b - q->a) * sizeof(float));
+        q->src = p->snapshot + at[i];
+    }
+    free(at);
     return 0;
+}
+
+/* The compression context and a buffer for the largest piece, so the writer allocates
+ * nothing. */
+static int writer_prepare(struct ckpt_pending *p, int level)
+{
+    p->cctx = ZSTD_createCCtx();
+    VD_CHECK(p->cctx != NULL, "out of memory creating a zstd context");
+    size_t const zrc1 = ZSTD_CCtx_setParameter(p->cctx, ZSTD_c_compressionLevel, level);
+    size_t const zrc2 = ZSTD_CCtx_setParameter(p->cctx, ZSTD_c_checksumFlag, 1);
+    VD_CHECK(!ZSTD_isError(zrc1) && !ZSTD_isError(zrc2), "zstd refuses level %d", level);
+    size_t largest = 0;
+    for (size_t i = 0; i < p->npieces; i++)
+        largest = max_sz(largest, p->pieces[i].b - p->pieces[i].a);
+    if (largest == 0) return 0;
+    p->dst_cap = ZSTD_compressBound(largest * sizeof(float));
+    p->dst = malloc(p->dst_cap);
+    RETURN_IF(!p->dst, VD_ENOMEM, "cannot allocate %zu bytes to compress checkpoint pieces",
+              p->dst_cap);
+    return 0;
+}
+
+__attribute__((format(printf, 5, 6))) static int bg_fail(struct bg_error *e, int code,
+                                                         const char *file, int line,
+                                                         const char *fmt, ...)
+{
+    if (e->code != 0) return code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    va_end(ap);
+    e->code = code;
+    e->file = file;
+    e->line = line;
+    return code;
+}
+#define BG_FAIL(p, code, ...) bg_fail(&(p)->err, (code), __FILE__, __LINE__, __VA_ARGS__)
+
+/* The writer thread's work: each piece one zstd frame appended to the shard file (made at
+ * the first piece, so a rank without pieces has none), then fsync. It calls no MPI, no
+ * vd_err_* and nothing that aborts; its only outputs are the pieces' offset and nbytes
+ * and p->err. strerror_r: strerror's buffer is not the thread's own. */
+static void shard_write(struct ckpt_pending *p)
+{
+    if (p->npieces == 0) return;
+    char why[256];
+    int const fd = open(p->shard, O_WRONLY | O_CREAT | O_EXCL, 0666);
+    if (fd < 0) {
+        BG_FAIL(p, VD_EIO, "cannot create checkpoint shard %s: %s", p->shard,
+                strerror_r(errno, why, sizeof why));
+        return;
+    }
+    int rc = 0;
+    size_t offset = 0;
+    for (size_t i = 0; rc == 0 && i < p->npieces; i++) {
+        struct plan_piece *q = &p->pieces[i];
+        size_t const nbytes = ZSTD_compress2(p->cctx, p->dst, p->dst_cap, q->src,
+                                             (q->b - q->a) * sizeof(float));
+        if (ZSTD_isError(nbytes))
+            rc = BG_FAIL(p, VD_EIO, "%s: compressing %s of '%s' failed: %s", p->shard,
+                         kind_names[q->kind], p->tensors[q->tensor].name,
+                         ZSTD_getErrorName(nbytes));
+        else if (write_all(fd, p->dst, nbytes) != 0)
+            rc = BG_FAIL(p, VD_EIO, "cannot write checkpoint shard %s: %s", p->shard,
+                         strerror_r(errno, why, sizeof why));
+        else {
+            q->offset = offset;
+            q->nbytes = nbytes;
+            offset += nbytes;
+        }
+    }
+    if (rc == 0 && fsync(fd) != 0)
+        rc = BG_FAIL(p, VD_EIO, "cannot sync checkpoint shard %s: %s", p->shard,
+                     strerror_r(errno, why, sizeof why));
+    if (close(fd) != 0 && rc == 0)
+        BG_FAIL(p, VD_EIO, "cannot close checkpoint shard %s: %s", p->shard,
+                strerror_r(errno, why, sizeof why));
+}
+
+static void *writer_main(void *arg)
+{
+    shard_write(arg);
+    return NULL;
+}
+
+/* Starts the writer with every signal blocked: signals meant for the process go to the
+ * training thread, and a file size limit fails the write (EFBIG) instead of killing the
+ * process with SIGXFSZ. A thread that cannot start is the save's error, raised by finish
+ * like the writer's own. */
+static void writer_launch(struct ckpt_pending *p)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int const err = pthread_create(&p->writer, NULL, writer_main, p);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    p->writer_started = err == 0;
+    char why[256];
+    if (err != 0)
+        BG_FAIL(p, VD_EIO, "cannot start the checkpoint writer thread: %s",
+                strerror_r(err, why, sizeof why));
+}
+
+/* This rank's pieces as the manifest lists them. */
+static json_t *pieces_json(const struct ckpt_pending *p)
+{
+    json_t *arr = json_array();
+    VD_CHECK(arr != NULL, "out of memory building the manifest");
+    for (size_t i = 0; i < p->npieces; i++) {
+        const struct plan_piece *q = &p->pieces[i];
+        const struct model_tensor *t = &p->tensors[q->tensor];
+        json_t *o = json_pack("{s:s, s:s, s:o, s:[II], s:[II], s:[II], s:s, s:I, s:I}",
+                              "kind", kind_names[q->kind], "tensor", t->name,
+                              "shape", shape_json(t),
+                              "block_start", (json_int_t)t->local_start[0],
+                              (json_int_t)t->local_start[1], "block_shape",
+                              (json_int_t)t->local_shape[0], (json_int_t)t->local_shape[1],
+                              "range", (json_int_t)q->a, (json_int_t)q->b, "file", p->file,
+                              "offset", (json_int_t)q->offset, "nbytes", (json_int_t)q->nbytes);
+        VD_CHECK(o && json_array_append_new(arr, o) == 0, "out of memory building the manifest");
+    }
+    return arr;
 }
 
 /* This rank's pieces as JSON text (malloc'd), gathered on rank 0 in rank order into one
@@ -686,14 +855,14 @@ static json_t *json_text_value(const char *text)
     return v ? v : json_string(text);
 }
 
-static json_t *manifest_build(const struct par_model *pm, const struct ckpt_meta *meta,
+static json_t *manifest_build(const struct model_config *cfg, const struct ckpt_meta *meta,
                               json_t *pieces)
 {
     struct model_layout const serial = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                        .layer_end = pm->cfg.num_hidden_layers,
+                                        .layer_end = cfg->num_hidden_layers,
                                         .has_embed = true, .has_head = true};
     struct model_table full;
-    VD_CHECK(model_table_build(&full, &pm->cfg, &serial) == 0, "the serial layout always fits");
+    VD_CHECK(model_table_build(&full, cfg, &serial) == 0, "the serial layout always fits");
     json_t *tensors = json_array();
     for (int i = 0; i < full.count; i++) {
         const struct model_tensor *t = &full.t[i];
@@ -771,9 +940,13 @@ static int publish(const char *tmp, const char *final, const char *root, const c
     return 0;
 }
 
-int ckpt_save(const struct par_model *pm, const char *root, const struct ckpt_meta *meta,
-              int level)
+/* ckpt_save_start, with the pieces' values copied (snapshot) or left in pm (ckpt_save, whose
+ * caller waits). Everything that can fail before the writing is agreed here; the writer
+ * starts only once every rank is ready. */
+static int save_start(const struct par_model *pm, const char *root, const struct ckpt_meta *meta,
+                      int level, bool snapshot, ckpt_pending **out)
 {
+    *out = NULL;
     const struct dist_group *world = dist_world();
     RETURN_IF(level < 1 || level > 19, VD_EINVAL,
               "ckpt.zstd_level = %d; allowed are 1 (fastest) to 19 (smallest)", level);
@@ -785,46 +958,99 @@ int ckpt_save(const struct par_model *pm, const char *root, const struct ckpt_me
     char suffix[48];
     snprintf(suffix, sizeof suffix, "%ld.%u", (long)getpid(), saves++);
     dist_bcast(world, DIST_WORLD, suffix, sizeof suffix, 0);
-    char final[PATH_MAX], tmp[PATH_MAX], aside[PATH_MAX], name[96];
-    snprintf(name, sizeof name, "step_%08ld", meta->step);
-    FORWARD_IF(path_join(final, sizeof final, root, name));
-    snprintf(name, sizeof name, "step_%08ld.tmp.%s", meta->step, suffix);
-    FORWARD_IF(path_join(tmp, sizeof tmp, root, name));
-    snprintf(name, sizeof name, "step_%08ld.old.%s", meta->step, suffix);
-    FORWARD_IF(path_join(aside, sizeof aside, root, name));
 
+    struct ckpt_pending *p = vd_calloc(1, sizeof *p);
+    char name[96];
     int rc = 0;
-    if (world->rank == 0) {
-        rc = make_dirs(root);
-        if (rc == 0 && mkdir(tmp, 0777) != 0)
-            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create checkpoint directory %s: %s",
-                            tmp, strerror(errno));
-    }
-    FORWARD_IF(dist_agree(world, rc));
+    if (snprintf(p->root, sizeof p->root, "%s", root) >= (int)sizeof p->root)
+        rc = vd_err_set(VD_EINVAL, __FILE__, __LINE__, "path %s is too long", root);
+    snprintf(name, sizeof name, "step_%08ld", meta->step);
+    if (rc == 0) rc = path_join(p->final, sizeof p->final, root, name);
+    snprintf(name, sizeof name, "step_%08ld.tmp.%s", meta->step, suffix);
+    if (rc == 0) rc = path_join(p->tmp, sizeof p->tmp, root, name);
+    snprintf(name, sizeof name, "step_%08ld.old.%s", meta->step, suffix);
+    if (rc == 0) rc = path_join(p->aside, sizeof p->aside, root, name);
+    snprintf(p->file, sizeof p->file, "rank_%05d.zst", world->rank);
+    if (rc == 0) rc = path_join(p->shard, sizeof p->shard, p->tmp, p->file);
+    p->cfg = pm->cfg;
+    p->meta = *meta;
+    p->config = meta->config ? strdup(meta->config) : NULL;
+    p->layout = meta->layout ? strdup(meta->layout) : NULL;
+    VD_CHECK((p->config || !meta->config) && (p->layout || !meta->layout),
+             "out of memory copying the checkpoint's metadata");
+    p->meta.config = p->config;
+    p->meta.layout = p->layout;
+    p->ntensors = pm->tab.count;
+    p->tensors = vd_calloc((size_t)p->ntensors + 1, sizeof *p->tensors);
+    memcpy(p->tensors, pm->tab.t, (size_t)p->ntensors * sizeof *p->tensors);
+    plan_pieces(p, pm);
 
-    struct shard_writer w = {.fd = -1, .cctx = ZSTD_createCCtx(), .pieces = json_array()};
-    VD_CHECK(w.cctx && w.pieces, "out of memory creating a zstd context");
-    snprintf(w.dir, sizeof w.dir, "%s", tmp);
-    snprintf(w.file, sizeof w.file, "rank_%05d.zst", world->rank);
-    size_t const zrc1 = ZSTD_CCtx_setParameter(w.cctx, ZSTD_c_compressionLevel, level);
-    size_t const zrc2 = ZSTD_CCtx_setParameter(w.cctx, ZSTD_c_checksumFlag, 1);
-    VD_CHECK(!ZSTD_isError(zrc1) && !ZSTD_isError(zrc2), "zstd refuses level %d", level);
-    rc = write_shard(pm, &w);
-    if (w.fd >= 0) close(w.fd);
-    ZSTD_freeCCtx(w.cctx);
-    free(w.dst);
+    bool made = false;
+    if (rc == 0 && world->rank == 0) {
+        rc = make_dirs(root);
+        if (rc == 0 && mkdir(p->tmp, 0777) != 0)
+            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create checkpoint directory %s: %s",
+                            p->tmp, strerror(errno));
+        made = rc == 0;
+    }
+    if (rc == 0 && snapshot) rc = snapshot_take(p);
+    if (rc == 0) rc = writer_prepare(p, level);
+    rc = dist_agree(world, rc);
+    if (rc != 0) {
+        if (made) remove_tree_quiet(p->tmp);
+        pending_free(p);
+        FORWARD_IF(rc);
+    }
+    writer_launch(p);
+    *out = p;
+    return 0;
+}
+
+int ckpt_save_start(const struct par_model *pm, const char *root, const struct ckpt_meta *meta,
+                    int level, ckpt_pending **out)
+{
+    FORWARD_IF(save_start(pm, root, meta, level, true, out));
+    return 0;
+}
+
+int ckpt_save_finish(ckpt_pending *p)
+{
+    VD_CHECK(p != NULL, "ckpt_save_finish needs the handle of a ckpt_save_start that succeeded");
+    const struct dist_group *world = dist_world();
+    if (p->writer_started) {
+        int const err = pthread_join(p->writer, NULL);
+        VD_CHECK(err == 0, "cannot join the checkpoint writer thread: %s", strerror(err));
+    }
+    int rc = p->err.code != 0
+                 ? vd_err_set(p->err.code, p->err.file, p->err.line, "%s", p->err.msg)
+                 : 0;
     /* Every shard is durable (or some rank failed) before rank 0 writes the manifest. */
     rc = dist_agree(world, rc);
-    json_t *pieces = rc == 0 ? gather_pieces(w.pieces) : NULL;
-    json_decref(w.pieces);
-    if (rc == 0 && world->rank == 0) {
-        json_t *m = manifest_build(pm, meta, pieces);
-        rc = manifest_write(m, tmp);
-        json_decref(m);
-        if (rc == 0) rc = publish(tmp, final, root, aside);
+    if (rc == 0) {
+        json_t *mine = pieces_json(p);
+        json_t *pieces = gather_pieces(mine);
+        json_decref(mine);
+        if (world->rank == 0) {
+            json_t *m = manifest_build(&p->cfg, &p->meta, pieces);
+            rc = manifest_write(m, p->tmp);
+            json_decref(m);
+            if (rc == 0) rc = publish(p->tmp, p->final, p->root, p->aside);
+        }
     }
-    if (rc != 0 && world->rank == 0) remove_tree_quiet(tmp);
+    if (rc != 0 && world->rank == 0) remove_tree_quiet(p->tmp);
+    pending_free(p);
     FORWARD_IF(dist_agree(world, rc));
+    return 0;
+}
+
+/* start then finish: one code path, without the snapshot, since pm cannot change while
+ * the caller waits. */
+int ckpt_save(const struct par_model *pm, const char *root, const struct ckpt_meta *meta,
+              int level)
+{
+    ckpt_pending *p;
+    FORWARD_IF(save_start(pm, root, meta, level, false, &p));
+    FORWARD_IF(ckpt_save_finish(p));
     return 0;
 }
 

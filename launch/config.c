@@ -187,10 +187,13 @@ static const struct key_def key_table[] = {
      INT_MIN0(ckpt.interval)},
     {"ckpt.keep", KEY_INT, "2", "most recent checkpoints kept; 0 = keep all",
      INT_MIN0(ckpt.keep)},
-    {"ckpt.load", KEY_STRING, "auto",
-     "checkpoint to resume from: auto = the newest complete one under ckpt.dir (none: start "
-     "fresh), none, or a checkpoint directory",
-     STR(ckpt.load)},
+    {"ckpt.resume", KEY_STRING, "auto",
+     "checkpoint to resume from: auto = the latest complete one under ckpt.dir (fresh start "
+     "when there is none), never, or a checkpoint directory",
+     STR(ckpt.resume)},
+    {"ckpt.async", KEY_BOOL, "false",
+     "write checkpoints in a background thread; the step waits only for the in-memory copy",
+     FIELD(ckpt.async), 0, 0, 0, NULL},
     {"ckpt.zstd_level", KEY_INT, "3", "zstd compression level of checkpoint shards, 1..19",
      FIELD(ckpt.zstd_level), 1, 19, KF_MIN | KF_MAX, NULL},
     /* [log] */

@@ -51,8 +51,9 @@ struct launch_parallel {
 struct launch_ckpt {
     char dir[LAUNCH_PATH_MAX];  /* root of the run's checkpoints; empty: none */
     int interval, keep;
-    char load[LAUNCH_PATH_MAX]; /* "auto": newest under dir; "none"; or a checkpoint path */
+    char resume[LAUNCH_PATH_MAX]; /* "auto": latest under dir; "never"; or a checkpoint path */
     int zstd_level;
+    bool async;                   /* compress and write in a background thread */
 };
 
 struct launch_log {

@@ -16,5 +16,7 @@ int launch_topo_set_threads(int node_ranks);
 int launch_layout_make(const struct launch_config *c, struct dist_grid *grid);
 /* `vdist bench dispatch`: the MoE dispatcher's exchange against MPI_Alltoall. */
 int launch_bench_dispatch(const struct launch_config *c);
+/* `vdist bench ckpt`: checkpoint save/load speed, compression, disk speed, async blocking. */
+int launch_bench_ckpt(const struct launch_config *c);
 
 #endif

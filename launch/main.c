@@ -16,6 +16,7 @@ static void usage(FILE *out)
             "  [mpirun -np N] vdist bench --config FILE [--section.key=value ...]\n"
             "  mpirun -np N vdist bench comm [--config FILE] [--parallel.tp=N ...] [options]\n"
             "  mpirun -np N vdist bench dispatch --config FILE [--parallel.ep=N ...]\n"
+            "  [mpirun -np N] vdist bench ckpt --config FILE [--ckpt.dir=DIR ...]\n"
             "  vdist data text IN OUT | synth OUT [options] | info FILE\n"
             "  vdist ckpt verify DIR | latest ROOT\n"
             "  vdist train --help          every configuration key, its default and meaning\n"
@@ -38,12 +39,13 @@ static int run_train(int argc, char **argv, bool bench)
 {
     bool const comm = bench && argc > 1 && strcmp(argv[1], "comm") == 0;
     bool const dispatch = bench && argc > 1 && strcmp(argv[1], "dispatch") == 0;
+    bool const ckpt = bench && argc > 1 && strcmp(argv[1], "ckpt") == 0;
     const char *config_path = NULL;
     char **keys = vd_calloc((size_t)argc + 1, sizeof *keys);
     char **opts = vd_calloc((size_t)argc + 1, sizeof *opts);
     int nkeys = 0, nopts = 0;
     bool help = false;
-    for (int i = comm || dispatch ? 2 : 1; i < argc; i++) {
+    for (int i = comm || dispatch || ckpt ? 2 : 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) help = true;
         else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config_path = argv[++i];
         else if (strncmp(argv[i], "--config=", 9) == 0) config_path = argv[i] + 9;
@@ -70,6 +72,7 @@ static int run_train(int argc, char **argv, bool bench)
     struct launch_train_result res;
     if (rc == 0 && comm) rc = launch_bench_comm(&cfg, nopts, opts);
     else if (rc == 0 && dispatch) rc = launch_bench_dispatch(&cfg);
+    else if (rc == 0 && ckpt) rc = launch_bench_ckpt(&cfg);
     else if (rc == 0) rc = launch_train_run(&cfg, bench, &res);
     free(keys);
     free(opts);

@@ -295,9 +295,35 @@ static bool want_checkpoint(const struct launch_config *c, int done)
     return done == c->train.steps || (c->ckpt.interval > 0 && done % c->ckpt.interval == 0);
 }
 
-static int save_checkpoint(const struct launch_config *c, const struct par_model *pm,
-                           const struct dist_grid *grid, int done)
+/* A checkpoint in flight (ckpt.async) and what it cost the steps. */
+struct ckpt_state {
+    ckpt_pending *pending;
+    long pending_step;
+    double blocked_s; /* time the training loop waited on checkpoints */
+    int saves;
+};
+
+/* Finishes the save in flight, if any, then prunes (rank 0). */
+static int finish_checkpoint(const struct launch_config *c, struct ckpt_state *cs)
 {
+    if (!cs->pending) return 0;
+    double const t0 = MPI_Wtime();
+    int rc = ckpt_save_finish(cs->pending);
+    cs->pending = NULL;
+    cs->blocked_s += MPI_Wtime() - t0;
+    if (rc == 0 && dist_world_rank() == 0) rc = ckpt_prune(c->ckpt.dir, c->ckpt.keep);
+    rc = dist_agree(dist_world(), rc);
+    if (rc == 0 && dist_world_rank() == 0)
+        printf("checkpoint %s/step_%08ld complete\n", c->ckpt.dir, cs->pending_step);
+    return rc;
+}
+
+/* Saves after `done` steps: synchronously, or (ckpt.async) by starting a background write
+ * that the next checkpoint or the end of training finishes. */
+static int save_checkpoint(const struct launch_config *c, const struct par_model *pm,
+                           const struct dist_grid *grid, int done, struct ckpt_state *cs)
+{
+    FORWARD_IF(finish_checkpoint(c, cs));
     char *config = launch_config_to_json(c);
     char layout[256];
     const struct dist_grid_dims *d = &grid->dims;
@@ -309,24 +335,24 @@ static int save_checkpoint(const struct launch_config *c, const struct par_model
     struct ckpt_meta const meta = {.step = done, .adam_step = pm->adam_step,
                                    .seed = c->train.seed, .config = config, .layout = layout};
     double const t0 = MPI_Wtime();
-    int rc = ckpt_save(pm, c->ckpt.dir, &meta, c->ckpt.zstd_level);
+    int rc = ckpt_save_start(pm, c->ckpt.dir, &meta, c->ckpt.zstd_level, &cs->pending);
     free(config);
-    if (rc == 0 && dist_world_rank() == 0) rc = ckpt_prune(c->ckpt.dir, c->ckpt.keep);
-    rc = dist_agree(dist_world(), rc);
-    if (rc == 0 && dist_world_rank() == 0)
-        printf("checkpoint %s/step_%08d written in %.2f s\n", c->ckpt.dir, done, MPI_Wtime() - t0);
-    return rc;
+    cs->blocked_s += MPI_Wtime() - t0;
+    cs->pending_step = done;
+    cs->saves++;
+    FORWARD_IF(rc);
+    return c->ckpt.async ? 0 : finish_checkpoint(c, cs);
 }
 
-/* ckpt.load: auto resumes from the newest complete checkpoint under ckpt.dir, if any. */
+/* ckpt.resume: auto resumes from the latest complete checkpoint under ckpt.dir, if any. */
 static int resume(const struct launch_config *c, struct par_model *pm, long *start)
 {
     char dir[LAUNCH_PATH_MAX] = "";
     int rc = 0;
-    if (strcmp(c->ckpt.load, "auto") == 0) {
+    if (strcmp(c->ckpt.resume, "auto") == 0) {
         if (c->ckpt.dir[0]) rc = ckpt_latest(c->ckpt.dir, dir, sizeof dir);
-    } else if (strcmp(c->ckpt.load, "none") != 0) {
-        snprintf(dir, sizeof dir, "%s", c->ckpt.load);
+    } else if (strcmp(c->ckpt.resume, "never") != 0) {
+        snprintf(dir, sizeof dir, "%s", c->ckpt.resume);
     }
     FORWARD_IF(dist_agree(dist_world(), rc));
     if (!dir[0]) return 0;
@@ -490,6 +516,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     double timed_s = 0.0, t_start = MPI_Wtime();
     struct layer_stats *layer_stats =
         vd_calloc((size_t)(lay.layer_end - lay.layer_begin) + 1, sizeof *layer_stats);
+    struct ckpt_state cs = {0};
     for (int s = (int)start; rc == 0 && s < c->train.steps; s++) {
         if (s == start + 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
         float const lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE,
@@ -505,7 +532,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         if (s == start) res->first_loss = st.loss;
         res->last_loss = st.loss;
         res->steps = s + 1;
-        if (want_checkpoint(c, s + 1)) rc = save_checkpoint(c, &pm, &grid, s + 1);
+        if (want_checkpoint(c, s + 1)) rc = save_checkpoint(c, &pm, &grid, s + 1, &cs);
         if (!root) continue;
         if (metrics) write_metrics(metrics, s + 1, &st, lr, dt * 1e3, tps, mfu);
         bool const last = s + 1 == c->train.steps;
@@ -526,6 +553,12 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         res->tokens_per_s = tokens_per_step * timed_steps / timed_s;
         res->mfu = flops_per_step * timed_steps / (timed_s * dist_world_size() * peak * 1e9);
     }
+    int const frc = finish_checkpoint(c, &cs);
+    if (rc == 0) rc = frc;
+    if (rc == 0 && root && cs.saves > 0)
+        printf("checkpoints: %d saved, the training loop waited %.3f s on them (%.1f ms per "
+               "save%s)\n", cs.saves, cs.blocked_s, 1e3 * cs.blocked_s / cs.saves,
+               c->ckpt.async ? ", asynchronous" : "");
     if (metrics) fclose(metrics);
     free(layer_stats);
     if (rc == 0 && bench && root)

@@ -1,8 +1,10 @@
 /* Sharded checkpoints on one rank (serial layout, with and without the distributed
  * optimizer): bitwise round trips of parameters, moments and AdamW's step; verify; the
  * newest complete checkpoint; pruning; and the failures: a corrupted shard, a manifest of
- * another shape, a save that cannot write. Multi-rank and cross-layout resumes run through
- * the real program in other suites. */
+ * another shape, a save that cannot write. Asynchronous saves: what is written is the
+ * snapshot taken at start, whatever happens to the model and the caller's strings after;
+ * a failure of the background writer is reported by finish and leaves nothing. Multi-rank
+ * and cross-layout resumes run through the real program in other suites. */
 #include <CUnit/Basic.h>
 #include <dirent.h>
 #include <jansson.h>
@@ -480,6 +482,155 @@ static void test_unwritable(void)
     par_model_free(&a);
 }
 
+/* The first entry of dir whose name starts with prefix into out; false when none. */
+static bool find_entry(const char *dir, const char *prefix, char *out, size_t cap)
+{
+    DIR *d = opendir(dir);
+    if (!d) return false;
+    bool found = false;
+    const struct dirent *e;
+    while (!found && (e = readdir(d)) != NULL)
+        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) {
+            snprintf(out, cap, "%s/%s", dir, e->d_name);
+            found = true;
+        }
+    closedir(d);
+    return found;
+}
+
+/* ckpt_save_start with the test's metadata; the config string is the caller's to free. */
+static int start(const struct par_model *pm, const char *root, long step, const char *config,
+                 ckpt_pending **p)
+{
+    struct ckpt_meta const meta = {.step = step, .adam_step = pm->adam_step, .seed = 1234,
+                                   .config = config, .layout = "{\"world\": 1, \"tp\": 1}"};
+    int const rc = ckpt_save_start(pm, root, &meta, 3, p);
+    if (rc) printf("\n  ckpt_save_start: %s\n", vd_err_msg());
+    return rc;
+}
+
+/* Start, change the model (the next training steps) and free the config, finish: what
+ * loads is the model as it was at start. Two saves may be under way at once. */
+static void async_snapshot(bool zero, const char *name)
+{
+    struct model_config c;
+    tiny_config(&c);
+    struct par_model a, want, b;
+    model_make(&a, &c, zero);
+    model_make(&want, &c, zero);
+    model_make(&b, &c, zero);
+    model_fill(&a, 11);
+    model_fill(&want, 11);
+    char root[256], dir[300], text[512];
+    fresh_root(root, sizeof root, name);
+    char *config = strdup("{\"train\": {\"steps\": 7}}");
+    CU_ASSERT_FATAL(config != NULL);
+    ckpt_pending *p1 = NULL, *p2 = NULL;
+    CU_ASSERT_FATAL(start(&a, root, 6, config, &p1) == 0);
+    CU_ASSERT_FATAL(p1 != NULL);
+    memset(config, 'x', strlen(config));
+    free(config);
+    model_fill(&a, 12); /* parameters, moments and AdamW's step all change */
+    CU_ASSERT(!model_equal(&a, &want));
+    CU_ASSERT_FATAL(start(&a, root, 7, NULL, &p2) == 0);
+    model_fill(&a, 13);
+    CU_ASSERT(!exists(root, "step_00000006")); /* nothing final before finish */
+    int rc = ckpt_save_finish(p1);
+    if (rc) printf("\n  ckpt_save_finish: %s\n", vd_err_msg());
+    CU_ASSERT_FATAL(rc == 0);
+    rc = ckpt_save_finish(p2);
+    if (rc) printf("\n  ckpt_save_finish: %s\n", vd_err_msg());
+    CU_ASSERT_FATAL(rc == 0);
+    CU_ASSERT_EQUAL(entry_count(root), 2); /* no temporary left */
+
+    snprintf(dir, sizeof dir, "%s/step_00000006", root);
+    long step = -1;
+    char *back = NULL;
+    rc = ckpt_load(&b, dir, &step, &back);
+    if (rc) printf("\n  ckpt_load: %s\n", vd_err_msg());
+    CU_ASSERT_FATAL(rc == 0);
+    CU_ASSERT_EQUAL(step, 6);
+    CU_ASSERT(model_equal(&b, &want)); /* the snapshot's values, not the changed ones */
+    json_t *got = back ? json_loads(back, 0, NULL) : NULL;
+    json_t *sent = json_pack("{s:{s:i}}", "train", "steps", 7);
+    CU_ASSERT(got != NULL && json_equal(got, sent));
+    json_decref(got);
+    json_decref(sent);
+    free(back);
+    CU_ASSERT_EQUAL(verify(dir, text, sizeof text), 0);
+
+    model_fill(&want, 12);
+    snprintf(dir, sizeof dir, "%s/step_00000007", root);
+    CU_ASSERT_FATAL(ckpt_load(&b, dir, &step, NULL) == 0);
+    CU_ASSERT_EQUAL(step, 7);
+    CU_ASSERT(model_equal(&b, &want));
+    par_model_free(&a);
+    par_model_free(&want);
+    par_model_free(&b);
+}
+
+static void test_async_snapshot(void) { async_snapshot(false, "async_plain"); }
+static void test_async_snapshot_zero(void) { async_snapshot(true, "async_zero"); }
+
+/* Failures: start's own (agreed, no handle, nothing written), and the background writer's
+ * (a file size limit; the temporary directory taken away while it writes), which finish
+ * reports, leaving nothing under the final name. */
+static void test_async_errors(void)
+{
+    struct model_config c;
+    tiny_config(&c);
+    struct par_model a;
+    model_make(&a, &c, false);
+    model_fill(&a, 9);
+    char root[256], path[512], out[512];
+    ckpt_pending *p = (ckpt_pending *)&p; /* start must clear it on error */
+    fresh_root(root, sizeof root, "async_start");
+    snprintf(path, sizeof path, "%s/file", root);
+    FILE *f = fopen(path, "w");
+    CU_ASSERT_FATAL(f != NULL);
+    fclose(f);
+    CU_ASSERT_NOT_EQUAL(ckpt_save_start(&a, path, &(struct ckpt_meta){.step = 1}, 3, &p), 0);
+    CU_ASSERT(p == NULL);
+    CU_ASSERT_EQUAL(entry_count(root), 1);
+    p = (ckpt_pending *)&p;
+    CU_ASSERT_NOT_EQUAL(ckpt_save_start(&a, root, &(struct ckpt_meta){.step = 1}, 20, &p), 0);
+    CU_ASSERT(p == NULL);
+
+    /* The limit applies to the writer thread, which has SIGXFSZ blocked: its write fails
+     * with EFBIG, no signal handler needed. */
+    fresh_root(root, sizeof root, "async_fsize");
+    struct rlimit old, lim;
+    CU_ASSERT_FATAL(getrlimit(RLIMIT_FSIZE, &old) == 0);
+    lim = old;
+    lim.rlim_cur = 2000;
+    CU_ASSERT_FATAL(setrlimit(RLIMIT_FSIZE, &lim) == 0);
+    int rc = start(&a, root, 1, "{}", &p);
+    model_fill(&a, 10);
+    if (rc == 0) rc = ckpt_save_finish(p);
+    CU_ASSERT_FATAL(setrlimit(RLIMIT_FSIZE, &old) == 0);
+    CU_ASSERT_NOT_EQUAL(rc, 0);
+    CU_ASSERT(msg_has("rank_00000.zst"));
+    CU_ASSERT_EQUAL(entry_count(root), 0);
+    CU_ASSERT_EQUAL(ckpt_latest(root, out, sizeof out), 0);
+    CU_ASSERT_EQUAL(out[0], '\0');
+
+    /* The writer finds its directory gone (before or after creating its file): the error
+     * names the temporary directory, and the step is not published. */
+    fresh_root(root, sizeof root, "async_moved");
+    CU_ASSERT_FATAL(start(&a, root, 2, "{}", &p) == 0);
+    char tmp[512], moved[600];
+    CU_ASSERT_FATAL(find_entry(root, "step_00000002.tmp.", tmp, sizeof tmp));
+    snprintf(moved, sizeof moved, "%s/moved", root);
+    CU_ASSERT_FATAL(rename(tmp, moved) == 0);
+    CU_ASSERT_NOT_EQUAL(ckpt_save_finish(p), 0);
+    CU_ASSERT(msg_has("step_00000002.tmp."));
+    CU_ASSERT(!exists(root, "step_00000002"));
+    CU_ASSERT_EQUAL(entry_count(root), 1); /* only what the test moved */
+    CU_ASSERT_EQUAL(ckpt_latest(root, out, sizeof out), 0);
+    CU_ASSERT_EQUAL(out[0], '\0');
+    par_model_free(&a);
+}
+
 int main(int argc, char **argv)
 {
     dist_init(&argc, &argv);
@@ -496,7 +647,10 @@ int main(int argc, char **argv)
         !CU_add_test(s, "a corrupted or cut shard fails load and verify", test_corrupt_shard) ||
         !CU_add_test(s, "another model's shapes are named", test_wrong_shape) ||
         !CU_add_test(s, "a piece missing from the manifest", test_missing_piece) ||
-        !CU_add_test(s, "a save that cannot write leaves nothing", test_unwritable)) {
+        !CU_add_test(s, "a save that cannot write leaves nothing", test_unwritable) ||
+        !CU_add_test(s, "async: the snapshot at start is what loads", test_async_snapshot) ||
+        !CU_add_test(s, "async, distributed optimizer: the same", test_async_snapshot_zero) ||
+        !CU_add_test(s, "async: start and writer failures leave nothing", test_async_errors)) {
         CU_cleanup_registry();
         return 1;
     }

@@ -27,7 +27,7 @@ static const char *const all_keys[] = {
     "train.export_to", "train.peak_gflops", "data.path", "data.dtype", "parallel.tp",
     "parallel.cp", "parallel.ep", "parallel.etp", "parallel.pp", "parallel.vpp",
     "parallel.order", "parallel.distributed_optimizer", "ckpt.dir", "ckpt.interval",
-    "ckpt.keep", "ckpt.load", "ckpt.zstd_level", "log.metrics", "log.interval",
+    "ckpt.keep", "ckpt.resume", "ckpt.async", "ckpt.zstd_level", "log.metrics", "log.interval",
 };
 #define NKEYS (sizeof all_keys / sizeof all_keys[0])
 

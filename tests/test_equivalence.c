@@ -10,7 +10,8 @@
  * of the same global batch, micro-batch, seed and data:
  *
  *   - loss, lm_loss, aux_loss, z_loss of every step (metrics file) to a relative 1e-5;
- *   - dropped_frac of every step exactly (the dropping decisions must be the same);
+ *   - dropped_frac of every step exactly, the top-level one and each MoE layer's
+ *     (moe_layers[l].dropped_frac): the dropping decisions must be the same;
  *   - grad_norm of every step to a relative 1e-4 (GNORM_REL_TOL says why);
  *   - the final parameters (train.export_to, gathered by global name from any layout),
  *     tensor by tensor by name, to PARAM_ABS_TOL (see there for the rationale).
@@ -21,12 +22,24 @@
  * (dropped_frac > 0 in the reference) and that as many are dropped at every step as on
  * one rank (and, through the losses and parameters, the same ones).
  *
+ * Expert parallelism on the folded grid (ep_layouts): 16 layouts on 2, 4 and 8 ranks
+ * whose MoE grid etp x ep x edp re-splits the attention grid tp x dp -- EP larger than DP,
+ * EP spanning the tensor ranks, ETP inside EP, EDP > 1, and two non-default orders --
+ * each with both token dispatchers (alltoall, allgather), each dropless and with capacity
+ * 1.0 under both policies, all compared as above (96 cases). The program's "layout:" line
+ * must show both grids as asked.
+ *
  * The 1-rank reference always uses the layout's micro_batch (dropping decisions depend on
  * the micro-batch), and is cached per (micro_batch, global_batch, extra options). A
  * negative control trains the reference with another seed and requires the comparison to
- * tell the two apart, so the harness cannot pass vacuously; a calibration run (the 1-rank
- * run from 1-ulp perturbed initial weights) checks that the tolerances lie above the
- * reference's own sensitivity to rounding.
+ * tell the two apart, so the harness cannot pass vacuously; a second one requires the
+ * dropped_frac checks to tell capacity from dropless, the two drop policies apart, and one
+ * drop moved between layers; a calibration run (the 1-rank run from 1-ulp perturbed
+ * initial weights) checks that the tolerances lie above the reference's own sensitivity to
+ * rounding. When a case fails, its reference is re-trained from 4 such perturbations and
+ * the output says how many of them leave the tolerances too (probe_reference): a decision
+ * on a near-tie flips there as well, a fault of the layout does not. The verdict stays
+ * FAIL either way.
  *
  * Every child runs with OMP_NUM_THREADS=1 inside one fresh /tmp/vdist_eq_XXXXXX (removed
  * at the end), with data.path empty: the first 1-rank run makes the embedded synthetic
@@ -34,9 +47,11 @@
  * that same file. Multi-rank children run under
  *   mpirun --allow-run-as-root --oversubscribe --bind-to none -np N
  * (8 ranks on a 2-core machine are oversubscribed, which costs time, not correctness).
- * A mismatch prints the full command line of the layout, the step, the field and both
- * values. A summary table (layout, ranks, max relative loss difference, max absolute and
- * relative parameter difference) is printed at the end. */
+ * A mismatch prints the layout, the step, the field, both values and the full command
+ * lines of the run and of its reference. A summary table (layout, ranks, dispatcher,
+ * optimizer, micro-batching, capacity, largest dropped_frac, max relative loss difference,
+ * max absolute and relative parameter difference, max relative grad_norm difference,
+ * seconds) is printed at the end. */
 #include <errno.h>
 #include <ftw.h>
 #include <limits.h>
@@ -274,7 +289,8 @@ static bool read_metrics(struct run *r)
     char name[128];
     snprintf(name, sizeof name, "%s/metrics.jsonl", r->dir);
     char *text = read_file(tp(name));
-    if (!EXPECT(text != NULL, "%s: `%s` must write its metrics file %s", r->label, r->cmd, tp(name)))
+    if (!EXPECT(text != NULL, "%s: `%s` must write its metrics file %s", r->label, r->cmd,
+                tp(name)))
         return false;
     int lines = 0;
     bool ok = true;
@@ -300,7 +316,8 @@ static bool read_metrics(struct run *r)
         lines++;
     }
     free(text);
-    return ok && EXPECT(lines == STEPS, "%s `%s` must write %d metrics lines, got %d", r->label, r->cmd,
+    return ok && EXPECT(lines == STEPS, "%s `%s` must write %d metrics lines, got %d", r->label,
+                        r->cmd,
                         STEPS, lines);
 }
 
@@ -338,7 +355,8 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
     size_t n = 0;
     if (lay->etp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.etp=%d", lay->etp);
     if (lay->ep) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.ep=%d", lay->ep);
-    if (lay->order) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.order=%s", lay->order);
+    if (lay->order)
+        n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.order=%s", lay->order);
     if (dispatcher)
         snprintf(par + n, sizeof par - n, " --model.moe_token_dispatcher_type=%s", dispatcher);
     snprintf(args, sizeof args,
@@ -690,7 +708,8 @@ static const struct layout ep_layouts[] = {
 #define NEP_LAYOUTS (sizeof ep_layouts / sizeof ep_layouts[0])
 static const char *const dispatchers[] = {"alltoall", "allgather"};
 
-static const char CAP_POSITION[] = "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=position";
+static const char CAP_POSITION[] =
+    "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=position";
 static const char CAP_PROBS[] = "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=probs";
 
 struct eq_case {
@@ -745,8 +764,9 @@ static void build_cases(void)
             for (int accum = 1; accum >= 0; accum--)
                 add_case(&layouts[l], NULL, dopt, accum, "", NULL);
     /* Capacity 1.0: C = ceil(N k / E) = N / 4 per expert per micro-batch (8 experts, top
-     * 2), so any routing imbalance drops tokens. Tensor-parallel layouts split each micro-batch's tokens over
-     * ranks (sequence parallelism), where the decision needs the whole micro-batch. */
+     * 2), so any routing imbalance drops tokens. Tensor-parallel layouts split each
+     * micro-batch's tokens over ranks (sequence parallelism), where the decision needs the
+     * whole micro-batch. */
     static const struct {
         const char *lay;
         bool dopt, accum;
@@ -854,7 +874,8 @@ static void test_negative_control_dropping(void)
     int at = -1;
     for (int s = 0; s < STEPS && at < 0; s++)
         if (m->nlayers >= 2 && m->layer_dropped[s][0] > 0) at = s;
-    if (EXPECT(at >= 0, "the position reference `%s` must drop in layer 0 at some step", pos->cmd)) {
+    if (EXPECT(at >= 0, "the position reference `%s` must drop in layer 0 at some step",
+               pos->cmd)) {
         /* One assignment of the step: n_micro * micro_batch * seq_len * k = 4 * 2 * 16 * 2. */
         double const one = 1.0 / 256.0;
         m->layer_dropped[at][0] -= one;
