@@ -123,10 +123,12 @@ fuzz:
 	  $(FUZZ_BUILD)/fuzz_$$n -max_total_time=$(FUZZ_TIME) -rss_limit_mb=$(FUZZ_RSS_MB) \
 	    -timeout=10 -print_final_stats=1 -dict=tests/fuzz/$$n.dict \
 	    -artifact_prefix=$(FUZZ_BUILD)/artifacts_$$n/ \
-	    $(FUZZ_BUILD)/corpus_$$n tests/fuzz/corpus_$$n 2>$(FUZZ_BUILD)/fuzz_$$n.log; \
-	  rc=$$?; tail -n 25 $(FUZZ_BUILD)/fuzz_$$n.log; \
-	  [ $$rc = 0 ] || { echo "fuzz_$$n failed (exit $$rc): log $(FUZZ_BUILD)/fuzz_$$n.log," \
-	    "input in $(FUZZ_BUILD)/artifacts_$$n/"; exit 1; }; \
+	    $(FUZZ_BUILD)/corpus_$$n tests/fuzz/corpus_$$n >$(FUZZ_BUILD)/fuzz_$$n.log 2>&1; \
+	  rc=$$?; \
+	  if [ $$rc = 0 ]; then grep -E 'INITED|DONE|stat::' $(FUZZ_BUILD)/fuzz_$$n.log; \
+	  else tail -n 60 $(FUZZ_BUILD)/fuzz_$$n.log; \
+	    echo "fuzz_$$n failed (exit $$rc): log $(FUZZ_BUILD)/fuzz_$$n.log," \
+	      "input in $(FUZZ_BUILD)/artifacts_$$n/"; exit 1; fi; \
 	done
 
 fuzz-build: $(FUZZ_BIN)

@@ -335,13 +335,21 @@ static int save_checkpoint(const struct launch_config *c, const struct par_model
     struct ckpt_meta const meta = {.step = done, .adam_step = pm->adam_step,
                                    .seed = c->train.seed, .config = config, .layout = layout};
     double const t0 = MPI_Wtime();
-    int rc = ckpt_save_start(pm, c->ckpt.dir, &meta, c->ckpt.zstd_level, &cs->pending);
-    free(config);
-    cs->blocked_s += MPI_Wtime() - t0;
     cs->pending_step = done;
     cs->saves++;
-    FORWARD_IF(rc);
-    return c->ckpt.async ? 0 : finish_checkpoint(c, cs);
+    int rc;
+    if (c->ckpt.async) {
+        rc = ckpt_save_start(pm, c->ckpt.dir, &meta, c->ckpt.zstd_level, &cs->pending);
+    } else {
+        rc = ckpt_save(pm, c->ckpt.dir, &meta, c->ckpt.zstd_level);
+        if (rc == 0 && dist_world_rank() == 0) rc = ckpt_prune(c->ckpt.dir, c->ckpt.keep);
+        rc = dist_agree(dist_world(), rc);
+        if (rc == 0 && dist_world_rank() == 0)
+            printf("checkpoint %s/step_%08d complete\n", c->ckpt.dir, done);
+    }
+    free(config);
+    cs->blocked_s += MPI_Wtime() - t0;
+    return rc;
 }
 
 /* ckpt.resume: auto resumes from the latest complete checkpoint under ckpt.dir, if any. */
@@ -532,9 +540,11 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         if (s == start) res->first_loss = st.loss;
         res->last_loss = st.loss;
         res->steps = s + 1;
+        /* the step's metrics line is written before its checkpoint, so a run killed
+         * after the checkpoint resumes with every line up to it */
+        if (root && metrics) write_metrics(metrics, s + 1, &st, lr, dt * 1e3, tps, mfu);
         if (want_checkpoint(c, s + 1)) rc = save_checkpoint(c, &pm, &grid, s + 1, &cs);
         if (!root) continue;
-        if (metrics) write_metrics(metrics, s + 1, &st, lr, dt * 1e3, tps, mfu);
         bool const last = s + 1 == c->train.steps;
         if ((s + 1) % c->log.interval == 0 || last || s == 0) {
             char eta[32];

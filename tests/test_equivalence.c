@@ -620,6 +620,11 @@ static void compare(const struct run *x, const struct run *ref, bool report, str
 
 /* ---------------------------------------------------------------- references */
 
+/* The 1-ulp perturbations of the initial weights a reference is probed with (the first is
+ * the calibration's). */
+#define PROBE_PATTERNS 4
+static const uint32_t probe_seeds[PROBE_PATTERNS] = {12345u, 1u, 2u, 3u};
+
 /* 1-rank runs, cached per (micro_batch, global_batch, extra options). */
 struct ref {
     int mb, gb;
@@ -627,6 +632,10 @@ struct ref {
     struct run run;
     bool probed;                    /* probe_reference ran */
     int probe_ran, probe_beyond;    /* perturbed runs, and how many left the tolerances */
+    bool probe_done[PROBE_PATTERNS];       /* pattern k trained and was compared */
+    struct cmp probe_cmp[PROBE_PATTERNS];  /* pattern k against the reference */
+    struct cmp probe_worst;                /* the largest of each over the patterns */
+    double seconds;                        /* the reference and its probes */
 };
 #define MAX_REFS 32
 static struct ref g_refs[MAX_REFS];
@@ -654,6 +663,7 @@ static const struct run *reference(int mb, int gb, const char *extra)
     g_nrefs++;
     /* The optimizer flag is irrelevant on one rank; the default (true) is passed. */
     train(&r->run, dir, &one_rank, NULL, true, mb, gb, extra);
+    r->seconds = r->run.seconds;
     return &r->run;
 }
 
@@ -708,9 +718,36 @@ static const struct layout ep_layouts[] = {
 #define NEP_LAYOUTS (sizeof ep_layouts / sizeof ep_layouts[0])
 static const char *const dispatchers[] = {"alltoall", "allgather"};
 
+/* The seed of the initial weights (train.seed) of every capacity (dropping) case, its
+ * layouts and its 1-rank reference alike; the dropless cases keep tiny.ini's.
+ *
+ * Why a seed of its own: routing (the top-k of the router's logits) and capacity dropping
+ * (which assignments an expert over capacity keeps) are discontinuous decisions. Where two
+ * logits, or two assignments' probabilities or positions' priorities, lie within rounding
+ * of each other, the decision follows the last bit of fp32 sums whose order legitimately
+ * differs between layouts (tensor-parallel partial sums, reduction trees, accumulation on
+ * other replicas): at such a tie no fp32 implementation can take the same decision in
+ * every layout, and one flipped decision moves the losses, grad_norm and weights far
+ * beyond the tolerances (and dropped_frac, where it moves a drop). Whether a 10-step run
+ * meets such a tie depends on the weights: with tiny.ini's seed 1, and with seeds 3 and 5,
+ * some capacity reference sits on one (its own 1-ulp perturbed runs leave the tolerances,
+ * and so do layouts, by chance of their summation order).
+ *
+ * So the requirement is made conditional, and checked: every capacity reference must be
+ * well-conditioned -- PROBE_PATTERNS runs from 1-ulp perturbations of its initial weights
+ * all stay within the layouts' tolerances, i.e. no decision of its 10 steps is within
+ * rounding of a tie -- before any layout is compared with it (test_conditioning, every
+ * run). This seed is chosen so that every capacity reference passes that check; if a
+ * change of the model, the data or the cases moves one onto a tie, the test fails naming
+ * that reference and asking for another seed, instead of failing a layout for a tie. Given
+ * a well-conditioned reference, every layout must match it exactly as a dropless one does
+ * (no tolerance is widened for dropping). */
+#define CAP_SEED "7"
+#define CAP_SEED_OPT "--train.seed=" CAP_SEED
 static const char CAP_POSITION[] =
-    "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=position";
-static const char CAP_PROBS[] = "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=probs";
+    "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=position " CAP_SEED_OPT;
+static const char CAP_PROBS[] =
+    "--model.moe_capacity_factor=1.0 --model.moe_drop_policy=probs " CAP_SEED_OPT;
 
 struct eq_case {
     char name[256];
@@ -724,6 +761,7 @@ struct eq_case {
     struct cmp cmp;
     double max_dropped; /* largest dropped_frac over the steps */
     int probe_ran, probe_beyond; /* failed cases: probe_reference's counts */
+    bool ill_ref; /* not run: its capacity reference is ill-conditioned */
     double seconds;
 };
 #define MAX_CASES 160
@@ -891,30 +929,64 @@ static void test_negative_control_dropping(void)
     free(m);
 }
 
-/* Writes calib_init/perturbed-SEED.safetensors (once): the initial weights of tiny.ini
- * (exported by a 1-step run at lr 0, which keeps every bit), each perturbed by +-1 ulp with
- * a pseudo-random sign drawn from `seed`. Its path relative to g_tmp goes to `path`. */
-static bool perturbed_init(uint32_t seed, char *path, size_t cap)
+/* The value of the "--train.seed=N" option in `extra` into `out` ("" when there is none:
+ * tiny.ini's seed). */
+static void seed_of(const char *extra, char *out, size_t cap)
 {
-    snprintf(path, cap, "calib_init/perturbed-%u.safetensors", (unsigned)seed);
+    out[0] = '\0';
+    const char *const p = strstr(extra, "--train.seed=");
+    if (!p) return;
+    const char *const v = p + strlen("--train.seed=");
+    size_t const n = strspn(v, "0123456789");
+    snprintf(out, cap, "%.*s", (int)(n < cap ? n : cap - 1), v);
+}
+
+/* The directory of the initial weights of the runs with options `extra` (they depend on
+ * train.seed alone): calib_init for tiny.ini's seed, calib_init_seedN for seed N. */
+static void init_dir(const char *extra, char *dir, size_t cap)
+{
+    char sv[32];
+    seed_of(extra, sv, sizeof sv);
+    snprintf(dir, cap, "calib_init%s%s", sv[0] ? "_seed" : "", sv);
+}
+
+/* Writes INIT/model.safetensors (once): the initial weights of tiny.ini under the
+ * train.seed of `extra`, exported by a 1-step run at lr 0 and weight decay 0, which keeps
+ * every bit. INIT (init_dir) relative to g_tmp goes to `dir`. */
+static bool initial_weights(const char *extra, char *dir, size_t cap)
+{
+    init_dir(extra, dir, cap);
+    char file[320];
+    snprintf(file, sizeof file, "%s/model.safetensors", dir);
+    if (file_exists(tp(file))) return true;
+    char sv[32], args[2048];
+    seed_of(extra, sv, sizeof sv);
+    snprintf(args, sizeof args, "train --config %s/configs/tiny.ini --train.steps=1 "
+             "--train.lr=0 --train.weight_decay=0 --train.peak_gflops=1%s%s "
+             "--train.export_to=%s", g_root, sv[0] ? " --train.seed=" : "", sv, dir);
+    run_vdist(1, args);
+    return EXPECT(g_rc == 0 && file_exists(tp(file)),
+                  "`%s` must export the initial weights, got exit status %d:\n%s", g_cmd, g_rc,
+                  tail(g_out, 3000));
+}
+
+/* Writes INIT/perturbed-PATTERN.safetensors (once): the initial weights of the runs with
+ * options `extra` (initial_weights), each perturbed by +-1 ulp with a pseudo-random sign
+ * drawn from `pattern`. Its path relative to g_tmp goes to `path`. */
+static bool perturbed_init(uint32_t pattern, const char *extra, char *path, size_t cap)
+{
+    char dir[64];
+    if (!initial_weights(extra, dir, sizeof dir)) return false;
+    snprintf(path, cap, "%s/perturbed-%u.safetensors", dir, (unsigned)pattern);
     if (file_exists(tp(path))) return true;
-    if (!file_exists(tp("calib_init/model.safetensors"))) {
-        char args[2048];
-        snprintf(args, sizeof args, "train --config %s/configs/tiny.ini --train.steps=1 "
-                 "--train.lr=0 --train.weight_decay=0 --train.peak_gflops=1 "
-                 "--train.export_to=calib_init", g_root);
-        run_vdist(1, args);
-        if (!EXPECT(g_rc == 0 && file_exists(tp("calib_init/model.safetensors")),
-                    "`%s` must export the initial weights, got exit status %d:\n%s", g_cmd,
-                    g_rc, tail(g_out, 3000)))
-            return false;
-    }
+    char file[320];
+    snprintf(file, sizeof file, "%s/model.safetensors", dir);
     struct st_set w;
-    if (!st_set_load(&w, tp("calib_init/model.safetensors"))) {
+    if (!st_set_load(&w, tp(file))) {
         st_set_free(&w);
         return false;
     }
-    uint32_t state = seed;
+    uint32_t state = pattern;
     struct ckpt_st_write_tensor *wt = calloc((size_t)w.n, sizeof *wt);
     for (int i = 0; i < w.n; i++) {
         for (size_t k = 0; k < w.numel[i]; k++) {
@@ -937,52 +1009,153 @@ static bool perturbed_init(uint32_t seed, char *path, size_t cap)
                   vd_err_msg());
 }
 
-/* A diagnostic for a failed case, which does not change its verdict: is the failing case's
- * 1-rank reference itself that sensitive? It is trained again from PROBE_PATTERNS 1-ulp
- * perturbations of its initial weights and compared with itself under the same
- * tolerances. A routing or dropping decision that sits on a near-tie (two router logits,
- * two assignments' probabilities, within rounding of each other) flips under such a
- * perturbation just as under a layout's other order of fp32 sums, and the losses jump at
- * that step; a fault of the layout shows no such echo in the reference. Cached per
- * reference. */
-#define PROBE_PATTERNS 4
+/* w := the largest of each measure of w and c (counts included). */
+static void cmp_worst(struct cmp *w, const struct cmp *c)
+{
+    w->loss_bad = w->loss_bad > c->loss_bad ? w->loss_bad : c->loss_bad;
+    w->dropped_bad = w->dropped_bad > c->dropped_bad ? w->dropped_bad : c->dropped_bad;
+    w->gnorm_bad = w->gnorm_bad > c->gnorm_bad ? w->gnorm_bad : c->gnorm_bad;
+    w->param_bad = w->param_bad > c->param_bad ? w->param_bad : c->param_bad;
+    w->layer_dropped_bad =
+        w->layer_dropped_bad > c->layer_dropped_bad ? w->layer_dropped_bad : c->layer_dropped_bad;
+    if (c->max_rel_loss > w->max_rel_loss || !w->max_rel_loss_field) {
+        w->max_rel_loss = c->max_rel_loss;
+        w->max_rel_loss_step = c->max_rel_loss_step;
+        w->max_rel_loss_field = c->max_rel_loss_field;
+    }
+    w->max_rel_gnorm = fmax(w->max_rel_gnorm, c->max_rel_gnorm);
+    if (c->max_abs_param > w->max_abs_param || !w->max_abs_param_name[0]) {
+        w->max_abs_param = c->max_abs_param;
+        snprintf(w->max_abs_param_name, sizeof w->max_abs_param_name, "%s",
+                 c->max_abs_param_name);
+    }
+    w->max_rel_param = fmax(w->max_rel_param, c->max_rel_param);
+    w->params_compared = w->params_compared || c->params_compared;
+}
+
+static bool cmp_beyond(const struct cmp *c)
+{
+    return c->loss_bad || c->gnorm_bad || c->dropped_bad || c->layer_dropped_bad ||
+           c->param_bad || !c->params_compared;
+}
+
+/* Is the 1-rank reference itself that sensitive? It is trained again from PROBE_PATTERNS
+ * 1-ulp perturbations of its initial weights (those of its own train.seed) and compared
+ * with itself under the layouts' tolerances. A routing or dropping decision that sits on
+ * a near-tie (two router logits, two assignments' probabilities, within rounding of each
+ * other) flips under such a perturbation just as under a layout's other order of fp32
+ * sums, and the losses jump at that step; a fault of a layout shows no such echo in the
+ * reference. Run once per reference (cached): on every capacity reference as the
+ * conditioning check (test_conditioning), on a dropless one only as the diagnostic of a
+ * failed case. */
 static void probe_reference(struct ref *r)
 {
     if (r->probed) return;
     r->probed = true;
-    static const uint32_t seeds[PROBE_PATTERNS] = {12345u, 1u, 2u, 3u};
+    double const t0 = now_s();
+    memset(&r->probe_worst, 0, sizeof r->probe_worst);
     for (int k = 0; k < PROBE_PATTERNS; k++) {
         char init[256], extra[512], dir[32];
-        if (!perturbed_init(seeds[k], init, sizeof init)) return;
+        if (!perturbed_init(probe_seeds[k], r->extra, init, sizeof init)) break;
         snprintf(extra, sizeof extra, "%s%s--train.init_from=%s", r->extra,
                  r->extra[0] ? " " : "", init);
         snprintf(dir, sizeof dir, "probe%02d_%d", (int)(r - g_refs), k);
         struct run *x = malloc(sizeof *x);
         train(x, dir, &one_rank, NULL, true, r->mb, r->gb, extra);
         if (x->ok) {
-            struct cmp c;
-            compare(x, &r->run, false, &c);
+            struct cmp *const c = &r->probe_cmp[k];
+            compare(x, &r->run, false, c);
+            r->probe_done[k] = true;
             r->probe_ran++;
-            bool const beyond = c.loss_bad || c.gnorm_bad || c.dropped_bad ||
-                                c.layer_dropped_bad || c.param_bad;
+            bool const beyond = cmp_beyond(c);
             r->probe_beyond += beyond;
-            printf("\n    (the reference from 1-ulp perturbed initial weights, pattern %u: max "
-                   "rel loss diff %.2e (step %d, %s), %d steps with another dropped_frac, max "
-                   "rel grad_norm diff %.2e, max abs param diff %.2e: %s)", (unsigned)seeds[k],
-                   c.max_rel_loss, c.max_rel_loss_step, c.max_rel_loss_field, c.dropped_bad,
-                   c.max_rel_gnorm, c.max_abs_param,
+            cmp_worst(&r->probe_worst, c);
+            printf("\n    (micro_batch %d, global_batch %d%s%s from 1-ulp perturbed initial "
+                   "weights, pattern %u: max rel loss diff %.2e (step %d, %s), %d steps and "
+                   "%d (step, layer) pairs with another dropped_frac, max rel grad_norm diff "
+                   "%.2e, max abs param diff %.2e: %s)", r->mb, r->gb, r->extra[0] ? ", " : "",
+                   r->extra, (unsigned)probe_seeds[k], c->max_rel_loss, c->max_rel_loss_step,
+                   c->max_rel_loss_field, c->dropped_bad, c->layer_dropped_bad,
+                   c->max_rel_gnorm, c->max_abs_param,
                    beyond ? "BEYOND the tolerances" : "within the tolerances");
         }
         free(x);
     }
+    r->seconds += now_s() - t0;
+}
+
+/* Does `extra` ask for capacity (dropping)? Such a reference must be well-conditioned. */
+static bool is_capacity(const char *extra)
+{
+    return strstr(extra, "moe_capacity_factor") != NULL;
+}
+
+static bool well_conditioned(const struct ref *r)
+{
+    return r->probed && r->probe_ran == PROBE_PATTERNS && r->probe_beyond == 0;
+}
+
+/* The failure of a case whose reference is not well-conditioned, or of the conditioning
+ * check itself. */
+static void expect_conditioned(const struct ref *r, const char *who)
+{
+    if (r->probe_ran < PROBE_PATTERNS) {
+        EXPECT(false, "%s: only %d of %d runs of the reference `%s` from 1-ulp perturbed "
+               "initial weights trained (see above): its conditioning is unknown", who,
+               r->probe_ran, PROBE_PATTERNS, r->run.cmd);
+        return;
+    }
+    const struct cmp *const w = &r->probe_worst;
+    EXPECT(r->probe_beyond == 0,
+           "%s: reference `%s` is ill-conditioned (%d of %d one-ulp perturbations change "
+           "routing/dropping): choose another train.seed for the capacity cases (CAP_SEED, "
+           "now " CAP_SEED "). Worst perturbed run: max rel loss diff %.3g (step %d, %s), %d "
+           "steps and %d (step, layer) pairs with another dropped_frac, max rel grad_norm diff "
+           "%.3g, max abs param diff %.3g in %s", who, r->run.cmd, r->probe_beyond,
+           PROBE_PATTERNS, w->max_rel_loss, w->max_rel_loss_step, w->max_rel_loss_field,
+           w->dropped_bad, w->layer_dropped_bad, w->max_rel_gnorm, w->max_abs_param,
+           w->max_abs_param_name);
+}
+
+/* Every capacity reference the cases use is trained and probed here, before any layout is
+ * compared with one: each of its PROBE_PATTERNS 1-ulp perturbed runs must stay within the
+ * layouts' tolerances (losses, dropped_frac per step and per layer, grad_norm, weights).
+ * A reference that fails is on (or within rounding of) a routing or dropping tie, where no
+ * layout can be asked to take its decisions; its cases fail too, without running. */
+static void test_conditioning(void)
+{
+    int refs = 0, good = 0;
+    for (int i = 0; i < g_ncases; i++) {
+        const struct eq_case *c = &g_cases[i];
+        if (!is_capacity(c->extra)) continue;
+        struct ref *r = find_ref(c->mb, c->gb, c->extra);
+        if (r && (r->probed || !r->run.ok)) continue; /* done, or failed where it was made */
+        const struct run *run = reference(c->mb, c->gb, c->extra);
+        if (!EXPECT(run && run->ok, "the 1-rank reference (micro_batch %d, global_batch %d, %s) "
+                    "must train", c->mb, c->gb, c->extra))
+            continue;
+        r = find_ref(c->mb, c->gb, c->extra);
+        probe_reference(r);
+        refs++;
+        good += well_conditioned(r);
+        char who[128];
+        snprintf(who, sizeof who, "conditioning of the capacity reference micro_batch %d, "
+                 "global_batch %d", c->mb, c->gb);
+        expect_conditioned(r, who);
+    }
+    printf("\n    (%d capacity references, %d well-conditioned)", refs, good);
 }
 
 /* The calibration of the tolerances: the 1-rank reference's own sensitivity. Its initial
  * weights (exported by a step at lr 0, which keeps every bit) are perturbed by +-1 ulp
  * each (a fixed pseudo-random sign) and the same 1-rank run is trained from them. What it
  * deviates by is the floor no layout can be asked to beat: the tolerances must lie above
- * it. Capacity 1.0 position, micro_batch 4: the setting of the largest deviation
- * measured across layouts. */
+ * it -- which test_conditioning asserts for every pattern and every capacity reference;
+ * this one is the first pattern of capacity 1.0 position, micro_batch 4 (the setting of
+ * the largest deviation measured across layouts), shown in the summary. Here: the
+ * perturbation must change the run at all, and the unperturbed initial weights, loaded
+ * the same way (train.init_from), must reproduce the reference bit for bit -- so the
+ * probes perturb exactly the reference's start, under its own train.seed. */
 static struct cmp g_calib;
 static bool g_calib_ran;
 
@@ -990,30 +1163,36 @@ static void test_calibration(void)
 {
     const struct run *ref = reference(4, 8, CAP_POSITION);
     CU_ASSERT_FATAL(EXPECT(ref && ref->ok, "the 1-rank reference must train"));
-    char init[256], extra[512];
-    CU_ASSERT_FATAL(perturbed_init(12345u, init, sizeof init));
-    snprintf(extra, sizeof extra, "%s --train.init_from=%s", CAP_POSITION, init);
+    struct ref *const r = find_ref(4, 8, CAP_POSITION);
+    probe_reference(r); /* cached: done by test_conditioning */
+    char dir[64], extra[512];
+    CU_ASSERT_FATAL(initial_weights(CAP_POSITION, dir, sizeof dir));
+    snprintf(extra, sizeof extra, "%s --train.init_from=%s/model.safetensors", CAP_POSITION,
+             dir);
     struct run x;
-    train(&x, "calib", &one_rank, NULL, true, 4, 8, extra);
-    if (!x.ok) return;
-    compare(&x, ref, false, &g_calib);
+    train(&x, "calib_same", &one_rank, NULL, true, 4, 8, extra);
+    if (x.ok) {
+        struct cmp c;
+        compare(&x, ref, false, &c);
+        EXPECT(c.max_rel_loss == 0.0 && c.max_abs_param == 0.0 && c.dropped_bad == 0 &&
+                   c.layer_dropped_bad == 0 && c.max_rel_gnorm == 0.0,
+               "the run from the reference's exported initial weights `%s` must reproduce the "
+               "reference `%s` bit for bit (else the probes do not perturb its start); max "
+               "relative loss difference %.3g, max parameter difference %.3g", x.cmd, ref->cmd,
+               c.max_rel_loss, c.max_abs_param);
+    }
+    if (!EXPECT(r->probe_done[0], "the run of `%s` from 1-ulp perturbed initial weights "
+                "(pattern %u) must train", ref->cmd, (unsigned)probe_seeds[0]))
+        return;
+    g_calib = r->probe_cmp[0];
     g_calib_ran = true;
     printf("\n    (1 rank from 1-ulp perturbed weights: max rel loss diff %.2e (step %d, %s), "
            "max rel grad_norm diff %.2e, max abs param diff %.2e in %s)",
            g_calib.max_rel_loss, g_calib.max_rel_loss_step, g_calib.max_rel_loss_field,
            g_calib.max_rel_gnorm, g_calib.max_abs_param, g_calib.max_abs_param_name);
     EXPECT(g_calib.max_abs_param > 0 && g_calib.max_rel_loss > 0,
-           "the perturbed run `%s` must differ from the reference `%s` at all", x.cmd, ref->cmd);
-    EXPECT(g_calib.loss_bad == 0 && g_calib.gnorm_bad == 0 && g_calib.dropped_bad == 0 &&
-               g_calib.layer_dropped_bad == 0 && g_calib.param_bad == 0,
-           "the tolerances must lie above the 1-rank run's own sensitivity to 1-ulp "
-           "perturbations of its initial weights, or they test noise: `%s` against `%s` has "
-           "%d loss values beyond relative %g (max %.3g), %d grad_norms beyond relative %g "
-           "(max %.3g), %d steps with another dropped_frac, %d tensors beyond absolute %g "
-           "(max %.3g in %s)", x.cmd, ref->cmd, g_calib.loss_bad, LOSS_REL_TOL,
-           g_calib.max_rel_loss, g_calib.gnorm_bad, GNORM_REL_TOL, g_calib.max_rel_gnorm,
-           g_calib.dropped_bad, g_calib.param_bad, PARAM_ABS_TOL, g_calib.max_abs_param,
-           g_calib.max_abs_param_name);
+           "the run from 1-ulp perturbed initial weights must differ from the reference `%s` "
+           "at all", ref->cmd);
 }
 
 static void test_case(void)
@@ -1027,6 +1206,18 @@ static void test_case(void)
     double const t0 = now_s();
     const struct run *ref = reference(c->mb, c->gb, c->extra);
     if (!EXPECT(ref && ref->ok, "the 1-rank reference for %s must train", c->name)) return;
+    struct ref *const r = find_ref(c->mb, c->gb, c->extra);
+    if (is_capacity(c->extra)) {
+        probe_reference(r); /* cached: done by test_conditioning */
+        if (!well_conditioned(r)) {
+            /* Its decisions sit on a tie: no layout can be asked to take them. */
+            c->ill_ref = true;
+            c->probe_ran = r->probe_ran;
+            c->probe_beyond = r->probe_beyond;
+            expect_conditioned(r, c->name);
+            return;
+        }
+    }
     unsigned const failures_before = CU_get_number_of_failures();
     char dir[32];
     snprintf(dir, sizeof dir, "case%03d", (int)(c - g_cases));
@@ -1036,7 +1227,7 @@ static void test_case(void)
     if (x.ok) {
         compare(&x, ref, true, &c->cmp);
         for (int s = 0; s < STEPS; s++) c->max_dropped = fmax(c->max_dropped, x.m[s][F_DROPPED]);
-        if (c->extra[0]) {
+        if (is_capacity(c->extra)) {
             double ref_dropped = 0.0;
             for (int s = 0; s < STEPS; s++) ref_dropped = fmax(ref_dropped, ref->m[s][F_DROPPED]);
             EXPECT(ref_dropped > 0.0, "capacity 1.0 must drop tokens in the reference `%s` "
@@ -1053,10 +1244,15 @@ static void test_case(void)
     c->passed = x.ok && CU_get_number_of_failures() == failures_before;
     c->seconds = now_s() - t0;
     if (!c->passed && x.ok) {
-        struct ref *r = find_ref(c->mb, c->gb, c->extra);
+        /* A diagnostic (the verdict stays FAIL): a capacity reference is already probed and
+         * well-conditioned, so this is a fault of the layout; a dropless one is probed now. */
         probe_reference(r);
         c->probe_ran = r->probe_ran;
         c->probe_beyond = r->probe_beyond;
+        if (r->probe_beyond == 0)
+            printf("\n    (the reference stays within the tolerances under all %d 1-ulp "
+                   "perturbations: no decision of it is near a tie, the layout is at fault)",
+                   r->probe_ran);
     }
     printf("\n    (%.1f s; %d ranks; max rel loss diff %.2e; max abs param diff %.2e)",
            c->seconds, lay_ranks(c->lay), c->cmp.max_rel_loss, c->cmp.max_abs_param);

@@ -4,7 +4,7 @@
  *   1. exact resume in the same layout: 6 steps with checkpoints, then the same run to 10
  *      steps resumed from the newest checkpoint; metrics of steps 1..10 and the exported
  *      weights equal a 10-step run's bit for bit (the metrics file drops lines past the
- *      resumed step and appends);
+ *      resumed step and appends); again with ckpt.async=true where the program has it;
  *   2. resume into other layouts: saved on 4 ranks (tp2 x dp2, distributed optimizer),
  *      resumed on 2 ranks (ep2, etp1, replicated optimizer) and on 8 ranks (tp2, ep4);
  *      losses and grad_norm per step and the final weights against the 1-rank run within
@@ -25,8 +25,8 @@
  * ones the program prints (10 significant digits), so the exported model.safetensors,
  * compared byte for byte, is the real bitwise check.
  *
- * The checkpoint selection key was renamed ckpt.load -> ckpt.resume during development;
- * the suite asks `vdist train --help` which one the program has and uses it.
+ * The key that selects the checkpoint to resume from was renamed ckpt.load -> ckpt.resume
+ * during development; the suite asks `vdist train --help` which one the program has.
  *
  * Every child runs with OMP_NUM_THREADS=1 inside one fresh /tmp/vdist_resume_XXXXXX
  * (removed at the end unless VDIST_RESUME_KEEP is set), with data.path empty: the first
@@ -513,20 +513,29 @@ static bool reference(void)
 
 /* ---------------------------------------------------------------- 1. same layout */
 
-static void test_exact_resume(void)
+/* Under directory d (t1, t1a): 6 steps with checkpoints after 4 and 6, then resumed to 10;
+ * `extra` options go to both runs. */
+static void exact_resume(const char *d, const char *extra)
 {
     CU_ASSERT_FATAL(reference());
     struct metrics ref;
     CU_ASSERT_FATAL(metrics_read(&ref, tp("ref/metrics.jsonl"), "the reference"));
     CU_ASSERT_FATAL(metrics_steps(&ref, 1, REF_STEPS, "the reference"));
-    mkdir(tp("t1"), 0755);
+    mkdir(tp(d), 0755);
+    char ck[64], ckdir[64], ml[64], ex[64], exw[96], want[160];
+    snprintf(ck, sizeof ck, "%s/ck", d);
+    snprintf(ml, sizeof ml, "%s/metrics.jsonl", d);
+    snprintf(ex, sizeof ex, "%s/export", d);
+    snprintf(exw, sizeof exw, "%s/export/model.safetensors", d);
+    snprintf(ckdir, sizeof ckdir, "%s/ck/step_00000006", d);
+    snprintf(want, sizeof want, "resumed from <TMP>/%s at step 6", ckdir);
 
     /* Steps 1..6, checkpoints after 4 and 6. */
-    run_vdist(1, "%s --train.steps=%d --ckpt.dir=%s --ckpt.interval=4 --log.metrics=%s",
-              base_args(), SAVE_STEP, tp("t1/ck"), tp("t1/metrics.jsonl"));
+    run_vdist(1, "%s --train.steps=%d --ckpt.dir=%s --ckpt.interval=4 --log.metrics=%s %s",
+              base_args(), SAVE_STEP, tp(ck), tp(ml), extra);
     if (!EXPECT_RAN()) goto done;
     char names[4096];
-    list_dir(tp("t1/ck"), names, sizeof names);
+    list_dir(tp(ck), names, sizeof names);
     EXPECT(strcmp(names, "step_00000004 step_00000006") == 0,
            "`%s` must leave checkpoints step_00000004 and step_00000006 (interval 4 and the "
            "last step), got: %s", g_cmd, names);
@@ -534,33 +543,46 @@ static void test_exact_resume(void)
     /* As a run killed after step 6 would have: two lines past the checkpoint, which the
      * resumed run must drop. */
     static const char stale[] = "{\"step\":7,\"loss\":99.0}\n{\"step\":8,\"loss\":98.0}\n";
-    CU_ASSERT_FATAL(write_file(tp("t1/metrics.jsonl"), stale, sizeof stale - 1, "ab"));
+    CU_ASSERT_FATAL(write_file(tp(ml), stale, sizeof stale - 1, "ab"));
 
     /* The same run to 10 steps, resumed from the newest checkpoint. */
     run_vdist(1, "%s --train.steps=%d --ckpt.dir=%s --ckpt.interval=4 --%s=auto "
-              "--log.metrics=%s --train.export_to=%s",
-              base_args(), REF_STEPS, tp("t1/ck"), g_key, tp("t1/metrics.jsonl"),
-              tp("t1/export"));
+              "--log.metrics=%s --train.export_to=%s %s",
+              base_args(), REF_STEPS, tp(ck), g_key, tp(ml), tp(ex), extra);
     if (!EXPECT_RAN()) goto done;
-    EXPECT(out_has("resumed from <TMP>/t1/ck/step_00000006 at step 6"),
-           "`%s` must print \"resumed from <TMP>/t1/ck/step_00000006 at step 6\"", g_cmd);
+    EXPECT(out_has(want), "`%s` must print \"%s\"", g_cmd, want);
     EXPECT(!out_has("step 1/") && !out_has("step 6/") && out_has("step 7/10") &&
                out_has("step 10/10"),
            "`%s` must run steps 7..10 only", g_cmd);
-    list_dir(tp("t1/ck"), names, sizeof names);
+    list_dir(tp(ck), names, sizeof names);
     EXPECT(strcmp(names, "step_00000008 step_00000010") == 0,
            "after `%s` (interval 4, keep 2 by default) the checkpoints must be step_00000008 "
            "and step_00000010, got: %s", g_cmd, names);
 
     struct metrics got;
-    if (metrics_read(&got, tp("t1/metrics.jsonl"), "the resumed run") &&
+    if (metrics_read(&got, tp(ml), "the resumed run") &&
         metrics_steps(&got, 1, REF_STEPS, "the resumed run (stale lines 7, 8 dropped)"))
         metrics_equal(&got, &ref, 1, REF_STEPS, "the resumed run's metrics");
     metrics_free(&got);
-    expect_same_bytes(tp("t1/export/model.safetensors"), tp("ref/model.safetensors"),
+    expect_same_bytes(tp(exw), tp("ref/model.safetensors"),
                       "the resumed run's final weights");
 done:
     metrics_free(&ref);
+}
+
+static void test_exact_resume(void) { exact_resume("t1", ""); }
+
+/* The same with checkpoints written in the background (ckpt.async), where the program has
+ * that key: the checkpoint of step 4 must hold step 4's state although step 5 runs while
+ * it is written. */
+static bool g_has_async;
+static void test_exact_resume_async(void)
+{
+    if (!g_has_async) {
+        printf("\n    (skipped: `vdist train --help` lists no ckpt.async)");
+        return;
+    }
+    exact_resume("t1a", "--ckpt.async=true");
 }
 
 /* ---------------------------------------------------------------- 2. other layouts */
@@ -984,23 +1006,29 @@ static int rm_cb(const char *path, const struct stat *sb, int type, struct FTW *
 }
 
 /* Which key selects the checkpoint to resume from: the one `vdist train --help` lists. */
+static bool help_lists(const char *key)
+{
+    size_t const n = strlen(key);
+    for (const char *line = g_out; line && *line;) {
+        const char *p = line;
+        while (*p == ' ' || *p == '\t') p++;
+        if (strncmp(p, key, n) == 0 && (p[n] == ' ' || p[n] == '\t')) return true;
+        line = strchr(line, '\n');
+        if (line) line++;
+    }
+    return false;
+}
+
 static bool find_resume_key(void)
 {
     static const char *const keys[] = {"ckpt.resume", "ckpt.load"};
     run_vdist(1, "train --help");
-    for (size_t i = 0; g_rc == 0 && i < sizeof keys / sizeof keys[0]; i++) {
-        size_t const n = strlen(keys[i]);
-        for (const char *line = g_out; line && *line;) {
-            const char *p = line;
-            while (*p == ' ' || *p == '\t') p++;
-            if (strncmp(p, keys[i], n) == 0 && (p[n] == ' ' || p[n] == '\t')) {
-                snprintf(g_key, sizeof g_key, "%s", keys[i]);
-                return true;
-            }
-            line = strchr(line, '\n');
-            if (line) line++;
+    g_has_async = g_rc == 0 && help_lists("ckpt.async");
+    for (size_t i = 0; g_rc == 0 && i < sizeof keys / sizeof keys[0]; i++)
+        if (help_lists(keys[i])) {
+            snprintf(g_key, sizeof g_key, "%s", keys[i]);
+            return true;
         }
-    }
     return false;
 }
 
@@ -1055,6 +1083,7 @@ struct timed_test {
 };
 static const struct timed_test tests[] = {
     {"same layout: resumed run equals the uninterrupted one bit for bit", test_exact_resume},
+    {"same layout with ckpt.async=true: resumed run bit for bit", test_exact_resume_async},
     {"other layouts: tp2 x dp2 (distributed optimizer) resumed on ep2 and tp2 x ep4",
      test_other_layouts},
     {"crash: SIGKILL mid-run; latest is complete and verifies; leftovers never chosen; "
@@ -1080,7 +1109,9 @@ static void tramp2(void) { run_timed(2); }
 static void tramp3(void) { run_timed(3); }
 static void tramp4(void) { run_timed(4); }
 static void tramp5(void) { run_timed(5); }
-static void (*const trampolines[])(void) = {tramp0, tramp1, tramp2, tramp3, tramp4, tramp5};
+static void tramp6(void) { run_timed(6); }
+static void (*const trampolines[])(void) = {tramp0, tramp1, tramp2, tramp3, tramp4, tramp5,
+                                            tramp6};
 _Static_assert(sizeof trampolines / sizeof trampolines[0] == NTESTS, "one trampoline a test");
 
 int main(void)
