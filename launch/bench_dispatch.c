@@ -105,8 +105,7 @@ int launch_bench_dispatch(const struct launch_config *c)
     pm.identity_experts = true;
     struct par_block_acts *ba = &pm.blocks[0];
     random_routing(&pm, ba);
-    struct par_mb_stats st = {0};
-    par_moe_decide(&pm, ba, &st);
+    par_moe_decide(&pm, ba);
     size_t const d = (size_t)m.hidden_size;
     float *out = vd_calloc(pm.shape.Ns * d, sizeof(float));
     struct dispatch_ctx dc = {&pm, out, NULL, NULL};

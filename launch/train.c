@@ -87,7 +87,7 @@ struct layer_stats {
 };
 
 struct step_stats {
-    double loss, lm, aux, z, grad_norm, dropped_frac, tokens_max, tokens_mean;
+    double loss, lm, aux, z, grad_norm;
     int nlayers;
     struct layer_stats *layers; /* [nlayers], owned by the caller */
 };
@@ -135,7 +135,7 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
     size_t const nseq = launch_tokens_nseq(tok);
     int *inputs = (int *)pm->dy_perm; /* (2 mb T) ints: free between micro-batches */
     int *targets = inputs + (size_t)mb * T;
-    double sums[6] = {0}; /* lm, aux, z, dropped, tokens_max, tokens_mean */
+    double sums[3] = {0}; /* lm, aux, z */
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
     double *lsums = vd_calloc(2 * (size_t)nl + 1, sizeof *lsums);
     float *lmax = vd_calloc((size_t)nl + 1, sizeof *lmax);
@@ -152,11 +152,8 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
         sums[0] += st.lm_loss;
         sums[1] += st.aux_loss;
         sums[2] += st.z_loss;
-        sums[3] += (double)st.dropped;
-        sums[4] = fmax(sums[4], (double)st.tokens_max);
-        sums[5] += st.tokens_mean;
     }
-    dist_allreduce_sum_f64(dp, DIST_DP, sums, 4);
+    dist_allreduce_sum_f64(dp, DIST_DP, sums, 3);
     finish_layers(pm, c, lsums, lmax, out);
     free(lsums);
     free(lmax);
@@ -169,23 +166,25 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
     out->aux = sums[1] / n_micro;
     out->z = sums[2] / n_micro;
     out->loss = out->lm + out->aux + out->z;
-    double const assignments = (double)n_micro * mb * T * c->model.num_experts_per_tok *
-                               c->model.num_hidden_layers;
-    out->dropped_frac = sums[3] / assignments;
-    out->tokens_max = sums[4];
-    out->tokens_mean = sums[5] / ((n_micro + dp->size - 1) / dp->size);
     return out->loss;
 }
 
 static void write_metrics(FILE *f, int step, const struct step_stats *s, float lr, double ms,
                           double tps, double mfu)
 {
+    /* the step's MoE figures over its layers (every layer has the same assignments) */
+    double dropped = 0.0, tmax = 0.0, tmean = 0.0;
+    for (int l = 0; l < s->nlayers; l++) {
+        dropped += s->layers[l].dropped_frac / s->nlayers;
+        tmax = fmax(tmax, s->layers[l].tokens_max);
+        tmean += s->layers[l].tokens_mean / s->nlayers;
+    }
     json_t *o = json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f}",
                           "step", step, "loss", s->loss, "lm_loss", s->lm, "aux_loss", s->aux,
                           "z_loss", s->z, "grad_norm", s->grad_norm, "lr", (double)lr,
                           "step_ms", ms, "tokens_per_s", tps, "mfu", mfu, "dropped_frac",
-                          s->dropped_frac, "tokens_per_expert_max", s->tokens_max,
-                          "tokens_per_expert_mean", s->tokens_mean);
+                          dropped, "tokens_per_expert_max", tmax,
+                          "tokens_per_expert_mean", tmean);
     json_t *layers = json_array();
     for (int l = 0; l < s->nlayers; l++) {
         const struct layer_stats *ls = &s->layers[l];

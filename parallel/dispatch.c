@@ -102,7 +102,7 @@ static void decide_capacity(const struct par_model *pm, const int *topk, const f
     }
 }
 
-void par_moe_decide(struct par_model *pm, struct par_block_acts *ba, struct par_mb_stats *st)
+void par_moe_decide(struct par_model *pm, struct par_block_acts *ba)
 {
     const struct model_config *c = &pm->cfg;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
@@ -132,9 +132,6 @@ void par_moe_decide(struct par_model *pm, struct par_block_acts *ba, struct par_
     for (int e = 0; e < E; e++)
         if ((long)kept_per_expert[e] > ba->tokens_max) ba->tokens_max = (long)kept_per_expert[e];
     ba->dropped = (long)S - kept_total;
-    st->dropped += ba->dropped;
-    if (ba->tokens_max > st->tokens_max) st->tokens_max = ba->tokens_max;
-    st->tokens_mean += (double)kept_total / E / c->num_hidden_layers;
     for (size_t r = 0; r < Ns; r++)
         memcpy(ba->kept + r * k, pm->full_kept + (size_t)pm->row_token[r] * k, (size_t)k);
 }

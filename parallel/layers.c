@@ -416,7 +416,7 @@ static void moe_forward(struct par_model *pm, struct par_block_acts *ba,
     par_timers[PAR_T_ROUTER] += omp_get_wtime() - t0;
 
     double const t1 = omp_get_wtime();
-    par_moe_decide(pm, ba, st);
+    par_moe_decide(pm, ba);
     par_timers[PAR_T_DISPATCH] += omp_get_wtime() - t1;
     ba->dispatch_s += omp_get_wtime() - t1;
     float *moe = pm->dsmall; /* backward scratch, free during the forward */

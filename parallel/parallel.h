@@ -74,12 +74,10 @@ struct par_block_acts {
     double dispatch_s;             /* dispatch time, forward and backward (caller resets) */
 };
 
-/* Statistics of one micro-batch's forward. */
+/* Losses of one micro-batch's forward (each layer's dispatch statistics are in its
+ * par_block_acts). */
 struct par_mb_stats {
     double lm_loss, aux_loss, z_loss;
-    long dropped;          /* assignments dropped over all layers */
-    long tokens_max;       /* max over layers and experts of tokens received */
-    double tokens_mean;    /* mean tokens per expert */
 };
 
 struct par_hparams {
@@ -169,8 +167,8 @@ bool par_owns_block(const struct par_model *pm, const struct model_tensor *t);
 /* The token dispatcher of one MoE layer (ba: that layer's activations, whose router
  * outputs rtopk, rtopk_w, rprobs and rows m_loc are set). */
 /* The capacity decision over the whole micro-batch (gathered over tp x cp): ba->kept for
- * the local slots, the layer's dropped and per-expert statistics. */
-void par_moe_decide(struct par_model *pm, struct par_block_acts *ba, struct par_mb_stats *st);
+ * the local slots, ba->dropped and ba->tokens_max of the layer. */
+void par_moe_decide(struct par_model *pm, struct par_block_acts *ba);
 /* out (Ns, d) = sum over the local rows' kept slots of w * expert(m), through the
  * configured dispatcher. */
 void par_moe_dispatch_forward(struct par_model *pm, struct par_block_acts *ba,

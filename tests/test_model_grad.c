@@ -315,8 +315,8 @@ static void check_variant(double cf, enum model_drop_policy pol)
     model_setup(&pm, &cfg);
     struct par_mb_stats st;
     float *grad = gradient(&pm, &st, ALPHA, BETA);
-    printf("\n    losses: lm %.5f aux %.5f z %.5f, dropped %ld", st.lm_loss, st.aux_loss,
-           st.z_loss, st.dropped);
+    printf("\n    losses: lm %.5f aux %.5f z %.5f, dropped %ld + %ld", st.lm_loss, st.aux_loss,
+           st.z_loss, pm.blocks[0].dropped, pm.blocks[1].dropped);
     CU_ASSERT(isfinite(st.lm_loss) && st.aux_loss > 0.0 && st.z_loss > 0.0);
     check_routing_coverage(&pm, cf > 0.0);
     if (cf > 0.0 && pol == MODEL_DROP_PROBS) CU_ASSERT(probs_differs_from_position(&pm));

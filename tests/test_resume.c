@@ -720,8 +720,8 @@ static void crash_metrics_check(const struct metrics *got, const struct metrics 
            nmissing == 1 && count[k] == 0
                ? ". Only the checkpoint's own step is missing: the crashed run was killed after "
                  "the checkpoint of that step became complete but before it wrote that step's "
-                 "metrics line (launch/train.c saves the checkpoint before writing the line), "
-                 "and the resumed run starts after it"
+                 "metrics line (the line must be written before its checkpoint is saved), and "
+                 "the resumed run starts after it"
                : "");
     /* Every line present, by its step, against the uninterrupted run. */
     int bad = 0;
