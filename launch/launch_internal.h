@@ -19,4 +19,7 @@ int launch_bench_dispatch(const struct launch_config *c);
 /* `vdist bench ckpt`: checkpoint save/load speed, compression, disk speed, async blocking. */
 int launch_bench_ckpt(const struct launch_config *c);
 
+/* `vdist ckpt ...`: argv[0] is "ckpt". Returns the process exit code. */
+int launch_ckpt_main(int argc, char **argv);
+
 #endif

@@ -18,7 +18,7 @@ static void usage(FILE *out)
             "  mpirun -np N vdist bench dispatch --config FILE [--parallel.ep=N ...]\n"
             "  [mpirun -np N] vdist bench ckpt --config FILE [--ckpt.dir=DIR ...]\n"
             "  vdist data text IN OUT | synth OUT [options] | info FILE\n"
-            "  vdist ckpt verify DIR | latest ROOT\n"
+            "  vdist ckpt inspect DIR | verify DIR | latest ROOT | export DIR OUT\n"
             "  vdist train --help          every configuration key, its default and meaning\n"
             "  vdist data --help\n\n"
             "bench trains like train and then reports tokens/s, MFU, the time split of a\n"
@@ -83,28 +83,6 @@ static int run_train(int argc, char **argv, bool bench)
     return 0;
 }
 
-/* `vdist ckpt verify DIR | latest ROOT`: checks on checkpoints, no training. */
-static int run_ckpt(int argc, char **argv)
-{
-    bool const verify = argc == 3 && strcmp(argv[1], "verify") == 0;
-    bool const latest = argc == 3 && strcmp(argv[1], "latest") == 0;
-    if (!verify && !latest) {
-        fprintf(argc >= 2 && strcmp(argv[1], "--help") == 0 ? stdout : stderr,
-                "usage: vdist ckpt verify DIR     decompress every shard of checkpoint DIR and "
-                "check that every element is present once\n"
-                "       vdist ckpt latest ROOT    print the newest complete checkpoint under "
-                "ROOT\n");
-        return argc >= 2 && strcmp(argv[1], "--help") == 0 ? 0 : 2;
-    }
-    dist_init(&argc, &argv);
-    char dir[4096] = "";
-    int const rc = verify ? ckpt_verify(argv[2], stdout) : ckpt_latest(argv[2], dir, sizeof dir);
-    if (rc == 0 && latest) printf("%s\n", dir[0] ? dir : "(no complete checkpoint)");
-    if (rc < 0) fprintf(stderr, "vdist: error: %s\n", vd_err_msg());
-    dist_finalize();
-    return rc < 0 ? 1 : 0;
-}
-
 int main(int argc, char **argv)
 {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
@@ -112,7 +90,7 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     if (strcmp(argv[1], "data") == 0) return launch_data_main(argc - 1, argv + 1);
-    if (strcmp(argv[1], "ckpt") == 0) return run_ckpt(argc - 1, argv + 1);
+    if (strcmp(argv[1], "ckpt") == 0) return launch_ckpt_main(argc - 1, argv + 1);
     bool const train = strcmp(argv[1], "train") == 0, bench = strcmp(argv[1], "bench") == 0;
     if (!train && !bench) {
         fprintf(stderr, "vdist: unknown command '%s'; commands are train, bench, data, ckpt\n",

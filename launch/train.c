@@ -320,7 +320,8 @@ static int finish_checkpoint(const struct launch_config *c, struct ckpt_state *c
 /* Saves after `done` steps: synchronously, or (ckpt.async) by starting a background write
  * that the next checkpoint or the end of training finishes. */
 static int save_checkpoint(const struct launch_config *c, const struct par_model *pm,
-                           const struct dist_grid *grid, int done, struct ckpt_state *cs)
+                           const struct dist_grid *grid, int done, size_t nseq,
+                           struct ckpt_state *cs)
 {
     FORWARD_IF(finish_checkpoint(c, cs));
     char *config = launch_config_to_json(c);
@@ -331,8 +332,18 @@ static int save_checkpoint(const struct launch_config *c, const struct par_model
              "\"edp\":%d,\"order\":\"%s\",\"distributed_optimizer\":%s}",
              grid->world, d->tp, d->cp, d->dp, d->pp, d->etp, d->ep, d->edp, grid->order,
              pm->opt.distributed_optimizer ? "true" : "false");
+    /* where the run continues: the next step's learning rate and first sequence (both
+     * follow from the step; recorded for users and tools) */
+    char state[256];
+    float const next_lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE, (float)c->train.lr,
+                                      (float)c->train.lr_min, c->train.warmup, c->train.steps, done);
+    snprintf(state, sizeof state,
+             "{\"step\":%d,\"next_lr\":%.9g,\"data_next_sequence\":%zu,\"rng\":\"none: "
+             "initialisation is counter-based on train.seed, training draws no random numbers\"}",
+             done, (double)next_lr, (size_t)done * (size_t)c->train.global_batch % nseq);
     struct ckpt_meta const meta = {.step = done, .adam_step = pm->adam_step,
-                                   .seed = c->train.seed, .config = config, .layout = layout};
+                                   .seed = c->train.seed, .config = config, .layout = layout,
+                                   .state = state};
     double const t0 = MPI_Wtime();
     cs->pending_step = done;
     cs->saves++;
@@ -351,23 +362,48 @@ static int save_checkpoint(const struct launch_config *c, const struct par_model
     return rc;
 }
 
-/* ckpt.resume: auto resumes from the latest complete checkpoint under ckpt.dir, if any. */
+/* ckpt.resume: auto resumes from the latest complete checkpoint under ckpt.dir, if any,
+ * and falls back to older complete ones (saying so) when one cannot be loaded. */
 static int resume(const struct launch_config *c, struct par_model *pm, long *start)
 {
+    bool const root = dist_world_rank() == 0, automatic = strcmp(c->ckpt.resume, "auto") == 0;
     char dir[LAUNCH_PATH_MAX] = "";
+    bool fell_back = false;
     int rc = 0;
-    if (strcmp(c->ckpt.resume, "auto") == 0) {
-        if (c->ckpt.dir[0]) rc = ckpt_latest(c->ckpt.dir, dir, sizeof dir);
-    } else if (strcmp(c->ckpt.resume, "never") != 0) {
+    if (automatic && c->ckpt.dir[0]) {
+        if (root) rc = ckpt_cleanup(c->ckpt.dir); /* saves an earlier run left unfinished */
+        FORWARD_IF(dist_agree(dist_world(), rc));
+        rc = ckpt_latest_ex(c->ckpt.dir, dir, sizeof dir, &fell_back);
+    } else if (!automatic && strcmp(c->ckpt.resume, "never") != 0) {
         snprintf(dir, sizeof dir, "%s", c->ckpt.resume);
     }
     FORWARD_IF(dist_agree(dist_world(), rc));
+    if (fell_back && root)
+        printf("%s/latest was missing or named an incomplete checkpoint: using %s\n",
+               c->ckpt.dir, dir);
+    while (dir[0]) {
+        rc = ckpt_load(pm, dir, start, NULL);
+        if (rc == 0 || !automatic) break;
+        long const failed_step = *start;
+        char const *why = vd_err_msg();
+        char previous[LAUNCH_PATH_MAX] = "";
+        long step_of_dir = 0;
+        const char *base = strrchr(dir, '/');
+        if (base && sscanf(base, "/step_%ld", &step_of_dir) != 1) step_of_dir = failed_step;
+        if (ckpt_previous(c->ckpt.dir, step_of_dir, previous, sizeof previous) != 0) previous[0] = '\0';
+        if (root)
+            printf("checkpoint %s could not be loaded (%s); %s%s\n", dir, why,
+                   previous[0] ? "falling back to " : "no older complete checkpoint",
+                   previous);
+        if (!previous[0]) break;
+        snprintf(dir, sizeof dir, "%s", previous);
+    }
+    FORWARD_IF(rc);
     if (!dir[0]) return 0;
-    FORWARD_IF(ckpt_load(pm, dir, start, NULL));
     RETURN_IF(*start > c->train.steps, VD_EINVAL,
               "checkpoint %s is at step %ld, past train.steps = %d: raise train.steps to "
               "continue the run", dir, *start, c->train.steps);
-    if (dist_world_rank() == 0) printf("resumed from %s at step %ld\n", dir, *start);
+    if (root) printf("resumed from %s at step %ld\n", dir, *start);
     return 0;
 }
 
@@ -542,7 +578,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         /* the step's metrics line is written before its checkpoint, so a run killed
          * after the checkpoint resumes with every line up to it */
         if (root && metrics) write_metrics(metrics, s + 1, &st, lr, dt * 1e3, tps, mfu);
-        if (want_checkpoint(c, s + 1)) rc = save_checkpoint(c, &pm, &grid, s + 1, &cs);
+        if (want_checkpoint(c, s + 1))
+            rc = save_checkpoint(c, &pm, &grid, s + 1, launch_tokens_nseq(tok), &cs);
         if (!root) continue;
         bool const last = s + 1 == c->train.steps;
         if ((s + 1) % c->log.interval == 0 || last || s == 0) {
