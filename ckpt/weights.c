@@ -1,8 +1,11 @@
 /* Hugging Face weights in and out: a Mixtral-named safetensors file checked tensor by
  * tensor against the config, each rank reading only its own block. */
+#include <errno.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "ckpt/ckpt.h"
 #include "dist/dist.h"
@@ -21,55 +24,150 @@ static void format_shape(char *out, size_t cap, int ndim, const size_t *shape)
     if (used < cap) snprintf(out + used, cap - used, "]");
 }
 
-/* Every file tensor must be a model tensor of the same shape; every model tensor present. */
-static int check_against_model(const ckpt_st_file *f, const char *path,
-                               const struct model_table *full)
+/* The safetensors files of one set of weights: a single file, or the shards a Hugging Face
+ * model.safetensors.index.json names. */
+struct hf_set {
+    ckpt_st_file *files[256];
+    char paths[256][1024];
+    int n;
+};
+
+static void hf_set_close(struct hf_set *s)
 {
-    for (int i = 0; i < ckpt_st_count(f); i++) {
-        const struct ckpt_st_tensor *t = ckpt_st_get(f, i);
-        int const m = model_table_find(full, t->name);
-        RETURN_IF(m < 0, VD_EFORMAT,
-                  "%s: tensor '%s' is not part of the configured model (check "
-                  "num_hidden_layers, num_local_experts and the Mixtral names)",
-                  path, t->name);
-        const struct model_tensor *mt = &full->t[m];
-        RETURN_IF(t->dtype != CKPT_F32 && t->dtype != CKPT_BF16, VD_EFORMAT,
-                  "%s: tensor '%s' has dtype %s; weights must be F32 or BF16", path, t->name,
-                  dtype_name(t->dtype));
-        bool const same = t->ndim == mt->ndim && t->shape[0] == mt->shape[0] &&
-                          (mt->ndim == 1 || t->shape[1] == mt->shape[1]);
-        if (!same) {
-            char got[96], want[96];
-            format_shape(got, sizeof got, t->ndim, t->shape);
-            format_shape(want, sizeof want, mt->ndim, mt->shape);
-            RETURN_ERR(VD_EFORMAT, "%s: tensor '%s' has shape %s but the config needs %s",
-                       path, t->name, got, want);
+    for (int i = 0; i < s->n; i++) ckpt_st_close(s->files[i]);
+    s->n = 0;
+}
+
+static int hf_set_add(struct hf_set *s, const char *path)
+{
+    for (int i = 0; i < s->n; i++)
+        if (strcmp(s->paths[i], path) == 0) return 0;
+    RETURN_IF(s->n == 256, VD_EFORMAT, "%s: more than 256 safetensors shards", path);
+    snprintf(s->paths[s->n], sizeof s->paths[0], "%s", path);
+    FORWARD_IF(ckpt_st_open(&s->files[s->n], path));
+    s->n++;
+    return 0;
+}
+
+/* Opens the shards an index names (their paths relative to the index's directory). */
+static int hf_set_open_index(struct hf_set *s, const char *index)
+{
+    json_error_t jerr;
+    json_t *root = json_load_file(index, JSON_REJECT_DUPLICATES, &jerr);
+    RETURN_IF(!root, VD_EFORMAT, "%s: %s (line %d)", index, jerr.text, jerr.line);
+    json_t *map = json_object_get(root, "weight_map");
+    int rc = json_is_object(map) ? 0
+                                 : vd_err_set(VD_EFORMAT, __FILE__, __LINE__,
+                                              "%s: no \"weight_map\" object", index);
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", index);
+    char *slash = strrchr(dir, '/');
+    if (slash) slash[1] = '\0';
+    else dir[0] = '\0';
+    const char *name;
+    json_t *file;
+    json_object_foreach(map, name, file)
+    {
+        if (rc != 0) break;
+        const char *f = json_string_value(file);
+        if (!f || strchr(f, '/') || strcmp(f, "..") == 0) {
+            rc = vd_err_set(VD_EFORMAT, __FILE__, __LINE__,
+                            "%s: tensor '%s' maps to an invalid file name", index, name);
+            break;
+        }
+        char path[2100];
+        snprintf(path, sizeof path, "%s%s", dir, f);
+        rc = hf_set_add(s, path);
+    }
+    json_decref(root);
+    return rc;
+}
+
+/* path: a .safetensors file, an index .json, or a directory holding either. */
+static int hf_set_open(struct hf_set *s, const char *path)
+{
+    s->n = 0;
+    struct stat sb;
+    RETURN_IF(stat(path, &sb) != 0, VD_EIO, "cannot open %s: %s", path, strerror(errno));
+    char buf[1100];
+    if (S_ISDIR(sb.st_mode)) {
+        snprintf(buf, sizeof buf, "%s/model.safetensors.index.json", path);
+        if (stat(buf, &sb) == 0) return hf_set_open_index(s, buf);
+        snprintf(buf, sizeof buf, "%s/model.safetensors", path);
+        return hf_set_add(s, buf);
+    }
+    size_t const len = strlen(path);
+    if (len > 5 && strcmp(path + len - 5, ".json") == 0) return hf_set_open_index(s, path);
+    return hf_set_add(s, path);
+}
+
+/* The file and index of tensor `name` in the set, or -1. */
+static int hf_set_find(const struct hf_set *s, const char *name, int *index)
+{
+    for (int f = 0; f < s->n; f++)
+        if ((*index = ckpt_st_find(s->files[f], name)) >= 0) return f;
+    return -1;
+}
+
+/* Every tensor of the set must be a model tensor of the same shape, in one file only;
+ * every model tensor present. */
+static int check_against_model(const struct hf_set *s, const struct model_table *full)
+{
+    for (int f = 0; f < s->n; f++) {
+        const char *path = s->paths[f];
+        for (int i = 0; i < ckpt_st_count(s->files[f]); i++) {
+            const struct ckpt_st_tensor *t = ckpt_st_get(s->files[f], i);
+            int const m = model_table_find(full, t->name);
+            RETURN_IF(m < 0, VD_EFORMAT,
+                      "%s: tensor '%s' is not part of the configured model (check "
+                      "num_hidden_layers, num_local_experts and the Mixtral names)",
+                      path, t->name);
+            int other = -1;
+            RETURN_IF(hf_set_find(s, t->name, &other) != f, VD_EFORMAT,
+                      "%s: tensor '%s' is also in another shard", path, t->name);
+            const struct model_tensor *mt = &full->t[m];
+            RETURN_IF(t->dtype != CKPT_F32 && t->dtype != CKPT_BF16, VD_EFORMAT,
+                      "%s: tensor '%s' has dtype %s; weights must be F32 or BF16", path,
+                      t->name, dtype_name(t->dtype));
+            bool const same = t->ndim == mt->ndim && t->shape[0] == mt->shape[0] &&
+                              (mt->ndim == 1 || t->shape[1] == mt->shape[1]);
+            if (!same) {
+                char got[96], want[96];
+                format_shape(got, sizeof got, t->ndim, t->shape);
+                format_shape(want, sizeof want, mt->ndim, mt->shape);
+                RETURN_ERR(VD_EFORMAT, "%s: tensor '%s' has shape %s but the config needs %s",
+                           path, t->name, got, want);
+            }
         }
     }
+    int index = -1;
     for (int m = 0; m < full->count; m++)
-        RETURN_IF(ckpt_st_find(f, full->t[m].name) < 0, VD_EFORMAT,
-                  "%s: tensor '%s' is missing", path, full->t[m].name);
+        RETURN_IF(hf_set_find(s, full->t[m].name, &index) < 0, VD_EFORMAT,
+                  "%s: tensor '%s' is missing", s->n ? s->paths[0] : "weights",
+                  full->t[m].name);
     return 0;
 }
 
 int ckpt_load_hf(struct par_model *pm, const char *path)
 {
-    ckpt_st_file *f = NULL;
-    FORWARD_IF(ckpt_st_open(&f, path));
+    struct hf_set *set = vd_calloc(1, sizeof *set);
+    int rc = hf_set_open(set, path);
     struct model_layout serial = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
                                   .layer_end = pm->cfg.num_hidden_layers, .has_embed = true,
                                   .has_head = true};
-    struct model_table full;
-    int rc = model_table_build(&full, &pm->cfg, &serial);
-    if (rc == 0) rc = check_against_model(f, path, &full);
+    struct model_table full = {0};
+    if (rc == 0) rc = model_table_build(&full, &pm->cfg, &serial);
+    if (rc == 0) rc = check_against_model(set, &full);
     for (int i = 0; rc == 0 && i < pm->tab.count; i++) {
         const struct model_tensor *t = &pm->tab.t[i];
-        rc = ckpt_st_read_block(f, ckpt_st_find(f, t->name), pm->params + t->offset,
-                                t->local_start[0], t->local_shape[0], t->local_start[1],
-                                t->local_shape[1]);
+        int index = -1;
+        int const f = hf_set_find(set, t->name, &index);
+        rc = ckpt_st_read_block(set->files[f], index, pm->params + t->offset, t->local_start[0],
+                                t->local_shape[0], t->local_start[1], t->local_shape[1]);
     }
     model_table_free(&full);
-    ckpt_st_close(f);
+    hf_set_close(set);
+    free(set);
     FORWARD_IF(rc);
     return 0;
 }
