@@ -8,7 +8,6 @@
  * OMP_NUM_THREADS=1 inside a fresh /tmp/vdist_cli_XXXXXX, which is removed at the end.
  * Messages are checked with the temporary directory's path replaced by "<TMP>", so a
  * number in the random name can never satisfy a check. */
-#include <errno.h>
 #include <ftw.h>
 #include <limits.h>
 #include <math.h>
@@ -19,122 +18,30 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <CUnit/Basic.h>
 #include <CUnit/CUnit.h>
 #include <jansson.h>
 
 #include "launch/launch.h"
+#include "tests/testutil.h"
 
 /* A child that runs longer than this is killed (exit status 124 or 137): a hang fails the
  * test instead of the suite. */
 #define CHILD_TIMEOUT_S 150
 
-static char g_tmp[64];            /* the working directory of every child */
-static char g_vdist[PATH_MAX];    /* absolute path of the program */
-static char g_root[1024];         /* repository root (for configs/) */
-static char g_cmd[8192];          /* the last command, for failure reports */
-static char *g_out;               /* its stdout + stderr, g_tmp replaced by "<TMP>" */
-static int g_rc;                  /* its exit status */
-static bool g_out_shown;          /* the last output was already printed for a failure */
+static struct tu_env g_env; /* g_env.tmp is the working directory of every child */
+static struct tu_run g_run; /* the last command ("vdist ARGS"), its output with "<TMP>" */
 
 /* ---------------------------------------------------------------- helpers */
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#define EXPECT(cond, ...) TU_EXPECT(cond, __VA_ARGS__)
 
-/* g_tmp/name in a rotating static buffer (four live at once). */
-static const char *tp(const char *name)
-{
-    static char buf[4][512];
-    static int which;
-    which = (which + 1) % 4;
-    snprintf(buf[which], sizeof buf[which], "%s/%.400s", g_tmp, name);
-    return buf[which];
-}
+/* g_env.tmp/name in a rotating static buffer (eight live at once). */
+static const char *tp(const char *name) { return tu_path(g_env.tmp, name); }
 
-__attribute__((format(printf, 3, 4))) static bool expect_impl(bool ok, unsigned line,
-                                                              const char *fmt, ...)
-{
-    char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    CU_assertImplementation(ok ? CU_TRUE : CU_FALSE, line, msg, __FILE__, "", CU_FALSE);
-    if (!ok) {
-        printf("\n  FAILED (line %u): %s\n", line, msg);
-        if (!g_out_shown && g_cmd[0]) {
-            printf("  command: %s\n  exit status: %d\n  output:\n%s\n  (end of output)\n",
-                   g_cmd, g_rc, g_out ? g_out : "");
-            g_out_shown = true;
-        }
-        fflush(stdout);
-    }
-    return ok;
-}
-#define EXPECT(cond, ...) expect_impl((cond), __LINE__, __VA_ARGS__)
-
-/* Replaces every occurrence of g_tmp in s by "<TMP>"; returns a new string. */
-static char *mask_tmp(const char *s)
-{
-    size_t const nt = strlen(g_tmp);
-    size_t cap = strlen(s) + 1, n = 0;
-    for (const char *p = s; (p = strstr(p, g_tmp)); p += nt) cap += 5;
-    char *out = malloc(cap);
-    for (const char *p = s; *p;) {
-        if (strncmp(p, g_tmp, nt) == 0) {
-            memcpy(out + n, "<TMP>", 5);
-            n += 5;
-            p += nt;
-        } else {
-            out[n++] = *p++;
-        }
-    }
-    out[n] = '\0';
-    return out;
-}
-
-static char *read_file(const char *path, size_t *nbytes)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0;
-    char *b = malloc(cap);
-    size_t got;
-    while ((got = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) b = realloc(b, cap *= 2);
-    }
-    fclose(f);
-    b[n] = '\0';
-    if (nbytes) *nbytes = n;
-    return b;
-}
-
-static bool write_file(const char *path, const void *bytes, size_t nbytes)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f) return false;
-    bool ok = fwrite(bytes, 1, nbytes, f) == nbytes;
-    return fclose(f) == 0 && ok;
-}
-
-static bool file_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-/* Runs `vdist ARGS` inside g_tmp with stdout and stderr captured; returns the exit status
- * (128 + signal when the program died of one, 124/137 after the timeout). */
+/* Runs `vdist ARGS` inside g_env.tmp with stdout and stderr captured; returns the exit
+ * status (128 + signal when the program died of one, 124/137 after the timeout). */
 __attribute__((format(printf, 1, 2))) static int run_vdist(const char *fmt, ...)
 {
     char args[6144];
@@ -142,33 +49,20 @@ __attribute__((format(printf, 1, 2))) static int run_vdist(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    snprintf(g_cmd, sizeof g_cmd, "vdist %s", args);
-    char shell[16384];
-    snprintf(shell, sizeof shell,
-             "cd '%s' && OMP_NUM_THREADS=1 timeout -k 5 %d '%s' %s > '%s/.captured' 2>&1",
-             g_tmp, CHILD_TIMEOUT_S, g_vdist, args, g_tmp);
-    int const st = system(shell);
-    if (st == -1) g_rc = -1;
-    else if (WIFEXITED(st)) g_rc = WEXITSTATUS(st);
-    else if (WIFSIGNALED(st)) g_rc = 128 + WTERMSIG(st);
-    else g_rc = -1;
-    free(g_out);
-    char *raw = read_file(tp(".captured"), NULL);
-    g_out = mask_tmp(raw ? raw : "");
-    free(raw);
-    unlink(tp(".captured"));
-    g_out_shown = false;
-    return g_rc;
+    snprintf(g_run.cmd, sizeof g_run.cmd, "vdist %s", args);
+    char command[PATH_MAX + sizeof args + 8];
+    snprintf(command, sizeof command, "'%s' %s", g_env.vdist, args);
+    return tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
 }
 
-static bool out_has(const char *s) { return strstr(g_out, s) != NULL; }
+static bool out_has(const char *s) { return strstr(g_run.out, s) != NULL; }
 
 /* `word` occurs in the output with no letter, digit, '_' or '.' on either side. */
 static bool out_has_word(const char *word)
 {
     size_t const n = strlen(word);
-    for (const char *p = g_out; (p = strstr(p, word)); p++) {
-        char const before = p == g_out ? ' ' : p[-1], after = p[n];
+    for (const char *p = g_run.out; (p = strstr(p, word)); p++) {
+        char const before = p == g_run.out ? ' ' : p[-1], after = p[n];
         bool const lb = !(before == '_' || before == '.' || (before >= '0' && before <= '9') ||
                           (before >= 'a' && before <= 'z') || (before >= 'A' && before <= 'Z'));
         bool const la = !(after == '_' || (after >= '0' && after <= '9') ||
@@ -180,21 +74,10 @@ static bool out_has_word(const char *word)
 
 /* A refusal: exit status 1 or 2 (not 0, not a crash or timeout), no training step, and
  * the message contains every string of the NULL-terminated list. */
-#define EXPECT_REFUSED(...) expect_refused(__LINE__, __VA_ARGS__, (const char *)NULL)
-static void expect_refused(unsigned line, const char *first, ...)
-{
-    expect_impl(g_rc == 1 || g_rc == 2, line,
-                "`%s` must fail with exit status 1 or 2 (not 0, a crash or a timeout); "
-                "got %d", g_cmd, g_rc);
-    expect_impl(!out_has("step 1/"), line,
-                "`%s` must fail before the first training step, but it printed a step line",
-                g_cmd);
-    va_list ap;
-    va_start(ap, first);
-    for (const char *s = first; s; s = va_arg(ap, const char *))
-        expect_impl(out_has(s), line, "the message of `%s` must contain \"%s\"", g_cmd, s);
-    va_end(ap);
-}
+static const char *const step_lines[] = {"step 1/", NULL};
+#define EXPECT_REFUSED(...)                                                                \
+    tu_expect_refused_at(__FILE__, __LINE__, &g_run, "the first training step", step_lines, \
+                         __VA_ARGS__, (const char *)NULL)
 
 /* An llm.c token file: 256-int32 header (magic, version, count_in_header), then the
  * tokens as uint16 (version 1) or uint32 (otherwise). */
@@ -210,7 +93,7 @@ static bool write_llmc(const char *path, int32_t version, int32_t count_in_heade
     for (size_t t = 0; t < n; t++)
         for (size_t i = 0; i < elem; i++)
             b[1024 + t * elem + i] = (unsigned char)(tok[t] >> (8 * i));
-    bool const ok = write_file(path, b, nbytes);
+    bool const ok = tu_file_write(path, b, nbytes, "wb");
     free(b);
     return ok;
 }
@@ -222,7 +105,7 @@ static const char *config_path(const char *name)
 {
     static char buf[3][1536];
     int const i = strcmp(name, "tiny") == 0 ? 0 : strcmp(name, "small") == 0 ? 1 : 2;
-    snprintf(buf[i], sizeof buf[i], "%s/configs/%.100s.ini", g_root, name);
+    snprintf(buf[i], sizeof buf[i], "%s/configs/%.100s.ini", g_env.root, name);
     return buf[i];
 }
 
@@ -234,99 +117,32 @@ static const char *synth64(void)
     snprintf(path, sizeof path, "%s", tp("synth64.bin"));
     if (!made) {
         run_vdist("data synth %s --vocab 64 --tokens 20000", path);
-        EXPECT(g_rc == 0, "`%s` must succeed, got exit status %d", g_cmd, g_rc);
-        made = g_rc == 0 && file_exists(path);
+        EXPECT(g_run.rc == 0, "`%s` must succeed, got exit status %d", g_run.cmd, g_run.rc);
+        made = g_run.rc == 0 && tu_file_exists(path);
     }
     return path;
 }
 
-/* configs/tiny.ini trained one step and exported to g_tmp/base, made once. */
+/* configs/tiny.ini trained one step and exported to g_env.tmp/base, made once. */
 static bool base_export(void)
 {
     static int state; /* 0 not tried, 1 made, -1 failed */
     if (state == 0) {
         run_vdist("train --config %s --train.steps=1 --data.path=%s --train.export_to=%s",
                   config_path("tiny"), synth64(), tp("base"));
-        bool const ok = EXPECT(g_rc == 0, "the base export `%s` must succeed, got %d", g_cmd,
-                               g_rc) &
-                        EXPECT(file_exists(tp("base/model.safetensors")) &&
-                                   file_exists(tp("base/config.json")),
+        bool const ok = EXPECT(g_run.rc == 0, "the base export `%s` must succeed, got %d",
+                               g_run.cmd, g_run.rc) &
+                        EXPECT(tu_file_exists(tp("base/model.safetensors")) &&
+                                   tu_file_exists(tp("base/config.json")),
                                "the base export must write model.safetensors and config.json");
         state = ok ? 1 : -1;
     }
     return state == 1;
 }
 
-/* All tensors of a safetensors file, read through ckpt/ as f32. */
-struct st_set {
-    int n;
-    char **name;
-    enum ckpt_dtype *dtype;
-    int *ndim;
-    size_t (*shape)[4];
-    size_t *numel;
-    float **data;
-};
-
-static void st_set_free(struct st_set *s)
-{
-    for (int i = 0; i < s->n; i++) {
-        free(s->name[i]);
-        free(s->data[i]);
-    }
-    free(s->name);
-    free(s->dtype);
-    free(s->ndim);
-    free(s->shape);
-    free(s->numel);
-    free(s->data);
-    memset(s, 0, sizeof *s);
-}
-
-static bool st_set_load(struct st_set *s, const char *path)
-{
-    memset(s, 0, sizeof *s);
-    ckpt_st_file *f = NULL;
-    if (!EXPECT(ckpt_st_open(&f, path) == 0, "ckpt_st_open(%s) must succeed: %s", path,
-                vd_err_msg()))
-        return false;
-    int const n = ckpt_st_count(f);
-    s->n = n;
-    s->name = calloc((size_t)n, sizeof *s->name);
-    s->dtype = calloc((size_t)n, sizeof *s->dtype);
-    s->ndim = calloc((size_t)n, sizeof *s->ndim);
-    s->shape = calloc((size_t)n, sizeof *s->shape);
-    s->numel = calloc((size_t)n, sizeof *s->numel);
-    s->data = calloc((size_t)n, sizeof *s->data);
-    bool ok = true;
-    for (int i = 0; i < n; i++) {
-        const struct ckpt_st_tensor *t = ckpt_st_get(f, i);
-        s->name[i] = strdup(t->name);
-        s->dtype[i] = t->dtype;
-        s->ndim[i] = t->ndim;
-        memcpy(s->shape[i], t->shape, sizeof s->shape[i]);
-        s->numel[i] = t->numel;
-        s->data[i] = malloc((t->numel ? t->numel : 1) * sizeof(float));
-        size_t const rows = t->ndim == 0 ? 1 : t->shape[0];
-        size_t const cols = rows ? t->numel / rows : 0;
-        ok = ok && EXPECT(ckpt_st_read_block(f, i, s->data[i], 0, rows, 0, cols) == 0,
-                          "reading tensor '%s' of %s must succeed: %s", t->name, path,
-                          vd_err_msg());
-    }
-    ckpt_st_close(f);
-    return ok;
-}
-
-static int st_set_find(const struct st_set *s, const char *name)
-{
-    for (int i = 0; i < s->n; i++)
-        if (strcmp(s->name[i], name) == 0) return i;
-    return -1;
-}
-
 /* Writes s as F32 safetensors, leaving out tensor `skip` (-1: none), in reverse order
  * when `reverse`, plus one extra tensor when extra_name is set. */
-static bool st_set_write(const struct st_set *s, const char *path, int skip, bool reverse,
+static bool st_set_write(const struct tu_st_set *s, const char *path, int skip, bool reverse,
                          const char *extra_name, int extra_ndim, const size_t *extra_shape,
                          const float *extra_data)
 {
@@ -372,25 +188,17 @@ static bool tree_has_tmp(const char *dir)
     return nftw(dir, find_tmp_cb, 16, FTW_PHYS) == 1;
 }
 
-static int rm_cb(const char *path, const struct stat *sb, int type, struct FTW *ftw)
-{
-    (void)sb;
-    (void)type;
-    (void)ftw;
-    return remove(path);
-}
-
 /* ---------------------------------------------------------------- 1. help */
 
 static void test_help(void)
 {
     run_vdist("--help");
-    EXPECT(g_rc == 0, "`vdist --help` must exit 0, got %d", g_rc);
+    EXPECT(g_run.rc == 0, "`vdist --help` must exit 0, got %d", g_run.rc);
     EXPECT(out_has("train") && out_has("bench") && out_has("data"),
            "`vdist --help` must list the commands train, bench and data");
 
     run_vdist("%s", "");
-    EXPECT(g_rc == 2, "`vdist` without a command must exit 2, got %d", g_rc);
+    EXPECT(g_run.rc == 2, "`vdist` without a command must exit 2, got %d", g_run.rc);
     EXPECT(out_has("usage"), "`vdist` without a command must print the usage");
 
     /* The key names are a contract with users' files: written out here, a sample of
@@ -406,39 +214,30 @@ static void test_help(void)
     };
     for (int b = 0; b < 2; b++) {
         run_vdist("%s --help", b ? "bench" : "train");
-        EXPECT(g_rc == 0, "`%s` must exit 0, got %d", g_cmd, g_rc);
-        EXPECT(!out_has("step 1/"), "`%s` must not train", g_cmd);
-        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
-            bool found = false;
-            size_t const n = strlen(keys[i]);
-            for (const char *line = g_out; line && *line && !found;) {
-                const char *p = line;
-                while (*p == ' ' || *p == '\t') p++;
-                found = strncmp(p, keys[i], n) == 0 && (p[n] == ' ' || p[n] == '\t');
-                line = strchr(line, '\n');
-                if (line) line++;
-            }
-            EXPECT(found, "`%s` must list the key %s at the start of a line", g_cmd, keys[i]);
-        }
+        EXPECT(g_run.rc == 0, "`%s` must exit 0, got %d", g_run.cmd, g_run.rc);
+        EXPECT(!out_has("step 1/"), "`%s` must not train", g_run.cmd);
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+            EXPECT(tu_help_lists(g_run.out, keys[i]),
+                   "`%s` must list the key %s at the start of a line", g_run.cmd, keys[i]);
         EXPECT(out_has("position|probs") && out_has("constant|cosine") &&
                    out_has("uint16|uint32"),
-               "`%s` must show the allowed values of the enumerations", g_cmd);
+               "`%s` must show the allowed values of the enumerations", g_run.cmd);
     }
 
     run_vdist("data --help");
-    EXPECT(g_rc == 0, "`vdist data --help` must exit 0, got %d", g_rc);
+    EXPECT(g_run.rc == 0, "`vdist data --help` must exit 0, got %d", g_run.rc);
     EXPECT(out_has("text") && out_has("synth") && out_has("info"),
            "`vdist data --help` must list text, synth and info");
     run_vdist("data synth --help");
-    EXPECT(g_rc == 0, "`vdist data synth --help` must exit 0, got %d", g_rc);
+    EXPECT(g_run.rc == 0, "`vdist data synth --help` must exit 0, got %d", g_run.rc);
     EXPECT(out_has("--vocab") && out_has("--tokens") && out_has("--states"),
            "`vdist data synth --help` must list its options");
 
     run_vdist("frobnicate --config %s", config_path("tiny"));
-    EXPECT(g_rc == 2, "an unknown command must exit 2, got %d", g_rc);
+    EXPECT(g_run.rc == 2, "an unknown command must exit 2, got %d", g_run.rc);
     EXPECT(out_has("frobnicate"), "the message must name the unknown command");
     run_vdist("data frobnicate");
-    EXPECT(g_rc == 2, "an unknown data command must exit 2, got %d", g_rc);
+    EXPECT(g_run.rc == 2, "an unknown data command must exit 2, got %d", g_run.rc);
     EXPECT(out_has("frobnicate"), "the message must name the unknown data command");
 }
 
@@ -453,8 +252,8 @@ static void test_config_errors(void)
 
     /* The control: the same command without the fault trains. */
     run_vdist("%s", base);
-    EXPECT(g_rc == 0 && out_has("step 2/2"), "the control run `%s` must train, got %d", g_cmd,
-           g_rc);
+    EXPECT(g_run.rc == 0 && out_has("step 2/2"), "the control run `%s` must train, got %d",
+           g_run.cmd, g_run.rc);
 
     run_vdist("%s --train.stpes=3", base);
     EXPECT_REFUSED("train.stpes", "did you mean", "train.steps");
@@ -491,15 +290,15 @@ static void test_config_errors(void)
     /* Line 4 is neither a section, a key nor a comment; line 3 of the second file has a
      * value that does not parse; line 2 of the third names an unknown key. */
     static const char bad_syntax[] = "[model]\n# d = 32\nvocab_size = 64\nthis is not ini\n";
-    CU_ASSERT_FATAL(write_file(tp("bad_syntax.ini"), bad_syntax, sizeof bad_syntax - 1));
+    CU_ASSERT_FATAL(tu_file_write(tp("bad_syntax.ini"), bad_syntax, sizeof bad_syntax - 1, "wb"));
     run_vdist("train --config %s --data.path=%s", tp("bad_syntax.ini"), data);
     EXPECT_REFUSED("<TMP>/bad_syntax.ini:4");
     static const char bad_value[] = "[train]\n\nsteps = many\n";
-    CU_ASSERT_FATAL(write_file(tp("bad_value.ini"), bad_value, sizeof bad_value - 1));
+    CU_ASSERT_FATAL(tu_file_write(tp("bad_value.ini"), bad_value, sizeof bad_value - 1, "wb"));
     run_vdist("train --config %s --data.path=%s", tp("bad_value.ini"), data);
     EXPECT_REFUSED("<TMP>/bad_value.ini:3", "train.steps", "many");
     static const char bad_key[] = "[train]\nsetps = 3\n";
-    CU_ASSERT_FATAL(write_file(tp("bad_key.ini"), bad_key, sizeof bad_key - 1));
+    CU_ASSERT_FATAL(tu_file_write(tp("bad_key.ini"), bad_key, sizeof bad_key - 1, "wb"));
     run_vdist("train --config %s --data.path=%s", tp("bad_key.ini"), data);
     EXPECT_REFUSED("<TMP>/bad_key.ini:2", "train.setps", "train.steps");
 
@@ -508,7 +307,7 @@ static void test_config_errors(void)
     run_vdist("%s --parallel.tp=2", base);
     EXPECT_REFUSED("tp");
     EXPECT(out_has("parallel.tp") || out_has_word("tp"),
-           "the refusal of `%s` must name tp (parallel.tp or the word tp)", g_cmd);
+           "the refusal of `%s` must name tp (parallel.tp or the word tp)", g_run.cmd);
 
     run_vdist("%s --model.config=%s", base, tp("no_such_config.json"));
     EXPECT_REFUSED("model.config", "<TMP>/no_such_config.json");
@@ -526,8 +325,8 @@ static void test_data_errors(void)
     /* The control: a valid hand-made file trains. */
     CU_ASSERT_FATAL(write_llmc(tp("good.bin"), 1, N, tok, N));
     run_vdist("train --config %s --train.steps=1 --data.path=%s", tiny, tp("good.bin"));
-    EXPECT(g_rc == 0 && out_has("step 1/1"), "the control run `%s` must train, got %d", g_cmd,
-           g_rc);
+    EXPECT(g_run.rc == 0 && out_has("step 1/1"), "the control run `%s` must train, got %d",
+           g_run.cmd, g_run.rc);
 
     run_vdist("train --config %s --data.path=%s", tiny, tp("no_such_tokens.bin"));
     EXPECT_REFUSED("<TMP>/no_such_tokens.bin");
@@ -561,19 +360,19 @@ static void test_weights_errors(void)
     const char *const tiny = config_path("tiny");
     const char *const data = synth64();
     CU_ASSERT_FATAL(base_export());
-    struct st_set s;
-    CU_ASSERT_FATAL(st_set_load(&s, tp("base/model.safetensors")));
+    struct tu_st_set s;
+    CU_ASSERT_FATAL(tu_st_set_load(&s, tp("base/model.safetensors")));
 
     /* The control: every tensor rewritten (in reverse order) loads and trains. */
     if (st_set_write(&s, tp("w_ok.safetensors"), -1, true, NULL, 0, NULL, NULL)) {
         run_vdist("train --config %s --data.path=%s --train.steps=1 --train.init_from=%s",
                   tiny, data, tp("w_ok.safetensors"));
-        EXPECT(g_rc == 0 && out_has("step 1/1"),
-               "the control `%s` (all tensors, reordered) must train, got %d", g_cmd, g_rc);
+        EXPECT(g_run.rc == 0 && out_has("step 1/1"),
+               "the control `%s` (all tensors, reordered) must train, got %d", g_run.cmd, g_run.rc);
     }
 
     static const char not_st[] = "this is a text file, not safetensors\n";
-    CU_ASSERT_FATAL(write_file(tp("w_text.safetensors"), not_st, sizeof not_st - 1));
+    CU_ASSERT_FATAL(tu_file_write(tp("w_text.safetensors"), not_st, sizeof not_st - 1, "wb"));
     run_vdist("train --config %s --data.path=%s --train.init_from=%s", tiny, data,
               tp("w_text.safetensors"));
     EXPECT_REFUSED("<TMP>/w_text.safetensors");
@@ -584,7 +383,7 @@ static void test_weights_errors(void)
 
     /* The same number of elements in the transposed shape. */
     static const char wrong[] = "model.layers.1.block_sparse_moe.experts.2.w3.weight";
-    int const iw = st_set_find(&s, wrong);
+    int const iw = tu_st_set_find(&s, wrong);
     if (EXPECT(iw >= 0 && s.ndim[iw] == 2, "the export must hold a 2-D %s", wrong)) {
         size_t const r = s.shape[iw][0], c = s.shape[iw][1];
         s.shape[iw][0] = c;
@@ -601,7 +400,7 @@ static void test_weights_errors(void)
     }
 
     static const char gone[] = "model.layers.0.post_attention_layernorm.weight";
-    int const ig = st_set_find(&s, gone);
+    int const ig = tu_st_set_find(&s, gone);
     if (EXPECT(ig >= 0, "the export must hold %s", gone) &&
         st_set_write(&s, tp("w_missing.safetensors"), ig, false, NULL, 0, NULL, NULL)) {
         run_vdist("train --config %s --data.path=%s --train.init_from=%s", tiny, data,
@@ -611,8 +410,8 @@ static void test_weights_errors(void)
 
     /* A third layer's norm: what a file of a deeper model holds. */
     static const char extra[] = "model.layers.2.input_layernorm.weight";
-    int const ie = st_set_find(&s, "model.layers.0.input_layernorm.weight");
-    if (EXPECT(ie >= 0 && st_set_find(&s, extra) < 0, "the export must hold layer 0's norm "
+    int const ie = tu_st_set_find(&s, "model.layers.0.input_layernorm.weight");
+    if (EXPECT(ie >= 0 && tu_st_set_find(&s, extra) < 0, "the export must hold layer 0's norm "
                "and no layer 2") &&
         st_set_write(&s, tp("w_extra.safetensors"), -1, false, extra, s.ndim[ie], s.shape[ie],
                      s.data[ie])) {
@@ -620,20 +419,20 @@ static void test_weights_errors(void)
                   tp("w_extra.safetensors"));
         EXPECT_REFUSED("<TMP>/w_extra.safetensors", extra);
     }
-    st_set_free(&s);
+    tu_st_set_free(&s);
 }
 
 /* ---------------------------------------------------------------- 5. export round trip */
 
 static void expect_same_tensors(const char *pa, const char *pb)
 {
-    struct st_set a, b;
-    bool const la = st_set_load(&a, pa), lb = st_set_load(&b, pb);
+    struct tu_st_set a, b;
+    bool const la = tu_st_set_load(&a, pa), lb = tu_st_set_load(&b, pb);
     if (la && lb && EXPECT(a.n == b.n && a.n > 0, "%s and %s must hold the same number of "
                            "tensors (%d and %d)", pa, pb, a.n, b.n)) {
         int bad = 0;
         for (int i = 0; i < a.n; i++) {
-            int const j = st_set_find(&b, a.name[i]);
+            int const j = tu_st_set_find(&b, a.name[i]);
             bool same = j >= 0 && a.dtype[i] == CKPT_F32 && b.dtype[j] == CKPT_F32 &&
                         a.ndim[i] == b.ndim[j] &&
                         memcmp(a.shape[i], b.shape[j], sizeof a.shape[i]) == 0 &&
@@ -644,8 +443,8 @@ static void expect_same_tensors(const char *pa, const char *pb)
         }
         EXPECT(bad == 0, "%d tensors differ between %s and %s", bad, pa, pb);
     }
-    st_set_free(&a);
-    st_set_free(&b);
+    tu_st_set_free(&a);
+    tu_st_set_free(&b);
 }
 
 static void test_export_round_trip(void)
@@ -655,12 +454,12 @@ static void test_export_round_trip(void)
 
     run_vdist("train --config %s --data.path=%s --train.steps=3 --train.export_to=%s", tiny,
               data, tp("rt_a"));
-    CU_ASSERT_FATAL(EXPECT(g_rc == 0 && file_exists(tp("rt_a/model.safetensors")) &&
-                               file_exists(tp("rt_a/config.json")),
-                           "`%s` must export model.safetensors and config.json, got %d", g_cmd,
-                           g_rc));
+    CU_ASSERT_FATAL(EXPECT(g_run.rc == 0 && tu_file_exists(tp("rt_a/model.safetensors")) &&
+                               tu_file_exists(tp("rt_a/config.json")),
+                           "`%s` must export model.safetensors and config.json, got %d", g_run.cmd,
+                           g_run.rc));
     double first_a = NAN;
-    const char *p = strstr(g_out, "step 1/3 | loss ");
+    const char *p = strstr(g_run.out, "step 1/3 | loss ");
     if (p) first_a = strtod(p + strlen("step 1/3 | loss "), NULL);
 
     /* One step at learning rate 0 (constant, no weight decay) changes nothing. */
@@ -668,13 +467,14 @@ static void test_export_round_trip(void)
               "--train.lr_schedule=constant --train.weight_decay=0 --train.init_from=%s "
               "--train.export_to=%s",
               tiny, data, tp("rt_a/model.safetensors"), tp("rt_b"));
-    EXPECT(g_rc == 0, "`%s` must succeed (lr 0 is allowed), got %d", g_cmd, g_rc);
-    p = strstr(g_out, "step 1/1 | loss ");
+    EXPECT(g_run.rc == 0, "`%s` must succeed (lr 0 is allowed), got %d", g_run.cmd, g_run.rc);
+    p = strstr(g_run.out, "step 1/1 | loss ");
     double const first_b = p ? strtod(p + strlen("step 1/1 | loss "), NULL) : NAN;
     EXPECT(isfinite(first_a) && isfinite(first_b) && first_b < first_a,
            "starting from the exported weights, the first loss (%g) must be below the fresh "
            "model's first loss (%g)", first_b, first_a);
-    if (g_rc == 0) expect_same_tensors(tp("rt_a/model.safetensors"), tp("rt_b/model.safetensors"));
+    if (g_run.rc == 0)
+        expect_same_tensors(tp("rt_a/model.safetensors"), tp("rt_b/model.safetensors"));
 
     /* config.json describes the configured model. */
     struct launch_config want;
@@ -703,7 +503,8 @@ static void test_export_round_trip(void)
                    got.moe_drop_policy == w->moe_drop_policy,
                "config.json's real-valued and routing keys must read back exactly");
     }
-    char *ca = read_file(tp("rt_a/config.json"), NULL), *cb = read_file(tp("rt_b/config.json"), NULL);
+    char *ca = tu_file_read(tp("rt_a/config.json"), NULL);
+    char *cb = tu_file_read(tp("rt_b/config.json"), NULL);
     EXPECT(ca && cb && strcmp(ca, cb) == 0, "both exports must write the same config.json");
     free(ca);
     free(cb);
@@ -713,9 +514,10 @@ static void test_export_round_trip(void)
               "--train.global_batch=4 --train.steps=1 --train.lr=0 --train.lr_schedule=constant "
               "--train.weight_decay=0 --train.init_from=%s --train.export_to=%s",
               tp("rt_a/config.json"), data, tp("rt_a/model.safetensors"), tp("rt_c"));
-    EXPECT(g_rc == 0, "`%s` (the model from the exported config.json) must succeed, got %d",
-           g_cmd, g_rc);
-    if (g_rc == 0) expect_same_tensors(tp("rt_a/model.safetensors"), tp("rt_c/model.safetensors"));
+    EXPECT(g_run.rc == 0, "`%s` (the model from the exported config.json) must succeed, got %d",
+           g_run.cmd, g_run.rc);
+    if (g_run.rc == 0)
+        expect_same_tensors(tp("rt_a/model.safetensors"), tp("rt_c/model.safetensors"));
 }
 
 /* ---------------------------------------------------------------- 6. training run */
@@ -741,11 +543,11 @@ static void test_training_run(void)
     int const steps = 120;
 
     run_vdist("data synth %s --tokens 300000", tp("synth256.bin"));
-    CU_ASSERT_FATAL(EXPECT(g_rc == 0, "`%s` must succeed, got %d", g_cmd, g_rc));
+    CU_ASSERT_FATAL(EXPECT(g_run.rc == 0, "`%s` must succeed, got %d", g_run.cmd, g_run.rc));
     double floor_nats = NAN, unigram = NAN;
-    const char *p = strstr(g_out, "entropy floor ");
+    const char *p = strstr(g_run.out, "entropy floor ");
     if (p) floor_nats = strtod(p + strlen("entropy floor "), NULL);
-    p = strstr(g_out, "unigram ");
+    p = strstr(g_run.out, "unigram ");
     if (p) unigram = strtod(p + strlen("unigram "), NULL);
     CU_ASSERT_FATAL(EXPECT(isfinite(floor_nats) && isfinite(unigram) && floor_nats > 0 &&
                                floor_nats < unigram && unigram <= log(256.0) + 1e-9,
@@ -755,20 +557,20 @@ static void test_training_run(void)
     struct launch_config cfg;
     CU_ASSERT_FATAL(EXPECT(launch_config_load(&cfg, small, 0, NULL) == 0,
                            "configs/small.ini must load: %s", vd_err_msg()));
-    double const t0 = now_s();
+    double const t0 = tu_now_s();
     run_vdist("train --config %s --data.path=%s --train.steps=%d --log.metrics=%s", small,
               tp("synth256.bin"), steps, tp("metrics.jsonl"));
-    double const took = now_s() - t0;
+    double const took = tu_now_s() - t0;
     printf("\n    (small.ini, %d steps: %.1f s)", steps, took);
-    CU_ASSERT_FATAL(EXPECT(g_rc == 0, "`%s` must succeed, got %d", g_cmd, g_rc));
+    CU_ASSERT_FATAL(EXPECT(g_run.rc == 0, "`%s` must succeed, got %d", g_run.cmd, g_run.rc));
     double peak = NAN;
-    p = strstr(g_out, "MFU peak: ");
+    p = strstr(g_run.out, "MFU peak: ");
     if (p) peak = strtod(p + strlen("MFU peak: "), NULL);
     EXPECT(isfinite(peak) && peak > 0, "the run must print the MFU peak it used");
 
-    size_t nbytes;
-    char *text = read_file(tp("metrics.jsonl"), &nbytes);
-    CU_ASSERT_FATAL(EXPECT(text != NULL, "the run must write log.metrics"));
+    struct tu_jsonl metrics;
+    CU_ASSERT_FATAL(EXPECT(tu_jsonl_read(&metrics, tp("metrics.jsonl")),
+                           "the run must write log.metrics"));
 
     /* model.md's FLOPs per token (Megatron-Core), training = 3x forward. */
     const struct model_config *m = &cfg.model;
@@ -785,16 +587,13 @@ static void test_training_run(void)
                                          "grad_norm", "lr", "step_ms", "tokens_per_s", "mfu"};
     int lines = 0, bad_fields = 0, bad_sum = 0, bad_lr = 0, bad_rate = 0, bad_mfu = 0;
     double first_lm = NAN, last_lm[5] = {NAN, NAN, NAN, NAN, NAN};
-    char *save = NULL;
-    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    for (int i = 0; i < metrics.n; i++) {
+        const char *const line = metrics.text[i];
+        const json_t *const o = metrics.line[i];
         lines++;
-        json_error_t jerr;
-        json_t *o = json_loads(line, 0, &jerr);
-        if (!EXPECT(o && json_is_object(o), "metrics line %d must be a JSON object: %s", lines,
-                    o ? "not an object" : jerr.text)) {
-            json_decref(o);
+        if (!EXPECT(o != NULL, "metrics line %d must be a JSON object: %s", lines,
+                    metrics.error[i]))
             continue;
-        }
         bool ok = true;
         for (size_t f = 0; f < sizeof fields / sizeof fields[0]; f++) json_num(o, fields[f], &ok);
         const json_t *st = json_object_get(o, "step");
@@ -809,7 +608,6 @@ static void test_training_run(void)
         double const lr = json_num(o, "lr", &k), ms = json_num(o, "step_ms", &k);
         double const tps = json_num(o, "tokens_per_s", &k), mfu = json_num(o, "mfu", &k);
         double const gn = json_num(o, "grad_norm", &k);
-        json_decref(o);
         if (!k) continue;
         if (!(rel_close(loss, lm + aux + z, 1e-6) && aux > 0 && z > 0 && gn > 0) &&
             bad_sum++ < 3)
@@ -837,7 +635,7 @@ static void test_training_run(void)
         if (lines == 1) first_lm = lm;
         last_lm[(lines - 1) % 5] = lm;
     }
-    free(text);
+    tu_jsonl_free(&metrics);
     EXPECT(lines == steps, "the metrics file must hold one line per step: %d, got %d", steps,
            lines);
     EXPECT(bad_fields == 0 && bad_sum == 0 && bad_lr == 0 && bad_rate == 0 && bad_mfu == 0,
@@ -874,14 +672,14 @@ static void test_export_failures(void)
     /* The export directory would be created under a regular file. */
     CU_ASSERT_FATAL(mkdir(tp("ex1"), 0755) == 0);
     static const char keep[] = "a regular file\n";
-    CU_ASSERT_FATAL(write_file(tp("ex1/plain"), keep, sizeof keep - 1));
+    CU_ASSERT_FATAL(tu_file_write(tp("ex1/plain"), keep, sizeof keep - 1, "wb"));
     run_vdist("train --config %s --data.path=%s --train.steps=1 --train.export_to=%s", tiny,
               data, tp("ex1/plain/out"));
-    EXPECT(g_rc == 1 || g_rc == 2, "`%s` must fail with exit status 1 or 2, got %d", g_cmd,
-           g_rc);
+    EXPECT(g_run.rc == 1 || g_run.rc == 2, "`%s` must fail with exit status 1 or 2, got %d",
+           g_run.cmd, g_run.rc);
     EXPECT(out_has("<TMP>/ex1/plain/out"), "the message must name the export directory");
     EXPECT(!out_has("exported "), "a failed export must not report success");
-    char *b = read_file(tp("ex1/plain"), NULL);
+    char *b = tu_file_read(tp("ex1/plain"), NULL);
     EXPECT(b && strcmp(b, keep) == 0, "the regular file must be left as it was");
     free(b);
     EXPECT(!tree_has_tmp(tp("ex1")), "no temporary file may be left (found %s)", g_found_tmp);
@@ -889,16 +687,16 @@ static void test_export_failures(void)
     /* The export directory's parent is missing. */
     run_vdist("train --config %s --data.path=%s --train.steps=1 --train.export_to=%s", tiny,
               data, tp("ex2/missing/out"));
-    if (g_rc == 0) {
-        EXPECT(file_exists(tp("ex2/missing/out/model.safetensors")) &&
-                   file_exists(tp("ex2/missing/out/config.json")),
+    if (g_run.rc == 0) {
+        EXPECT(tu_file_exists(tp("ex2/missing/out/model.safetensors")) &&
+                   tu_file_exists(tp("ex2/missing/out/config.json")),
                "`%s` exited 0, so it must have created the directories and written both files",
-               g_cmd);
+               g_run.cmd);
     } else {
-        EXPECT(g_rc == 1 || g_rc == 2, "`%s` must exit 0 or fail with 1 or 2, got %d", g_cmd,
-               g_rc);
+        EXPECT(g_run.rc == 1 || g_run.rc == 2, "`%s` must exit 0 or fail with 1 or 2, got %d",
+               g_run.cmd, g_run.rc);
         EXPECT(out_has("<TMP>/ex2/missing/out"), "the message must name the export directory");
-        EXPECT(!file_exists(tp("ex2")), "a failed export must create nothing");
+        EXPECT(!tu_file_exists(tp("ex2")), "a failed export must create nothing");
     }
 
     /* model.safetensors cannot replace a directory of that name: the writer's temporary
@@ -907,11 +705,11 @@ static void test_export_failures(void)
     CU_ASSERT_FATAL(mkdir(tp("ex3/model.safetensors"), 0755) == 0);
     run_vdist("train --config %s --data.path=%s --train.steps=1 --train.export_to=%s", tiny,
               data, tp("ex3"));
-    EXPECT(g_rc == 1 || g_rc == 2, "`%s` must fail with exit status 1 or 2, got %d", g_cmd,
-           g_rc);
+    EXPECT(g_run.rc == 1 || g_run.rc == 2, "`%s` must fail with exit status 1 or 2, got %d",
+           g_run.cmd, g_run.rc);
     EXPECT(out_has("<TMP>/ex3/model.safetensors"), "the message must name model.safetensors");
     EXPECT(!tree_has_tmp(tp("ex3")), "no temporary file may be left (found %s)", g_found_tmp);
-    EXPECT(!file_exists(tp("ex3/config.json")), "no config.json may be written when the "
+    EXPECT(!tu_file_exists(tp("ex3/config.json")), "no config.json may be written when the "
            "weights were not");
 
     /* config.json cannot be written: its temporary must go too. */
@@ -919,8 +717,8 @@ static void test_export_failures(void)
     CU_ASSERT_FATAL(mkdir(tp("ex4/config.json"), 0755) == 0);
     run_vdist("train --config %s --data.path=%s --train.steps=1 --train.export_to=%s", tiny,
               data, tp("ex4"));
-    EXPECT(g_rc == 1 || g_rc == 2, "`%s` must fail with exit status 1 or 2, got %d", g_cmd,
-           g_rc);
+    EXPECT(g_run.rc == 1 || g_run.rc == 2, "`%s` must fail with exit status 1 or 2, got %d",
+           g_run.cmd, g_run.rc);
     EXPECT(out_has("<TMP>/ex4/config.json"), "the message must name config.json");
     EXPECT(!tree_has_tmp(tp("ex4")), "no temporary file may be left (found %s)", g_found_tmp);
 
@@ -932,94 +730,38 @@ static void test_export_failures(void)
 
 /* ---------------------------------------------------------------- main */
 
-struct timed_test {
-    const char *name;
-    void (*fn)(void);
-};
-static const struct timed_test tests[] = {
-    {"help and unknown commands", test_help},
-    {"config errors are refused before training", test_config_errors},
-    {"data errors are refused before training", test_data_errors},
-    {"weights errors (train.init_from) are refused before training", test_weights_errors},
-    {"export round trip: lr 0 step keeps every bit; config.json reloads", test_export_round_trip},
-    {"small.ini learns the synthetic data toward its floor; metrics complete", test_training_run},
-    {"failed exports leave nothing half-written", test_export_failures},
-};
-#define NTESTS (sizeof tests / sizeof tests[0])
-
-/* CUnit calls plain void functions: one trampoline per test, each timed. */
-static void run_timed(size_t i)
-{
-    double const t0 = now_s();
-    tests[i].fn();
-    printf("\n    (%s: %.1f s)", tests[i].name, now_s() - t0);
-    fflush(stdout);
-}
-static void tramp0(void) { run_timed(0); }
-static void tramp1(void) { run_timed(1); }
-static void tramp2(void) { run_timed(2); }
-static void tramp3(void) { run_timed(3); }
-static void tramp4(void) { run_timed(4); }
-static void tramp5(void) { run_timed(5); }
-static void tramp6(void) { run_timed(6); }
-static void (*const trampolines[])(void) = {tramp0, tramp1, tramp2, tramp3, tramp4, tramp5, tramp6};
-_Static_assert(sizeof trampolines / sizeof trampolines[0] == NTESTS, "one trampoline a test");
-
-static int suite_init(void)
-{
-    const char *const v = getenv("VDIST");
-    const char *const prog = v && *v ? v : "build/vdist";
-    if (!realpath(prog, g_vdist) || access(g_vdist, X_OK) != 0) {
-        fprintf(stderr, "test_cli: the program '%s' is not there or not executable (set "
-                        "VDIST or run from the repository root after make)\n", prog);
-        return -1;
-    }
-    if (!getcwd(g_root, sizeof g_root) || !file_exists(config_path("tiny"))) {
-        fprintf(stderr, "test_cli: run from the repository root (configs/tiny.ini not found)\n");
-        return -1;
-    }
-    /* Paths go into shell commands as they are: refuse any that would break. */
-    if (strpbrk(g_root, "'\"\\ $`") || strpbrk(g_vdist, "'\"\\ $`")) {
-        fprintf(stderr, "test_cli: paths with quotes, blanks or $ are not supported\n");
-        return -1;
-    }
-    snprintf(g_tmp, sizeof g_tmp, "/tmp/vdist_cli_XXXXXX");
-    if (!mkdtemp(g_tmp)) {
-        fprintf(stderr, "test_cli: mkdtemp: %s\n", strerror(errno));
-        g_tmp[0] = '\0';
-        return -1;
-    }
-    return 0;
-}
+static int suite_init(void) { return tu_env_init(&g_env, "test_cli", "vdist_cli_"); }
 
 static int suite_clean(void)
 {
-    if (g_tmp[0]) nftw(g_tmp, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
-    free(g_out);
-    g_out = NULL;
+    tu_tmpdir_remove(g_env.tmp);
+    tu_run_free(&g_run);
     return 0;
 }
 
 int main(void)
 {
     setenv("OMP_NUM_THREADS", "1", 1);
-    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
-    CU_pSuite s = CU_add_suite("vdist command line", suite_init, suite_clean);
-    if (!s) {
-        CU_cleanup_registry();
-        return 1;
-    }
-    for (size_t i = 0; i < NTESTS; i++)
-        if (!CU_add_test(s, tests[i].name, trampolines[i])) {
-            CU_cleanup_registry();
-            return 1;
-        }
-    double const start = now_s();
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    unsigned const failures = CU_get_number_of_failures();
-    unsigned const suites_failed = CU_get_number_of_suites_failed();
-    printf("\ntest_cli: %.1f s\n", now_s() - start);
-    CU_cleanup_registry();
-    return failures != 0 || suites_failed != 0;
+    static const struct tu_test tests[] = {
+        {"help and unknown commands", test_help},
+        {"config errors are refused before training", test_config_errors},
+        {"data errors are refused before training", test_data_errors},
+        {"weights errors (train.init_from) are refused before training", test_weights_errors},
+        {"export round trip: lr 0 step keeps every bit; config.json reloads",
+         test_export_round_trip},
+        {"small.ini learns the synthetic data toward its floor; metrics complete",
+         test_training_run},
+        {"failed exports leave nothing half-written", test_export_failures},
+    };
+    static const struct tu_suite suite = {
+        .name = "vdist command line",
+        .init = suite_init,
+        .clean = suite_clean,
+        .tests = tests,
+        .ntests = sizeof tests / sizeof tests[0],
+        .timing = TU_TIMED_NAMED,
+        .program = "test_cli",
+    };
+    tu_expect_show(&g_run, "command");
+    return tu_cunit_main(&suite);
 }

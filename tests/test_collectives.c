@@ -14,23 +14,15 @@
  * with NaN first, which equals nothing, so an element the collective failed to write is
  * wrong too. VDIST_COLL_CORRUPT=1 adds one to a single expected value on world rank 0 so
  * the driver can show that a wrong element is reported and fails the run. */
-#include <CUnit/Basic.h>
 #include <CUnit/CUnit.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <math.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "dist/dist.h"
+#include "tests/testutil.h"
 
 /* ---------------------------------------------------------------- layouts */
 
@@ -72,6 +64,9 @@ static int layouts_on(int world)
 #define SUMMARY_LAYOUTS "collectives: %d layouts on %d ranks, total wrong %lld\n"
 #define SUMMARY_AGREE "agree: %d scenarios on %d ranks, total wrong %lld\n"
 
+/* How the driver starts the MPI program: this executable under mpirun. */
+static const struct tu_mpirun self = {"VDIST_COLL_RANKS", "VDIST_COLL_CORRUPT", 120};
+
 /* ---------------------------------------------------------------- exact values */
 
 /* Element i of group rank j in the check numbered `seed`: an integer in [-999, 999]. */
@@ -83,23 +78,6 @@ static long long ival(unsigned seed, int j, size_t i)
     x *= 0xBF58476D1CE4E5B9u;
     x ^= x >> 29;
     return (long long)(x % 1999) - 999;
-}
-
-static bool corrupt_pending;
-
-/* 1 when got differs from the exact expectation. */
-static long long differs(float got, long long expect)
-{
-    if (corrupt_pending) {
-        expect += 1;
-        corrupt_pending = false;
-    }
-    return got != (float)expect;
-}
-
-static void fill_nan(float *x, size_t count)
-{
-    for (size_t i = 0; i < count; i++) x[i] = NAN;
 }
 
 /* ---------------------------------------------------------------- checks per group */
@@ -119,7 +97,7 @@ static long long check_allreduce_sum(const struct dist_group *g, enum dist_kind 
     for (size_t i = 0; i < m; i++) {
         long long sum = 0;
         for (int j = 0; j < g->size; j++) sum += ival(seed, j, i);
-        wrong += differs(s->a[i], sum);
+        wrong += tu_exact_differs(s->a[i], sum);
     }
     return wrong;
 }
@@ -134,7 +112,7 @@ static long long check_allreduce_max(const struct dist_group *g, enum dist_kind 
         long long hi = ival(seed, 0, i);
         for (int j = 1; j < g->size; j++)
             if (ival(seed, j, i) > hi) hi = ival(seed, j, i);
-        wrong += differs(s->a[i], hi);
+        wrong += tu_exact_differs(s->a[i], hi);
     }
     return wrong;
 }
@@ -144,10 +122,11 @@ static long long check_allgather(const struct dist_group *g, enum dist_kind kind
 {
     size_t const total = m * (size_t)g->size;
     for (size_t i = 0; i < m; i++) s->a[i] = (float)ival(seed, g->rank, i);
-    fill_nan(s->b, total);
+    tu_fill_nan(s->b, total);
     dist_allgather(g, kind, s->b, s->a, m);
     long long wrong = 0;
-    for (size_t k = 0; k < total; k++) wrong += differs(s->b[k], ival(seed, (int)(k / m), k % m));
+    for (size_t k = 0; k < total; k++)
+        wrong += tu_exact_differs(s->b[k], ival(seed, (int)(k / m), k % m));
     return wrong;
 }
 
@@ -156,13 +135,13 @@ static long long check_reduce_scatter(const struct dist_group *g, enum dist_kind
 {
     size_t const total = m * (size_t)g->size;
     for (size_t k = 0; k < total; k++) s->a[k] = (float)ival(seed, g->rank, k);
-    fill_nan(s->b, m);
+    tu_fill_nan(s->b, m);
     dist_reduce_scatter(g, kind, s->b, s->a, m);
     long long wrong = 0;
     for (size_t i = 0; i < m; i++) {
         long long sum = 0;
         for (int j = 0; j < g->size; j++) sum += ival(seed, j, (size_t)g->rank * m + i);
-        wrong += differs(s->b[i], sum);
+        wrong += tu_exact_differs(s->b[i], sum);
     }
     return wrong;
 }
@@ -174,10 +153,10 @@ static long long check_bcast(const struct dist_group *g, enum dist_kind kind, st
     if (g->rank == root)
         for (size_t i = 0; i < m; i++) s->a[i] = (float)ival(seed, root, i);
     else
-        fill_nan(s->a, m);
+        tu_fill_nan(s->a, m);
     dist_bcast(g, kind, s->a, m * sizeof *s->a, root);
     long long wrong = 0;
-    for (size_t i = 0; i < m; i++) wrong += differs(s->a[i], ival(seed, root, i));
+    for (size_t i = 0; i < m; i++) wrong += tu_exact_differs(s->a[i], ival(seed, root, i));
     return wrong;
 }
 
@@ -207,12 +186,13 @@ static long long check_alltoallv(const struct dist_group *g, struct bufs *s, siz
         roff += in;
     }
     VD_CHECK(soff <= s->cap && roff <= s->cap, "all-to-all buffers too small");
-    fill_nan(s->b, roff);
+    tu_fill_nan(s->b, roff);
     DIST_CHECK_MPI(MPI_Alltoallv(s->a, sc, sd, MPI_FLOAT, s->b, rc, rd, MPI_FLOAT, g->comm));
     long long wrong = 0;
     for (int p = 0; p < n; p++)
         for (size_t k = 0; k < (size_t)rc[p]; k++)
-            wrong += differs(s->b[(size_t)rd[p] + k], ival(seed, p, (size_t)r * m + k));
+            wrong +=
+                tu_exact_differs(s->b[(size_t)rd[p] + k], ival(seed, p, (size_t)r * m + k));
     free(sc);
     return wrong;
 }
@@ -271,8 +251,8 @@ static long long run_layout(const struct layout *l, struct bufs *s, long *checks
 static int mpi_layouts(void)
 {
     int const world = dist_world_size(), rank = dist_world_rank();
-    const char *const corrupt = getenv("VDIST_COLL_CORRUPT");
-    corrupt_pending = rank == 0 && corrupt && strcmp(corrupt, "1") == 0;
+    const char *const corrupt = getenv(self.corrupt_env);
+    tu_exact_corrupt(rank == 0 && corrupt && strcmp(corrupt, "1") == 0);
 
     struct bufs s;
     s.cap = counts[NCOUNTS - 1] * (size_t)world;
@@ -400,82 +380,15 @@ static int mpi_main(int argc, char **argv, int ranks)
 
 /* ---------------------------------------------------------------- the driver */
 
-enum { RUN_TIMEOUT_S = 120 };
-
-/* Runs this executable under mpirun on np ranks; returns its wait status (-1 when it could
- * not run or timed out) and its stdout and stderr in *out (caller frees). */
-static int run_mpi(int np, const char *what, bool corrupt, char **out)
-{
-    *out = NULL;
-    char exe[4096];
-    ssize_t const len = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (len <= 0) return -1;
-    exe[len] = '\0';
-    char path[] = "/tmp/vdist_test_collectives_XXXXXX";
-    int const fd = mkstemp(path);
-    if (fd < 0) return -1;
-    unlink(path);
-
-    char nbuf[16];
-    snprintf(nbuf, sizeof nbuf, "%d", np);
-    fflush(stdout);
-    pid_t const pid = fork();
-    if (pid == 0) {
-        setenv("VDIST_COLL_RANKS", nbuf, 1);
-        setenv("OMP_NUM_THREADS", "1", 1);
-        if (corrupt) setenv("VDIST_COLL_CORRUPT", "1", 1);
-        else unsetenv("VDIST_COLL_CORRUPT");
-        dup2(fd, STDOUT_FILENO);
-        dup2(fd, STDERR_FILENO);
-        char *const args[] = {"mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to",
-                              "none", "-np", nbuf, exe, (char *)what, NULL};
-        execvp(args[0], args);
-        perror("execvp mpirun");
-        _exit(127);
-    }
-    int status = -1;
-    if (pid > 0) {
-        struct timespec const tick = {0, 20 * 1000 * 1000};
-        int waited_ms = 0;
-        pid_t done = 0;
-        while ((done = waitpid(pid, &status, WNOHANG)) == 0 && waited_ms < RUN_TIMEOUT_S * 1000) {
-            nanosleep(&tick, NULL);
-            waited_ms += 20;
-        }
-        if (done == 0) {
-            /* mpirun passes SIGTERM on to its ranks. */
-            kill(pid, SIGTERM);
-            sleep(3);
-            if (waitpid(pid, &status, WNOHANG) == 0) {
-                kill(pid, SIGKILL);
-                waitpid(pid, &status, 0);
-            }
-            dprintf(fd, "\n[driver] mpirun killed after %d s\n", RUN_TIMEOUT_S);
-            status = -1;
-        }
-    }
-    off_t const size = lseek(fd, 0, SEEK_END);
-    char *const text = malloc(size > 0 ? (size_t)size + 1 : 1);
-    size_t got = 0;
-    if (text && size > 0 && lseek(fd, 0, SEEK_SET) == 0)
-        for (ssize_t n; got < (size_t)size && (n = read(fd, text + got, (size_t)size - got)) > 0;)
-            got += (size_t)n;
-    if (text) text[got] = '\0';
-    close(fd);
-    *out = text;
-    return status;
-}
-
-static bool exited_zero(int status) { return status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0; }
-
 /* Runs, asserts exit status 0 (or not, when expect_fail) and that the output holds
  * `needle`; prints the output when an assertion fails. */
 static void expect_run(int np, const char *what, bool corrupt, const char *needle,
                        bool expect_fail)
 {
     char *out = NULL;
-    int const status = run_mpi(np, what, corrupt, &out);
-    bool const status_ok = expect_fail ? status != -1 && !exited_zero(status) : exited_zero(status);
+    int const status = tu_mpirun_self(&self, np, what, corrupt, &out);
+    bool const status_ok =
+        expect_fail ? status != -1 && !tu_exited_zero(status) : tu_exited_zero(status);
     bool const found = out && strstr(out, needle);
     CU_ASSERT(status_ok);
     CU_ASSERT(found);
@@ -513,22 +426,21 @@ static void test_corruption_is_caught(void)
 
 int main(int argc, char **argv)
 {
-    const char *const ranks = getenv("VDIST_COLL_RANKS");
+    const char *const ranks = getenv(self.ranks_env);
     if (ranks) return mpi_main(argc, argv, atoi(ranks));
 
-    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
-    CU_pSuite s = CU_add_suite("collectives (mpirun)", NULL, NULL);
-    if (!s || !CU_add_test(s, "every group kind of 2-rank layouts, exact", test_layouts_2) ||
-        !CU_add_test(s, "every group kind of 4-rank layouts, exact", test_layouts_4) ||
-        !CU_add_test(s, "every group kind of 8-rank layouts, exact", test_layouts_8) ||
-        !CU_add_test(s, "dist_agree propagates one rank's error", test_agree_4) ||
-        !CU_add_test(s, "a corrupted expectation fails the run", test_corruption_is_caught)) {
-        CU_cleanup_registry();
-        return 1;
-    }
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    unsigned const failures = CU_get_number_of_failures();
-    CU_cleanup_registry();
-    return failures != 0;
+    static const struct tu_test tests[] = {
+        {"every group kind of 2-rank layouts, exact", test_layouts_2},
+        {"every group kind of 4-rank layouts, exact", test_layouts_4},
+        {"every group kind of 8-rank layouts, exact", test_layouts_8},
+        {"dist_agree propagates one rank's error", test_agree_4},
+        {"a corrupted expectation fails the run", test_corruption_is_caught},
+    };
+    static const struct tu_suite suite = {
+        .name = "collectives (mpirun)",
+        .tests = tests,
+        .ntests = sizeof tests / sizeof tests[0],
+        .timing = TU_UNTIMED,
+    };
+    return tu_cunit_main(&suite);
 }

@@ -29,23 +29,18 @@
  *
  * VDIST_DISPATCH_CORRUPT=1 adds one to a single expected output value on world rank 0 so
  * the driver can show that a wrong element is reported and fails the run. */
-#include <CUnit/Basic.h>
 #include <CUnit/CUnit.h>
 #include <math.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "dist/dist.h"
 #include "parallel/parallel.h"
+#include "tests/testutil.h"
 
 /* ---------------------------------------------------------------- layouts */
 
@@ -90,6 +85,9 @@ static const enum model_dispatcher dispatchers[2] = {MODEL_DISPATCH_ALLTOALL,
 
 #define LINE_LAYOUT "dispatch: %s %s wrong %lld\n"
 #define SUMMARY "dispatch: %d cases on %d ranks, total wrong %lld\n"
+
+/* How the driver starts the MPI program: this executable under mpirun. */
+static const struct tu_mpirun self = {"VDIST_DISPATCH_RANKS", "VDIST_DISPATCH_CORRUPT", 120};
 
 /* ---------------------------------------------------------------- the model */
 
@@ -157,8 +155,6 @@ struct tally {
     const char *where; /* "layout dispatcher scenario" */
 };
 
-static bool corrupt_pending;
-
 /* Counts one wrong element of check c and prints the first few with this rank's view. */
 static void wrong_at(struct tally *ty, enum check c, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -173,16 +169,6 @@ static void wrong_at(struct tally *ty, enum check c, const char *fmt, ...)
     va_end(ap);
     printf("  [rank %d] %s: %s: %s\n", dist_world_rank(), ty->where, check_names[c], msg);
     fflush(stdout);
-}
-
-/* Whether got differs from the exact integer expectation (corrupted once on demand). */
-static bool differs(float got, long long expect)
-{
-    if (corrupt_pending) {
-        expect += 1;
-        corrupt_pending = false;
-    }
-    return !(got == (float)expect);
 }
 
 /* ---------------------------------------------------------------- exact values */
@@ -313,11 +299,6 @@ struct bufs {
 static size_t rows_max(const struct par_model *pm)
 {
     return pm->shape.Ns * (size_t)pm->cfg.num_experts_per_tok * (size_t)pm->groups.etpep.size;
-}
-
-static void fill_nan(float *x, size_t n)
-{
-    for (size_t i = 0; i < n; i++) x[i] = NAN;
 }
 
 /* Global token index encoded by an x_perm row, or -1 when the row is not a valid row of m. */
@@ -549,10 +530,10 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
 
     /* Forward. */
     size_t const A = rows_max(pm);
-    fill_nan(ba->x_perm, A * D);
-    fill_nan(ba->y_ret, (size_t)Ns * k * D);
+    tu_fill_nan(ba->x_perm, A * D);
+    tu_fill_nan(ba->y_ret, (size_t)Ns * k * D);
     for (int s = 0; s < Ns * k; s++) ba->slot_row[s] = ba->send_tok[s] = -7;
-    fill_nan(bf->out, (size_t)Ns * D);
+    tu_fill_nan(bf->out, (size_t)Ns * D);
     par_moe_dispatch_forward(pm, ba, &pm->p.layers[0], bf->out);
     for (int r = 0; r < Ns; r++) {
         int const t = cx->my.tp * Ns + r, g = rep * N + t;
@@ -561,7 +542,7 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
             for (int j = 0; j < k; j++)
                 if (mine->kept[t * k + j]) want += w_value(g, j) * m_value(g, c);
             float const got = bf->out[(size_t)r * D + c];
-            if (differs(got, want))
+            if (tu_exact_differs(got, want))
                 wrong_at(ty, C_OUT, "token %d column %d: %g, expected %lld", t, c, (double)got,
                          want);
         }
@@ -578,8 +559,8 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
     }
 
     /* Backward. */
-    fill_nan(bf->dm, (size_t)Ns * D);
-    fill_nan(bf->dtopk, (size_t)Ns * k);
+    tu_fill_nan(bf->dm, (size_t)Ns * D);
+    tu_fill_nan(bf->dtopk, (size_t)Ns * k);
     par_moe_dispatch_backward(pm, ba, &pm->p.layers[0], &pm->g.layers[0], bf->dout, bf->dm,
                               bf->dtopk);
     for (int r = 0; r < Ns; r++) {
@@ -589,7 +570,7 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
             for (int j = 0; j < k; j++)
                 if (mine->kept[t * k + j]) want += w_value(g, j) * dout_value(g, c);
             float const got = bf->dm[(size_t)r * D + c];
-            if (differs(got, want))
+            if (tu_exact_differs(got, want))
                 wrong_at(ty, C_DM, "token %d column %d: %g, expected %lld", t, c, (double)got,
                          want);
         }
@@ -598,7 +579,7 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
         for (int j = 0; j < k; j++) {
             long long const want = mine->kept[t * k + j] ? dot : 0;
             float const got = bf->dtopk[r * k + j];
-            if (differs(got, want))
+            if (tu_exact_differs(got, want))
                 wrong_at(ty, C_DTOPK, "token %d slot %d (%s): %g, expected %lld", t, j,
                          mine->kept[t * k + j] ? "kept" : "dropped", (double)got, want);
         }
@@ -728,8 +709,8 @@ static int mpi_main(int argc, char **argv, int ranks)
         dist_finalize();
         return 2;
     }
-    const char *const corrupt = getenv("VDIST_DISPATCH_CORRUPT");
-    corrupt_pending = rank == 0 && corrupt && strcmp(corrupt, "1") == 0;
+    const char *const corrupt = getenv(self.corrupt_env);
+    tu_exact_corrupt(rank == 0 && corrupt && strcmp(corrupt, "1") == 0);
     long long total = 0;
     int cases = 0;
     for (int i = 0; i < NLAYOUTS; i++) {
@@ -747,84 +728,13 @@ static int mpi_main(int argc, char **argv, int ranks)
 
 /* ---------------------------------------------------------------- the driver */
 
-enum { RUN_TIMEOUT_S = 120 };
-
-/* Runs this executable under mpirun on np ranks; returns its wait status (-1 when it could
- * not run or timed out) and its stdout and stderr in *out (caller frees). */
-static int run_mpi(int np, bool corrupt, char **out)
-{
-    *out = NULL;
-    char exe[4096];
-    ssize_t const len = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (len <= 0) return -1;
-    exe[len] = '\0';
-    char path[] = "/tmp/vdist_test_dispatch_XXXXXX";
-    int const fd = mkstemp(path);
-    if (fd < 0) return -1;
-    unlink(path);
-
-    char nbuf[16];
-    snprintf(nbuf, sizeof nbuf, "%d", np);
-    fflush(stdout);
-    pid_t const pid = fork();
-    if (pid == 0) {
-        setenv("VDIST_DISPATCH_RANKS", nbuf, 1);
-        setenv("OMP_NUM_THREADS", "1", 1);
-        if (corrupt) setenv("VDIST_DISPATCH_CORRUPT", "1", 1);
-        else unsetenv("VDIST_DISPATCH_CORRUPT");
-        dup2(fd, STDOUT_FILENO);
-        dup2(fd, STDERR_FILENO);
-        char *const args[] = {"mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to",
-                              "none", "-np", nbuf, exe, NULL};
-        execvp(args[0], args);
-        perror("execvp mpirun");
-        _exit(127);
-    }
-    int status = -1;
-    if (pid > 0) {
-        struct timespec const tick = {0, 20 * 1000 * 1000};
-        int waited_ms = 0;
-        pid_t done = 0;
-        while ((done = waitpid(pid, &status, WNOHANG)) == 0 && waited_ms < RUN_TIMEOUT_S * 1000) {
-            nanosleep(&tick, NULL);
-            waited_ms += 20;
-        }
-        if (done == 0) {
-            /* mpirun passes SIGTERM on to its ranks. */
-            kill(pid, SIGTERM);
-            sleep(3);
-            if (waitpid(pid, &status, WNOHANG) == 0) {
-                kill(pid, SIGKILL);
-                waitpid(pid, &status, 0);
-            }
-            dprintf(fd, "\n[driver] mpirun killed after %d s\n", RUN_TIMEOUT_S);
-            status = -1;
-        }
-    }
-    off_t const size = lseek(fd, 0, SEEK_END);
-    char *const text = malloc(size > 0 ? (size_t)size + 1 : 1);
-    size_t got = 0;
-    if (text && size > 0 && lseek(fd, 0, SEEK_SET) == 0)
-        for (ssize_t n; got < (size_t)size && (n = read(fd, text + got, (size_t)size - got)) > 0;)
-            got += (size_t)n;
-    if (text) text[got] = '\0';
-    close(fd);
-    *out = text;
-    return status;
-}
-
-static bool exited_zero(int status)
-{
-    return status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
-}
-
 /* Every layout on np ranks with both dispatchers: exit status 0, each layout's line with
  * wrong 0 and the summary with total wrong 0. */
 static void expect_ranks(int np)
 {
     char *out = NULL;
-    int const status = run_mpi(np, false, &out);
-    bool ok = exited_zero(status);
+    int const status = tu_mpirun_self(&self, np, NULL, false, &out);
+    bool ok = tu_exited_zero(status);
     CU_ASSERT(ok);
     char needle[256];
     for (int i = 0; i < NLAYOUTS; i++) {
@@ -856,10 +766,10 @@ static void test_ranks_8(void) { expect_ranks(8); }
 static void test_corruption_is_caught(void)
 {
     char *out = NULL;
-    int const status = run_mpi(2, true, &out);
+    int const status = tu_mpirun_self(&self, 2, NULL, true, &out);
     char needle[128];
     snprintf(needle, sizeof needle, SUMMARY, 2 * layouts_on(2), 2, 1LL);
-    bool const failed = status != -1 && !exited_zero(status);
+    bool const failed = status != -1 && !tu_exited_zero(status);
     bool const found = out && strstr(out, needle);
     CU_ASSERT(failed);
     CU_ASSERT(found);
@@ -871,23 +781,21 @@ static void test_corruption_is_caught(void)
 
 int main(int argc, char **argv)
 {
-    const char *const ranks = getenv("VDIST_DISPATCH_RANKS");
+    const char *const ranks = getenv(self.ranks_env);
     if (ranks) return mpi_main(argc, argv, atoi(ranks));
 
-    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
-    CU_pSuite s = CU_add_suite("token dispatcher (mpirun)", NULL, NULL);
-    if (!s ||
-        !CU_add_test(s, "1 rank: both dispatchers, every routing, exact", test_ranks_1) ||
-        !CU_add_test(s, "2-rank layouts: both dispatchers, every routing, exact", test_ranks_2) ||
-        !CU_add_test(s, "4-rank layouts: both dispatchers, every routing, exact", test_ranks_4) ||
-        !CU_add_test(s, "8-rank layouts: both dispatchers, every routing, exact", test_ranks_8) ||
-        !CU_add_test(s, "a corrupted expectation fails the run", test_corruption_is_caught)) {
-        CU_cleanup_registry();
-        return 1;
-    }
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    unsigned const failures = CU_get_number_of_failures();
-    CU_cleanup_registry();
-    return failures != 0;
+    static const struct tu_test tests[] = {
+        {"1 rank: both dispatchers, every routing, exact", test_ranks_1},
+        {"2-rank layouts: both dispatchers, every routing, exact", test_ranks_2},
+        {"4-rank layouts: both dispatchers, every routing, exact", test_ranks_4},
+        {"8-rank layouts: both dispatchers, every routing, exact", test_ranks_8},
+        {"a corrupted expectation fails the run", test_corruption_is_caught},
+    };
+    static const struct tu_suite suite = {
+        .name = "token dispatcher (mpirun)",
+        .tests = tests,
+        .ntests = sizeof tests / sizeof tests[0],
+        .timing = TU_UNTIMED,
+    };
+    return tu_cunit_main(&suite);
 }

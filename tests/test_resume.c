@@ -35,9 +35,6 @@
  * checked with the directory's path replaced by "<TMP>". A failure prints the command
  * line that reproduces it, its exit status and its output. */
 #include <dirent.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <ftw.h>
 #include <limits.h>
 #include <math.h>
 #include <signal.h>
@@ -52,11 +49,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <CUnit/Basic.h>
 #include <CUnit/CUnit.h>
 #include <jansson.h>
 
 #include "ckpt/ckpt.h"
+#include "tests/testutil.h"
 
 /* A child that runs longer than this is killed (exit status 124 or 137). */
 #define CHILD_TIMEOUT_S 120
@@ -72,113 +69,23 @@
 #define REF_STEPS 10
 #define SAVE_STEP 6
 #define CRASH_STEPS 400
-#define MAX_LINES 1000
 
-static char g_tmp[64];         /* the shared working directory of every child */
-static char g_vdist[PATH_MAX]; /* absolute path of the program */
-static char g_root[1024];      /* repository root (for configs/) */
-static char g_key[32];         /* "ckpt.resume" or "ckpt.load" */
-static char g_cmd[16384];      /* the last command, as a user would type it */
-static char *g_out;            /* its stdout + stderr, g_tmp replaced by "<TMP>" */
-static int g_rc;               /* its exit status */
-static bool g_out_shown;       /* the last output was already printed for a failure */
+static struct tu_env g_env; /* g_env.tmp is the shared working directory of every child */
+static struct tu_run g_run; /* the last command, as a user would type it; "<TMP>" output */
+static char g_key[32];      /* "ckpt.resume" or "ckpt.load" */
 
 /* ---------------------------------------------------------------- helpers */
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#define EXPECT(cond, ...) TU_EXPECT(cond, __VA_ARGS__)
 
-/* g_tmp/name in a rotating static buffer (eight live at once). */
-static const char *tp(const char *name)
-{
-    static char buf[8][600];
-    static int which;
-    which = (which + 1) % 8;
-    snprintf(buf[which], sizeof buf[which], "%s/%.500s", g_tmp, name);
-    return buf[which];
-}
-
-__attribute__((format(printf, 3, 4))) static bool expect_impl(bool ok, unsigned line,
-                                                              const char *fmt, ...)
-{
-    char msg[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    CU_assertImplementation(ok ? CU_TRUE : CU_FALSE, line, msg, __FILE__, "", CU_FALSE);
-    if (!ok) {
-        printf("\n  FAILED (line %u): %s\n", line, msg);
-        if (!g_out_shown && g_cmd[0]) {
-            printf("  last command: %s\n  exit status: %d\n  output:\n%s\n  (end of output)\n",
-                   g_cmd, g_rc, g_out ? g_out : "");
-            g_out_shown = true;
-        }
-        fflush(stdout);
-    }
-    return ok;
-}
-#define EXPECT(cond, ...) expect_impl((cond), __LINE__, __VA_ARGS__)
-
-/* Replaces every occurrence of g_tmp in s by "<TMP>"; returns a new string. */
-static char *mask_tmp(const char *s)
-{
-    size_t const nt = strlen(g_tmp);
-    size_t cap = strlen(s) + 1, n = 0;
-    for (const char *p = s; (p = strstr(p, g_tmp)); p += nt) cap += 5;
-    char *out = malloc(cap);
-    for (const char *p = s; *p;) {
-        if (strncmp(p, g_tmp, nt) == 0) {
-            memcpy(out + n, "<TMP>", 5);
-            n += 5;
-            p += nt;
-        } else {
-            out[n++] = *p++;
-        }
-    }
-    out[n] = '\0';
-    return out;
-}
-
-static char *read_file(const char *path, size_t *nbytes)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0, got;
-    char *b = malloc(cap);
-    while ((got = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) b = realloc(b, cap *= 2);
-    }
-    fclose(f);
-    b[n] = '\0';
-    if (nbytes) *nbytes = n;
-    return b;
-}
-
-static bool write_file(const char *path, const void *bytes, size_t nbytes, const char *mode)
-{
-    FILE *f = fopen(path, mode);
-    if (!f) return false;
-    bool ok = fwrite(bytes, 1, nbytes, f) == nbytes;
-    return fclose(f) == 0 && ok;
-}
-
-static bool file_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
+/* g_env.tmp/name in a rotating static buffer (eight live at once). */
+static const char *tp(const char *name) { return tu_path(g_env.tmp, name); }
 
 static bool copy_file(const char *from, const char *to)
 {
     size_t n = 0;
-    char *b = read_file(from, &n);
-    bool const ok = b && write_file(to, b, n, "wb");
+    char *b = tu_file_read(from, &n);
+    bool const ok = b && tu_file_write(to, b, n, "wb");
     free(b);
     return ok;
 }
@@ -209,7 +116,7 @@ static void list_dir(const char *dir, char *out, size_t cap)
 }
 
 /* Runs `vdist ARGS` on `ranks` ranks (1: directly, as a user runs one rank; more: under
- * mpirun) inside g_tmp with stdout and stderr captured; returns the exit status (128 +
+ * mpirun) inside g_env.tmp with stdout and stderr captured; returns the exit status (128 +
  * signal when it died of one, 124/137 after the timeout). */
 __attribute__((format(printf, 2, 3))) static int run_vdist(int ranks, const char *fmt, ...)
 {
@@ -223,47 +130,25 @@ __attribute__((format(printf, 2, 3))) static int run_vdist(int ranks, const char
         snprintf(launcher, sizeof launcher,
                  "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d "
                  "-x OMP_NUM_THREADS ", ranks);
-    snprintf(g_cmd, sizeof g_cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_tmp, launcher,
-             g_vdist, args);
-    char shell[20480];
-    snprintf(shell, sizeof shell,
-             "cd '%s' && OMP_NUM_THREADS=1 timeout -k 5 %d %s'%s' %s > '%s/.captured' 2>&1",
-             g_tmp, CHILD_TIMEOUT_S, launcher, g_vdist, args, g_tmp);
-    int const st = system(shell);
-    if (st == -1) g_rc = -1;
-    else if (WIFEXITED(st)) g_rc = WEXITSTATUS(st);
-    else if (WIFSIGNALED(st)) g_rc = 128 + WTERMSIG(st);
-    else g_rc = -1;
-    free(g_out);
-    char *raw = read_file(tp(".captured"), NULL);
-    g_out = mask_tmp(raw ? raw : "");
-    free(raw);
-    unlink(tp(".captured"));
-    g_out_shown = false;
-    return g_rc;
+    snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_env.tmp,
+             launcher, g_env.vdist, args);
+    char command[sizeof launcher + PATH_MAX + sizeof args + 8];
+    snprintf(command, sizeof command, "%s'%s' %s", launcher, g_env.vdist, args);
+    return tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
 }
 
-static bool out_has(const char *s) { return g_out && strstr(g_out, s) != NULL; }
+static bool out_has(const char *s) { return g_run.out && strstr(g_run.out, s) != NULL; }
 
 /* The run succeeded: exit 0. */
-#define EXPECT_RAN() EXPECT(g_rc == 0, "`%s` must succeed, got exit status %d", g_cmd, g_rc)
+#define EXPECT_RAN() \
+    EXPECT(g_run.rc == 0, "`%s` must succeed, got exit status %d", g_run.cmd, g_run.rc)
 
 /* A refusal: exit status 1 or 2 (not 0, not a crash or timeout), no training step, and
  * the message contains every string of the NULL-terminated list. */
-#define EXPECT_REFUSED(...) expect_refused(__LINE__, __VA_ARGS__, (const char *)NULL)
-static void expect_refused(unsigned line, const char *first, ...)
-{
-    expect_impl(g_rc == 1 || g_rc == 2, line,
-                "`%s` must fail with exit status 1 or 2 (not 0, a crash or a timeout); "
-                "got %d", g_cmd, g_rc);
-    expect_impl(!out_has("step 1/") && !out_has("step 7/"), line,
-                "`%s` must fail before any training step, but it printed a step line", g_cmd);
-    va_list ap;
-    va_start(ap, first);
-    for (const char *s = first; s; s = va_arg(ap, const char *))
-        expect_impl(out_has(s), line, "the message of `%s` must contain \"%s\"", g_cmd, s);
-    va_end(ap);
-}
+static const char *const step_lines[] = {"step 1/", "step 7/", NULL};
+#define EXPECT_REFUSED(...)                                                           \
+    tu_expect_refused_at(__FILE__, __LINE__, &g_run, "any training step", step_lines, \
+                         __VA_ARGS__, (const char *)NULL)
 
 /* The options every training run shares: tiny.ini, global batch 8, a constant learning
  * rate (so a run of 6 steps and one of 10 have the same schedule), and a given SGEMM peak
@@ -274,7 +159,7 @@ static const char *base_args(void)
     snprintf(buf, sizeof buf,
              "train --config %s/configs/tiny.ini --train.global_batch=8 "
              "--train.lr_schedule=constant --train.peak_gflops=100",
-             g_root);
+             g_env.root);
     return buf;
 }
 
@@ -291,21 +176,6 @@ static long path_step(const char *path)
 
 /* ---------------------------------------------------------------- metrics files */
 
-struct metrics {
-    int n;
-    json_t *line[MAX_LINES]; /* parsed, timings removed; NULL where a line did not parse */
-    char *text[MAX_LINES];   /* the lines as written */
-};
-
-static void metrics_free(struct metrics *m)
-{
-    for (int i = 0; i < m->n; i++) {
-        json_decref(m->line[i]);
-        free(m->text[i]);
-    }
-    m->n = 0;
-}
-
 /* Removes the fields that measure time: the rest is a function of the arithmetic. */
 static void strip_timings(json_t *o)
 {
@@ -317,37 +187,25 @@ static void strip_timings(json_t *o)
         json_object_del(json_array_get(layers, l), "dispatch_ms");
 }
 
-/* Reads a JSON-lines metrics file; false (with a failure) when it is missing. */
-static bool metrics_read(struct metrics *m, const char *path, const char *what)
+/* Reads a JSON-lines metrics file, timings removed (tu_jsonl_free it); false (with a
+ * failure) when it is missing. */
+static bool metrics_read(struct tu_jsonl *m, const char *path, const char *what)
 {
-    memset(m, 0, sizeof *m);
-    char *text = read_file(path, NULL);
-    if (!EXPECT(text != NULL, "%s: the metrics file %s must exist", what, path)) return false;
-    char *save = NULL;
-    for (char *l = strtok_r(text, "\n", &save); l && m->n < MAX_LINES;
-         l = strtok_r(NULL, "\n", &save)) {
-        json_t *o = json_loads(l, 0, NULL);
-        if (o && !json_is_object(o)) {
-            json_decref(o);
-            o = NULL;
-        }
-        if (o) strip_timings(o);
-        m->line[m->n] = o;
-        m->text[m->n] = strdup(l);
-        m->n++;
-    }
-    free(text);
+    if (!EXPECT(tu_jsonl_read(m, path), "%s: the metrics file %s must exist", what, path))
+        return false;
+    for (int i = 0; i < m->n; i++)
+        if (m->line[i]) strip_timings(m->line[i]);
     return true;
 }
 
-static long line_step(const struct metrics *m, int i)
+static long line_step(const struct tu_jsonl *m, int i)
 {
     const json_t *s = m->line[i] ? json_object_get(m->line[i], "step") : NULL;
     return json_is_integer(s) ? (long)json_integer_value(s) : -1;
 }
 
 /* The file holds exactly one line per step first..last, in order. */
-static bool metrics_steps(const struct metrics *m, int first, int last, const char *what)
+static bool metrics_steps(const struct tu_jsonl *m, int first, int last, const char *what)
 {
     bool ok = EXPECT(m->n == last - first + 1, "%s: the metrics file must hold %d lines "
                      "(steps %d..%d), got %d", what, last - first + 1, first, last, m->n);
@@ -359,7 +217,7 @@ static bool metrics_steps(const struct metrics *m, int first, int last, const ch
 
 /* Lines of steps first..last (1-based step i on line i - 1) of a and b equal as JSON, the
  * timings aside. Reports the first few differences. */
-static bool metrics_equal(const struct metrics *a, const struct metrics *b, int first,
+static bool metrics_equal(const struct tu_jsonl *a, const struct tu_jsonl *b, int first,
                           int last, const char *what)
 {
     int bad = 0;
@@ -392,7 +250,7 @@ static double rel_diff(double a, double b)
 /* Steps first..last of a against the 1-rank reference: losses to LOSS_REL_TOL, grad_norm
  * to GNORM_REL_TOL, lr and dropped_frac exactly. *worst_loss and *worst_gnorm take the
  * largest relative differences. */
-static bool metrics_close(const struct metrics *a, const struct metrics *ref, int first,
+static bool metrics_close(const struct tu_jsonl *a, const struct tu_jsonl *ref, int first,
                           int last, const char *what, double *worst_loss, double *worst_gnorm)
 {
     static const char *const losses[] = {"loss", "lm_loss", "aux_loss", "z_loss"};
@@ -453,12 +311,8 @@ static bool weights_compare(const char *a_path, const char *b_path, double *max_
                     "%s: tensor '%s' of %s must be in %s with the same shape", what, ta->name,
                     a_path, b_path);
         if (!ok) break;
-        size_t const rows = ta->ndim == 0 ? 1 : ta->shape[0];
-        size_t const cols = rows ? ta->numel / rows : 0;
-        float *x = malloc((ta->numel ? ta->numel : 1) * sizeof *x);
-        float *y = malloc((ta->numel ? ta->numel : 1) * sizeof *y);
-        ok = EXPECT(ckpt_st_read_block(a, i, x, 0, rows, 0, cols) == 0 &&
-                        ckpt_st_read_block(b, j, y, 0, rows, 0, cols) == 0,
+        float *x = NULL, *y = NULL;
+        ok = EXPECT(tu_st_read_whole(a, i, &x) == 0 && tu_st_read_whole(b, j, &y) == 0,
                     "%s: reading '%s' must succeed: %s", what, ta->name, vd_err_msg());
         for (size_t k = 0; ok && k < ta->numel; k++) {
             double const d = fabs((double)x[k] - (double)y[k]);
@@ -479,14 +333,14 @@ static bool weights_compare(const char *a_path, const char *b_path, double *max_
 static void expect_same_bytes(const char *got, const char *want, const char *what)
 {
     size_t na = 0, nb = 0;
-    char *a = read_file(got, &na), *b = read_file(want, &nb);
+    char *a = tu_file_read(got, &na), *b = tu_file_read(want, &nb);
     bool const same = a && b && na == nb && memcmp(a, b, na) == 0;
     free(a);
     free(b);
     if (same) return;
     double d = 0.0;
     char where[256] = "";
-    if (file_exists(got) && file_exists(want))
+    if (tu_file_exists(got) && tu_file_exists(want))
         weights_compare(got, want, &d, where, sizeof where, what);
     EXPECT(false, "%s: %s must equal %s byte for byte (largest difference %.3g in '%s')", what,
            got, want, d, where);
@@ -503,8 +357,8 @@ static bool reference(void)
         mkdir(tp("ref"), 0755);
         run_vdist(1, "%s --train.steps=%d --log.metrics=%s --train.export_to=%s", base_args(),
                   REF_STEPS, tp("ref/metrics.jsonl"), tp("ref"));
-        state = EXPECT_RAN() && EXPECT(file_exists(tp("ref/model.safetensors")),
-                                       "`%s` must export ref/model.safetensors", g_cmd)
+        state = EXPECT_RAN() && EXPECT(tu_file_exists(tp("ref/model.safetensors")),
+                                       "`%s` must export ref/model.safetensors", g_run.cmd)
                     ? 1
                     : -1;
     }
@@ -518,7 +372,7 @@ static bool reference(void)
 static void exact_resume(const char *d, const char *extra)
 {
     CU_ASSERT_FATAL(reference());
-    struct metrics ref;
+    struct tu_jsonl ref;
     CU_ASSERT_FATAL(metrics_read(&ref, tp("ref/metrics.jsonl"), "the reference"));
     CU_ASSERT_FATAL(metrics_steps(&ref, 1, REF_STEPS, "the reference"));
     mkdir(tp(d), 0755);
@@ -538,36 +392,36 @@ static void exact_resume(const char *d, const char *extra)
     list_dir(tp(ck), names, sizeof names);
     EXPECT(strcmp(names, "step_00000004 step_00000006") == 0,
            "`%s` must leave checkpoints step_00000004 and step_00000006 (interval 4 and the "
-           "last step), got: %s", g_cmd, names);
+           "last step), got: %s", g_run.cmd, names);
 
     /* As a run killed after step 6 would have: two lines past the checkpoint, which the
      * resumed run must drop. */
     static const char stale[] = "{\"step\":7,\"loss\":99.0}\n{\"step\":8,\"loss\":98.0}\n";
-    CU_ASSERT_FATAL(write_file(tp(ml), stale, sizeof stale - 1, "ab"));
+    CU_ASSERT_FATAL(tu_file_write(tp(ml), stale, sizeof stale - 1, "ab"));
 
     /* The same run to 10 steps, resumed from the newest checkpoint. */
     run_vdist(1, "%s --train.steps=%d --ckpt.dir=%s --ckpt.interval=4 --%s=auto "
               "--log.metrics=%s --train.export_to=%s %s",
               base_args(), REF_STEPS, tp(ck), g_key, tp(ml), tp(ex), extra);
     if (!EXPECT_RAN()) goto done;
-    EXPECT(out_has(want), "`%s` must print \"%s\"", g_cmd, want);
+    EXPECT(out_has(want), "`%s` must print \"%s\"", g_run.cmd, want);
     EXPECT(!out_has("step 1/") && !out_has("step 6/") && out_has("step 7/10") &&
                out_has("step 10/10"),
-           "`%s` must run steps 7..10 only", g_cmd);
+           "`%s` must run steps 7..10 only", g_run.cmd);
     list_dir(tp(ck), names, sizeof names);
     EXPECT(strcmp(names, "step_00000008 step_00000010") == 0,
            "after `%s` (interval 4, keep 2 by default) the checkpoints must be step_00000008 "
-           "and step_00000010, got: %s", g_cmd, names);
+           "and step_00000010, got: %s", g_run.cmd, names);
 
-    struct metrics got;
+    struct tu_jsonl got;
     if (metrics_read(&got, tp(ml), "the resumed run") &&
         metrics_steps(&got, 1, REF_STEPS, "the resumed run (stale lines 7, 8 dropped)"))
         metrics_equal(&got, &ref, 1, REF_STEPS, "the resumed run's metrics");
-    metrics_free(&got);
+    tu_jsonl_free(&got);
     expect_same_bytes(tp(exw), tp("ref/model.safetensors"),
                       "the resumed run's final weights");
 done:
-    metrics_free(&ref);
+    tu_jsonl_free(&ref);
 }
 
 static void test_exact_resume(void) { exact_resume("t1", ""); }
@@ -590,7 +444,7 @@ static void test_exact_resume_async(void)
 static void test_other_layouts(void)
 {
     CU_ASSERT_FATAL(reference());
-    struct metrics ref;
+    struct tu_jsonl ref;
     CU_ASSERT_FATAL(metrics_read(&ref, tp("ref/metrics.jsonl"), "the reference"));
     mkdir(tp("t2"), 0755);
 
@@ -600,15 +454,15 @@ static void test_other_layouts(void)
               base_args(), SAVE_STEP, tp("t2/ck"), tp("t2/save.jsonl"));
     CU_ASSERT_FATAL(EXPECT_RAN());
     EXPECT(out_has("layout: 4 ranks, attention tp 2 x cp 1 x dp 2 x pp 1, MoE etp 2 x ep 1 x "
-                   "edp 2 x pp 1"), "`%s` must run the layout tp2 x dp2", g_cmd);
-    struct metrics save;
+                   "edp 2 x pp 1"), "`%s` must run the layout tp2 x dp2", g_run.cmd);
+    struct tu_jsonl save;
     CU_ASSERT_FATAL(metrics_read(&save, tp("t2/save.jsonl"), "the 4-rank save"));
     double wl = 0, wg = 0;
     if (metrics_steps(&save, 1, SAVE_STEP, "the 4-rank save"))
         metrics_close(&save, &ref, 1, SAVE_STEP, "the 4-rank save (tp2 x dp2)", &wl, &wg);
     const char *ck = tp("t2/ck/step_00000006");
-    CU_ASSERT_FATAL(EXPECT(file_exists(tp("t2/ck/step_00000006/manifest.json")),
-                           "`%s` must write %s", g_cmd, ck));
+    CU_ASSERT_FATAL(EXPECT(tu_file_exists(tp("t2/ck/step_00000006/manifest.json")),
+                           "`%s` must write %s", g_run.cmd, ck));
     char ckpath[600];
     snprintf(ckpath, sizeof ckpath, "%s", ck);
 
@@ -636,12 +490,12 @@ static void test_other_layouts(void)
                   base_args(), REF_STEPS, targets[k].opts, g_key, ckpath, tp(metrics),
                   tp(export));
         if (!EXPECT_RAN()) continue;
-        EXPECT(out_has(targets[k].layout), "`%s` must run the layout \"%s\"", g_cmd,
+        EXPECT(out_has(targets[k].layout), "`%s` must run the layout \"%s\"", g_run.cmd,
                targets[k].layout);
         EXPECT(out_has("resumed from <TMP>/t2/ck/step_00000006 at step 6") &&
                    !out_has("step 6/") && out_has("step 7/10"),
-               "`%s` must resume at step 6 and run steps 7..10", g_cmd);
-        struct metrics got;
+               "`%s` must resume at step 6 and run steps 7..10", g_run.cmd);
+        struct tu_jsonl got;
         double wloss = 0, wgnorm = 0, wparam = 0;
         char where[256] = "";
         if (metrics_read(&got, tp(metrics), label) && metrics_steps(&got, 1, REF_STEPS, label)) {
@@ -650,7 +504,7 @@ static void test_other_layouts(void)
                        "%s: metrics line %d must be kept as the saving run wrote it", label, s);
             metrics_close(&got, &ref, SAVE_STEP + 1, REF_STEPS, label, &wloss, &wgnorm);
         }
-        metrics_free(&got);
+        tu_jsonl_free(&got);
         char exp_path[128];
         snprintf(exp_path, sizeof exp_path, "%s/model.safetensors", export);
         if (weights_compare(tp(exp_path), tp("ref/model.safetensors"), &wparam, where,
@@ -662,24 +516,25 @@ static void test_other_layouts(void)
                "param diff %.2e)", label, wloss, wgnorm, wparam);
     }
     printf("\n    (saved on tp2 x dp2: max rel loss diff %.2e, grad_norm %.2e)", wl, wg);
-    metrics_free(&save);
-    metrics_free(&ref);
+    tu_jsonl_free(&save);
+    tu_jsonl_free(&ref);
 }
 
 /* ---------------------------------------------------------------- 3. crash */
 
-/* Starts `vdist ARGS` (one rank, no mpirun) in g_tmp in a process group of its own, output
- * to g_tmp/log; returns its pid (= its process group), or -1. */
+/* Starts `vdist ARGS` (one rank, no mpirun) in g_env.tmp in a process group of its own,
+ * output to log; returns its pid (= its process group), or -1. */
 static pid_t spawn_vdist(const char *args, const char *log)
 {
-    snprintf(g_cmd, sizeof g_cmd, "cd %s && OMP_NUM_THREADS=1 %s %s", g_tmp, g_vdist, args);
+    snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s %s", g_env.tmp,
+             g_env.vdist, args);
     char shell[16384];
-    snprintf(shell, sizeof shell, "exec '%s' %s > '%s' 2>&1", g_vdist, args, log);
+    snprintf(shell, sizeof shell, "exec '%s' %s > '%s' 2>&1", g_env.vdist, args, log);
     fflush(stdout);
     pid_t const pid = fork();
     if (pid == 0) {
         setpgid(0, 0);
-        if (chdir(g_tmp) != 0) _exit(127);
+        if (chdir(g_env.tmp) != 0) _exit(127);
         execl("/bin/sh", "sh", "-c", shell, (char *)NULL);
         _exit(127);
     }
@@ -690,7 +545,7 @@ static pid_t spawn_vdist(const char *args, const char *log)
 /* The resumed run's metrics file: the crashed run's lines of steps 1..k (k the checkpoint
  * it resumed from), then its own k+1..CRASH_STEPS, one line per step in order, each equal
  * to the uninterrupted run's line bit for bit. Missing steps are named. */
-static void crash_metrics_check(const struct metrics *got, const struct metrics *full, long k)
+static void crash_metrics_check(const struct tu_jsonl *got, const struct tu_jsonl *full, long k)
 {
     static int count[CRASH_STEPS + 1];
     memset(count, 0, sizeof count);
@@ -752,7 +607,7 @@ static void test_crash(void)
     run_vdist(1, "%s --log.metrics=%s --train.export_to=%s", common, tp("t3/full.jsonl"),
               tp("t3/full"));
     CU_ASSERT_FATAL(EXPECT_RAN());
-    struct metrics full;
+    struct tu_jsonl full;
     CU_ASSERT_FATAL(metrics_read(&full, tp("t3/full.jsonl"), "the uninterrupted run"));
     CU_ASSERT_FATAL(metrics_steps(&full, 1, CRASH_STEPS, "the uninterrupted run"));
 
@@ -767,8 +622,8 @@ static void test_crash(void)
     long seen = -1;
     int status = 0;
     bool exited = false;
-    double const t0 = now_s();
-    while (now_s() - t0 < 60.0) {
+    double const t0 = tu_now_s();
+    while (tu_now_s() - t0 < 60.0) {
         if (waitpid(pid, &status, WNOHANG) == pid) {
             exited = true;
             break;
@@ -784,18 +639,16 @@ static void test_crash(void)
         kill(-pid, SIGKILL);
         waitpid(pid, &status, 0);
     }
-    double const killed_at = now_s() - t0;
-    free(g_out);
-    char *raw = read_file(tp("t3/crashed.log"), NULL);
-    g_out = mask_tmp(raw ? raw : "");
-    free(raw);
-    g_rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    g_out_shown = false;
+    double const killed_at = tu_now_s() - t0;
+    free(g_run.out);
+    g_run.out = tu_file_read_masked(tp("t3/crashed.log"), g_env.tmp);
+    g_run.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    g_run.out_shown = false;
     CU_ASSERT_FATAL(EXPECT(!exited && WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL &&
                                seen >= 2,
                            "`%s` must still be running when its second checkpoint appears, "
                            "and die of SIGKILL (it %s; newest checkpoint seen: step %ld)",
-                           g_cmd, exited ? "exited on its own" : "was killed", seen));
+                           g_run.cmd, exited ? "exited on its own" : "was killed", seen));
     char names[4096];
     list_dir(tp("t3/ck"), names, sizeof names);
     printf("\n    (killed after %.2f s with step %ld complete; left: %s)", killed_at, seen,
@@ -805,16 +658,17 @@ static void test_crash(void)
     run_vdist(1, "ckpt latest %s", tp("t3/ck"));
     CU_ASSERT_FATAL(EXPECT_RAN());
     char found[PATH_MAX] = "";
-    sscanf(g_out, "%4095s", found);
+    sscanf(g_run.out, "%4095s", found);
     long const k = path_step(found);
     CU_ASSERT_FATAL(EXPECT(strncmp(found, "<TMP>/t3/ck/step_", 17) == 0 && k >= seen,
                            "`%s` must print the newest complete checkpoint <TMP>/t3/ck/"
-                           "step_NNNNNNNN (at least step %ld), got: %s", g_cmd, seen, g_out));
+                           "step_NNNNNNNN (at least step %ld), got: %s", g_run.cmd, seen,
+                           g_run.out));
     char ckname[32], ckpath[600];
     snprintf(ckname, sizeof ckname, "step_%08ld", k);
-    snprintf(ckpath, sizeof ckpath, "%s/t3/ck/%s", g_tmp, ckname);
+    snprintf(ckpath, sizeof ckpath, "%s/t3/ck/%s", g_env.tmp, ckname);
     run_vdist(1, "ckpt verify %s", ckpath);
-    EXPECT(g_rc == 0 && out_has("OK"), "`%s` must pass (exit 0, \"OK\")", g_cmd);
+    EXPECT(g_run.rc == 0 && out_has("OK"), "`%s` must pass (exit 0, \"OK\")", g_run.cmd);
 
     /* Leftovers of saves cut short must never be chosen, however whole they look: a
      * complete copy under a temporary name and an exact name without its manifest, both
@@ -827,11 +681,11 @@ static void test_crash(void)
     snprintf(manifest, sizeof manifest, "%s/manifest.json", leftover_bare);
     CU_ASSERT_FATAL(unlink(tp(manifest)) == 0);
     run_vdist(1, "ckpt latest %s", tp("t3/ck"));
-    EXPECT(g_rc == 0 && strncmp(g_out, "<TMP>/t3/ck/", 12) == 0 &&
-               strncmp(g_out + 12, ckname, strlen(ckname)) == 0 &&
-               g_out[12 + strlen(ckname)] == '\n',
+    EXPECT(g_run.rc == 0 && strncmp(g_run.out, "<TMP>/t3/ck/", 12) == 0 &&
+               strncmp(g_run.out + 12, ckname, strlen(ckname)) == 0 &&
+               g_run.out[12 + strlen(ckname)] == '\n',
            "with the leftovers %s and %s (no manifest) beside it, `%s` must still print "
-           "<TMP>/t3/ck/%s", leftover_tmp, leftover_bare, g_cmd, ckname);
+           "<TMP>/t3/ck/%s", leftover_tmp, leftover_bare, g_run.cmd, ckname);
 
     /* Resume: the same run (checkpoints only at the end now; the interval does not change
      * the arithmetic). */
@@ -840,11 +694,11 @@ static void test_crash(void)
     if (EXPECT_RAN()) {
         char want[256];
         snprintf(want, sizeof want, "resumed from <TMP>/t3/ck/%s at step %ld", ckname, k);
-        EXPECT(out_has(want), "`%s` must print \"%s\"", g_cmd, want);
-        struct metrics got;
+        EXPECT(out_has(want), "`%s` must print \"%s\"", g_run.cmd, want);
+        struct tu_jsonl got;
         if (metrics_read(&got, tp("t3/metrics.jsonl"), "the resumed run"))
             crash_metrics_check(&got, &full, k);
-        metrics_free(&got);
+        tu_jsonl_free(&got);
         expect_same_bytes(tp("t3/resumed/model.safetensors"), tp("t3/full/model.safetensors"),
                           "the resumed run's final weights");
         /* Its final save prunes what older saves left behind. */
@@ -856,7 +710,7 @@ static void test_crash(void)
                "checkpoints (step_00000400 among them; leftovers older than it pruned), "
                "got: %s", tp("t3/ck"), names);
     }
-    metrics_free(&full);
+    tu_jsonl_free(&full);
 }
 
 /* ---------------------------------------------------------------- 4. keep */
@@ -870,12 +724,12 @@ static void test_keep(void)
     char names[4096];
     list_dir(tp("t4/ck"), names, sizeof names);
     EXPECT(strcmp(names, "step_00000004 step_00000005") == 0,
-           "`%s` must leave exactly step_00000004 and step_00000005, got: %s", g_cmd, names);
+           "`%s` must leave exactly step_00000004 and step_00000005, got: %s", g_run.cmd, names);
     for (int s = 4; s <= 5; s++) {
         char dir[64];
         snprintf(dir, sizeof dir, "t4/ck/step_%08d", s);
         run_vdist(1, "ckpt verify %s", tp(dir));
-        EXPECT(g_rc == 0 && out_has("OK"), "`%s` must pass", g_cmd);
+        EXPECT(g_run.rc == 0 && out_has("OK"), "`%s` must pass", g_run.cmd);
     }
 }
 
@@ -890,17 +744,17 @@ static void test_refusals(void)
     run_vdist(1, "%s --train.steps=1 --model.intermediate_size=64 --ckpt.dir=%s", base_args(),
               tp("t5/other"));
     CU_ASSERT_FATAL(EXPECT_RAN());
-    CU_ASSERT_FATAL(file_exists(tp("t5/ck/step_00000006/manifest.json")) &&
-                    file_exists(tp("t5/other/step_00000001/manifest.json")));
+    CU_ASSERT_FATAL(tu_file_exists(tp("t5/ck/step_00000006/manifest.json")) &&
+                    tu_file_exists(tp("t5/other/step_00000001/manifest.json")));
     /* A metrics file the refused runs must leave as it is. */
     static const char keep[] = "{\"step\":1,\"loss\":1.0}\n";
-    CU_ASSERT_FATAL(write_file(tp("t5/metrics.jsonl"), keep, sizeof keep - 1, "wb"));
+    CU_ASSERT_FATAL(tu_file_write(tp("t5/metrics.jsonl"), keep, sizeof keep - 1, "wb"));
 
     /* The control: the sound checkpoint resumes. */
     run_vdist(1, "%s --train.steps=%d --%s=%s", base_args(), SAVE_STEP + 1, g_key,
               tp("t5/ck/step_00000006"));
-    EXPECT(g_rc == 0 && out_has("step 7/7"), "the control `%s` must resume and train step 7",
-           g_cmd);
+    EXPECT(g_run.rc == 0 && out_has("step 7/7"), "the control `%s` must resume and train step 7",
+           g_run.cmd);
 
     run_vdist(1, "%s --%s=%s --log.metrics=%s", base_args(), g_key, tp("t5/missing"),
               tp("t5/metrics.jsonl"));
@@ -909,17 +763,17 @@ static void test_refusals(void)
     /* One byte flipped in the middle of a shard. */
     CU_ASSERT_FATAL(copy_tree(tp("t5/ck/step_00000006"), tp("t5/corrupt")));
     size_t n = 0;
-    char *b = read_file(tp("t5/corrupt/rank_00000.zst"), &n);
+    char *b = tu_file_read(tp("t5/corrupt/rank_00000.zst"), &n);
     CU_ASSERT_FATAL(b != NULL && n > 16);
     b[n / 2] ^= 0x5a;
-    CU_ASSERT_FATAL(write_file(tp("t5/corrupt/rank_00000.zst"), b, n, "wb"));
+    CU_ASSERT_FATAL(tu_file_write(tp("t5/corrupt/rank_00000.zst"), b, n, "wb"));
     free(b);
     run_vdist(1, "%s --%s=%s --log.metrics=%s", base_args(), g_key, tp("t5/corrupt"),
               tp("t5/metrics.jsonl"));
     EXPECT_REFUSED("<TMP>/t5/corrupt/rank_00000.zst");
     run_vdist(1, "ckpt verify %s", tp("t5/corrupt"));
-    EXPECT(g_rc == 1 && out_has("<TMP>/t5/corrupt/rank_00000.zst") && !out_has("OK"),
-           "`%s` must fail (exit 1) naming <TMP>/t5/corrupt/rank_00000.zst", g_cmd);
+    EXPECT(g_run.rc == 1 && out_has("<TMP>/t5/corrupt/rank_00000.zst") && !out_has("OK"),
+           "`%s` must fail (exit 1) naming <TMP>/t5/corrupt/rank_00000.zst", g_run.cmd);
 
     /* Another model: intermediate_size 64 in the checkpoint, 48 configured. */
     run_vdist(1, "%s --%s=%s --log.metrics=%s", base_args(), g_key,
@@ -928,7 +782,7 @@ static void test_refusals(void)
     EXPECT((out_has("[64, 32]") && out_has("[48, 32]")) ||
                (out_has("[32, 64]") && out_has("[32, 48]")),
            "the message of `%s` must give both shapes of the tensor ([64, 32] and [48, 32], "
-           "or [32, 64] and [32, 48])", g_cmd);
+           "or [32, 64] and [32, 48])", g_run.cmd);
 
     /* A checkpoint past train.steps, found by auto. */
     char before[4096], after[4096];
@@ -937,10 +791,10 @@ static void test_refusals(void)
               tp("t5/ck"), g_key, tp("t5/metrics.jsonl"));
     EXPECT_REFUSED("train.steps", "raise train.steps");
     list_dir(tp("t5/ck"), after, sizeof after);
-    EXPECT(strcmp(before, after) == 0, "`%s` must leave %s as it was (%s), got: %s", g_cmd,
+    EXPECT(strcmp(before, after) == 0, "`%s` must leave %s as it was (%s), got: %s", g_run.cmd,
            tp("t5/ck"), before, after);
 
-    char *m = read_file(tp("t5/metrics.jsonl"), NULL);
+    char *m = tu_file_read(tp("t5/metrics.jsonl"), NULL);
     EXPECT(m && strcmp(m, keep) == 0, "the refused runs must leave their log.metrics file "
            "<TMP>/t5/metrics.jsonl as it was");
     free(m);
@@ -955,7 +809,7 @@ static void test_spread(void)
               base_args(), tp("t6/ck"));
     CU_ASSERT_FATAL(EXPECT_RAN());
     EXPECT(out_has("layout: 4 ranks, attention tp 1 x cp 1 x dp 4 x pp 1"),
-           "`%s` must run dp4", g_cmd);
+           "`%s` must run dp4", g_run.cmd);
     const char *dir = tp("t6/ck/step_00000001");
     char names[4096];
     list_dir(dir, names, sizeof names);
@@ -988,44 +842,23 @@ static void test_spread(void)
            shards, nfiles, names);
     EXPECT(shards > 1, "a checkpoint of `%s` (dp4, every tensor replicated 4 times) must "
            "spread its writing over the replicas: shard files of more than one rank, got %s",
-           g_cmd, names);
+           g_run.cmd, names);
     EXPECT(nfiles > 1, "the parameters of `%s` (dp4) must be written by more than one "
-           "replica: the manifest's \"param\" pieces name %d file(s)", g_cmd, nfiles);
+           "replica: the manifest's \"param\" pieces name %d file(s)", g_run.cmd, nfiles);
     run_vdist(1, "ckpt verify %s", dir);
-    EXPECT(g_rc == 0 && out_has("OK"), "`%s` must pass (exit 0, \"OK\")", g_cmd);
+    EXPECT(g_run.rc == 0 && out_has("OK"), "`%s` must pass (exit 0, \"OK\")", g_run.cmd);
 }
 
 /* ---------------------------------------------------------------- main */
 
-static int rm_cb(const char *path, const struct stat *sb, int type, struct FTW *ftw)
-{
-    (void)sb;
-    (void)type;
-    (void)ftw;
-    return remove(path);
-}
-
 /* Which key selects the checkpoint to resume from: the one `vdist train --help` lists. */
-static bool help_lists(const char *key)
-{
-    size_t const n = strlen(key);
-    for (const char *line = g_out; line && *line;) {
-        const char *p = line;
-        while (*p == ' ' || *p == '\t') p++;
-        if (strncmp(p, key, n) == 0 && (p[n] == ' ' || p[n] == '\t')) return true;
-        line = strchr(line, '\n');
-        if (line) line++;
-    }
-    return false;
-}
-
 static bool find_resume_key(void)
 {
     static const char *const keys[] = {"ckpt.resume", "ckpt.load"};
     run_vdist(1, "train --help");
-    g_has_async = g_rc == 0 && help_lists("ckpt.async");
-    for (size_t i = 0; g_rc == 0 && i < sizeof keys / sizeof keys[0]; i++)
-        if (help_lists(keys[i])) {
+    g_has_async = g_run.rc == 0 && tu_help_lists(g_run.out, "ckpt.async");
+    for (size_t i = 0; g_run.rc == 0 && i < sizeof keys / sizeof keys[0]; i++)
+        if (tu_help_lists(g_run.out, keys[i])) {
             snprintf(g_key, sizeof g_key, "%s", keys[i]);
             return true;
         }
@@ -1034,35 +867,10 @@ static bool find_resume_key(void)
 
 static int suite_init(void)
 {
-    const char *const v = getenv("VDIST");
-    const char *const prog = v && *v ? v : "build/vdist";
-    if (!realpath(prog, g_vdist) || access(g_vdist, X_OK) != 0) {
-        fprintf(stderr, "test_resume: the program '%s' is not there or not executable (set "
-                        "VDIST or run from the repository root after make)\n", prog);
-        return -1;
-    }
-    if (!getcwd(g_root, sizeof g_root)) return -1;
-    char tiny[1100];
-    snprintf(tiny, sizeof tiny, "%s/configs/tiny.ini", g_root);
-    if (!file_exists(tiny)) {
-        fprintf(stderr, "test_resume: run from the repository root (configs/tiny.ini not "
-                        "found)\n");
-        return -1;
-    }
-    /* Paths go into shell commands inside '...' or bare: refuse any that would break. */
-    if (strpbrk(g_root, "'\"\\ $`") || strpbrk(g_vdist, "'\"\\ $`")) {
-        fprintf(stderr, "test_resume: paths with quotes, blanks or $ are not supported\n");
-        return -1;
-    }
-    snprintf(g_tmp, sizeof g_tmp, "/tmp/vdist_resume_XXXXXX");
-    if (!mkdtemp(g_tmp)) {
-        fprintf(stderr, "test_resume: mkdtemp: %s\n", strerror(errno));
-        g_tmp[0] = '\0';
-        return -1;
-    }
+    if (tu_env_init(&g_env, "test_resume", "vdist_resume_") != 0) return -1;
     if (!find_resume_key()) {
         fprintf(stderr, "test_resume: `vdist train --help` lists neither ckpt.resume nor "
-                        "ckpt.load:\n%s\n", g_out ? g_out : "");
+                        "ckpt.load:\n%s\n", g_run.out ? g_run.out : "");
         return -1;
     }
     return 0;
@@ -1070,72 +878,38 @@ static int suite_init(void)
 
 static int suite_clean(void)
 {
-    if (g_tmp[0] && !getenv("VDIST_RESUME_KEEP")) nftw(g_tmp, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
-    else if (g_tmp[0]) printf("\ntest_resume: kept %s\n", g_tmp);
-    free(g_out);
-    g_out = NULL;
+    if (g_env.tmp[0] && !getenv("VDIST_RESUME_KEEP")) tu_tmpdir_remove(g_env.tmp);
+    else if (g_env.tmp[0]) printf("\ntest_resume: kept %s\n", g_env.tmp);
+    tu_run_free(&g_run);
     return 0;
 }
-
-struct timed_test {
-    const char *name;
-    void (*fn)(void);
-};
-static const struct timed_test tests[] = {
-    {"same layout: resumed run equals the uninterrupted one bit for bit", test_exact_resume},
-    {"same layout with ckpt.async=true: resumed run bit for bit", test_exact_resume_async},
-    {"other layouts: tp2 x dp2 (distributed optimizer) resumed on ep2 and tp2 x ep4",
-     test_other_layouts},
-    {"crash: SIGKILL mid-run; latest is complete and verifies; leftovers never chosen; "
-     "resume is exact", test_crash},
-    {"ckpt.keep=2 with interval 1 over 5 steps keeps steps 4 and 5", test_keep},
-    {"refused before training: missing, corrupt, other model, past train.steps",
-     test_refusals},
-    {"dp4 without distributed optimizer spreads shard writing; verifies", test_spread},
-};
-#define NTESTS (sizeof tests / sizeof tests[0])
-
-/* CUnit calls plain void functions: one trampoline per test, each timed. */
-static void run_timed(size_t i)
-{
-    double const t0 = now_s();
-    tests[i].fn();
-    printf("\n    (%.1f s)", now_s() - t0);
-    fflush(stdout);
-}
-static void tramp0(void) { run_timed(0); }
-static void tramp1(void) { run_timed(1); }
-static void tramp2(void) { run_timed(2); }
-static void tramp3(void) { run_timed(3); }
-static void tramp4(void) { run_timed(4); }
-static void tramp5(void) { run_timed(5); }
-static void tramp6(void) { run_timed(6); }
-static void (*const trampolines[])(void) = {tramp0, tramp1, tramp2, tramp3, tramp4, tramp5,
-                                            tramp6};
-_Static_assert(sizeof trampolines / sizeof trampolines[0] == NTESTS, "one trampoline a test");
 
 int main(void)
 {
     setenv("OMP_NUM_THREADS", "1", 1);
     setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
-    CU_pSuite s = CU_add_suite("checkpoints and resume", suite_init, suite_clean);
-    if (!s) {
-        CU_cleanup_registry();
-        return 1;
-    }
-    for (size_t i = 0; i < NTESTS; i++)
-        if (!CU_add_test(s, tests[i].name, trampolines[i])) {
-            CU_cleanup_registry();
-            return 1;
-        }
-    double const start = now_s();
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    unsigned const failures = CU_get_number_of_failures();
-    unsigned const suites_failed = CU_get_number_of_suites_failed();
-    printf("\ntest_resume: %.1f s\n", now_s() - start);
-    CU_cleanup_registry();
-    return failures != 0 || suites_failed != 0;
+    static const struct tu_test tests[] = {
+        {"same layout: resumed run equals the uninterrupted one bit for bit", test_exact_resume},
+        {"same layout with ckpt.async=true: resumed run bit for bit", test_exact_resume_async},
+        {"other layouts: tp2 x dp2 (distributed optimizer) resumed on ep2 and tp2 x ep4",
+         test_other_layouts},
+        {"crash: SIGKILL mid-run; latest is complete and verifies; leftovers never chosen; "
+         "resume is exact", test_crash},
+        {"ckpt.keep=2 with interval 1 over 5 steps keeps steps 4 and 5", test_keep},
+        {"refused before training: missing, corrupt, other model, past train.steps",
+         test_refusals},
+        {"dp4 without distributed optimizer spreads shard writing; verifies", test_spread},
+    };
+    static const struct tu_suite suite = {
+        .name = "checkpoints and resume",
+        .init = suite_init,
+        .clean = suite_clean,
+        .tests = tests,
+        .ntests = sizeof tests / sizeof tests[0],
+        .timing = TU_TIMED,
+        .program = "test_resume",
+    };
+    tu_expect_show(&g_run, "last command");
+    return tu_cunit_main(&suite);
 }
