@@ -98,8 +98,8 @@ static bool copy_tree(const char *from, const char *to)
     return system(cmd) == 0;
 }
 
-/* The sorted names of dir's entries (without . and ..), joined by ' '; "" when empty or
- * missing. */
+/* The sorted names of dir's entries (without . and .., and without the `latest` pointer,
+ * which test_keep checks on its own), joined by ' '; "" when empty or missing. */
 static void list_dir(const char *dir, char *out, size_t cap)
 {
     out[0] = '\0';
@@ -108,7 +108,8 @@ static void list_dir(const char *dir, char *out, size_t cap)
     size_t len = 0;
     for (int i = 0; i < n; i++) {
         const char *nm = names[i]->d_name;
-        if (strcmp(nm, ".") != 0 && strcmp(nm, "..") != 0 && len + strlen(nm) + 2 < cap)
+        if (strcmp(nm, ".") != 0 && strcmp(nm, "..") != 0 && strcmp(nm, "latest") != 0 &&
+            len + strlen(nm) + 2 < cap)
             len += (size_t)snprintf(out + len, cap - len, "%s%s", len ? " " : "", nm);
         free(names[i]);
     }
@@ -725,6 +726,12 @@ static void test_keep(void)
     list_dir(tp("t4/ck"), names, sizeof names);
     EXPECT(strcmp(names, "step_00000004 step_00000005") == 0,
            "`%s` must leave exactly step_00000004 and step_00000005, got: %s", g_run.cmd, names);
+    /* the latest pointer names the newest checkpoint */
+    size_t nlatest = 0;
+    char *latest = tu_file_read(tp("t4/ck/latest"), &nlatest);
+    EXPECT(latest && strstr(latest, "step_00000005") != NULL,
+           "%s must name step_00000005, got: %s", tp("t4/ck/latest"), latest ? latest : "(missing)");
+    free(latest);
     for (int s = 4; s <= 5; s++) {
         char dir[64];
         snprintf(dir, sizeof dir, "t4/ck/step_%08d", s);
