@@ -84,6 +84,7 @@ static void print_plan(const struct launch_config *c, const struct par_model *pm
 /* Per MoE layer over a step's micro-batches (all replicas). */
 struct layer_stats {
     double tokens_max, tokens_mean, dropped_frac, dispatch_ms;
+    double margin; /* smallest decision margin over the step's micro-batches (-1: none) */
 };
 
 struct step_stats {
@@ -101,6 +102,8 @@ static void collect_layers(const struct par_model *pm, double *sums, float *maxi
         const struct par_block_acts *ba = &pm->blocks[l];
         sums[2 * l] += (double)ba->dropped;
         maxima[l] = fmaxf(maxima[l], (float)ba->tokens_max);
+        /* minima of margins travel as maxima of their negations */
+        maxima[nl + l] = fmaxf(maxima[nl + l], -ba->margin);
     }
 }
 
@@ -113,7 +116,7 @@ static void finish_layers(struct par_model *pm, const struct launch_config *c, d
     int const n_micro = c->train.global_batch / c->train.micro_batch;
     int const E = c->model.num_local_experts, k = c->model.num_experts_per_tok;
     dist_allreduce_sum_f64(&pm->groups.dp, DIST_DP, sums, 2 * (size_t)nl);
-    dist_allreduce_max(&pm->groups.dp, DIST_DP, maxima, (size_t)nl);
+    dist_allreduce_max(&pm->groups.dp, DIST_DP, maxima, 2 * (size_t)nl);
     double const assignments = (double)n_micro * c->train.micro_batch * c->train.seq_len * k;
     for (int l = 0; l < nl; l++) {
         struct layer_stats *ls = &out->layers[l];
@@ -121,6 +124,7 @@ static void finish_layers(struct par_model *pm, const struct launch_config *c, d
         ls->tokens_max = maxima[l];
         ls->tokens_mean = (assignments - sums[2 * l]) / n_micro / E;
         ls->dispatch_ms = pm->blocks[l].dispatch_s * 1e3;
+        ls->margin = isinf(maxima[nl + l]) ? -1.0 : -(double)maxima[nl + l];
         pm->blocks[l].dispatch_s = 0.0;
     }
 }
@@ -138,7 +142,8 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
     double sums[3] = {0}; /* lm, aux, z */
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
     double *lsums = vd_calloc(2 * (size_t)nl + 1, sizeof *lsums);
-    float *lmax = vd_calloc((size_t)nl + 1, sizeof *lmax);
+    float *lmax = vd_calloc(2 * (size_t)nl + 1, sizeof *lmax);
+    for (int l = 0; l < nl; l++) lmax[nl + l] = -INFINITY;
     const struct dist_group *dp = &pm->groups.dp;
     for (int m = dp->rank; m < n_micro; m += dp->size) {
         for (int j = 0; j < mb; j++) {
@@ -173,8 +178,10 @@ static void write_metrics(FILE *f, int step, const struct step_stats *s, float l
                           double tps, double mfu)
 {
     /* the step's MoE figures over its layers (every layer has the same assignments) */
-    double dropped = 0.0, tmax = 0.0, tmean = 0.0;
+    double dropped = 0.0, tmax = 0.0, tmean = 0.0, margin = -1.0;
     for (int l = 0; l < s->nlayers; l++) {
+        double const m = s->layers[l].margin;
+        if (m >= 0.0 && (margin < 0.0 || m < margin)) margin = m;
         dropped += s->layers[l].dropped_frac / s->nlayers;
         tmax = fmax(tmax, s->layers[l].tokens_max);
         tmean += s->layers[l].tokens_mean / s->nlayers;
@@ -188,12 +195,14 @@ static void write_metrics(FILE *f, int step, const struct step_stats *s, float l
     json_t *layers = json_array();
     for (int l = 0; l < s->nlayers; l++) {
         const struct layer_stats *ls = &s->layers[l];
-        json_array_append_new(layers, json_pack("{s:i, s:f, s:f, s:f, s:f}", "layer", l,
+        json_array_append_new(layers, json_pack("{s:i, s:f, s:f, s:f, s:f, s:f}", "layer", l,
                                                 "tokens_per_expert_max", ls->tokens_max,
                                                 "tokens_per_expert_mean", ls->tokens_mean,
                                                 "dropped_frac", ls->dropped_frac,
-                                                "dispatch_ms", ls->dispatch_ms));
+                                                "dispatch_ms", ls->dispatch_ms,
+                                                "decision_margin", ls->margin));
     }
+    json_object_set_new(o, "decision_margin", json_real(margin));
     json_object_set_new(o, "moe_layers", layers);
     char *line = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
     fprintf(f, "%s\n", line);

@@ -69,23 +69,26 @@ static int cmp_probs(const void *a, const void *b, void *ctx)
 }
 
 /* kept[s] for every assignment s = t k + j of the micro-batch (token order t), given its
- * routing topk (N, k) and probabilities (N, E). */
-static void decide_capacity(const struct par_model *pm, const int *topk, const float *probs,
-                            unsigned char *kept, int *scratch)
+ * routing topk (N, k) and probabilities (N, E). Returns the smallest probability gap that
+ * decided a `probs` drop (the last kept against the first dropped of an over-full expert),
+ * or +inf when no such decision was taken. */
+static float decide_capacity(const struct par_model *pm, const int *topk, const float *probs,
+                             unsigned char *kept, int *scratch)
 {
     const struct model_config *c = &pm->cfg;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
     size_t const S = pm->shape.N * (size_t)k;
+    float margin = INFINITY;
     if (c->moe_capacity_factor <= 0.0) {
         memset(kept, 1, S);
-        return;
+        return margin;
     }
     size_t const C = (size_t)ceil(c->moe_capacity_factor * (double)pm->shape.N * k / E);
     size_t *per_expert = pm->expert_counts, *fill = per_expert + E + 1;
     if (c->moe_drop_policy == MODEL_DROP_POSITION) {
         memset(per_expert, 0, (size_t)E * sizeof *per_expert);
         for (size_t s = 0; s < S; s++) kept[s] = per_expert[topk[s]]++ < C;
-        return;
+        return margin;
     }
     /* probs: group the assignments by expert (stable), sort each group, keep the first C. */
     memset(per_expert, 0, ((size_t)E + 1) * sizeof *per_expert);
@@ -99,7 +102,29 @@ static void decide_capacity(const struct par_model *pm, const int *topk, const f
         struct probs_order o = {probs + e, E, k};
         qsort_r(grp, n, sizeof *grp, cmp_probs, &o);
         for (size_t i = 0; i < n; i++) kept[grp[i]] = i < C;
+        if (n > C && C > 0)
+            margin = fminf(margin, probs[(size_t)(grp[C - 1] / k) * E + e] -
+                                       probs[(size_t)(grp[C] / k) * E + e]);
     }
+    return margin;
+}
+
+/* The smallest gap between a token's k-th largest router probability and the largest it
+ * did not select: how far the top-k choices are from a tie (+inf when k = E). */
+static float topk_margin(const int *topk, const float *probs, size_t N, int E, int k)
+{
+    float margin = INFINITY;
+    for (size_t t = 0; t < N; t++) {
+        const float *p = probs + t * E;
+        float best_out = -INFINITY;
+        for (int e = 0; e < E; e++) {
+            bool chosen = false;
+            for (int j = 0; j < k; j++) chosen |= topk[t * k + j] == e;
+            if (!chosen) best_out = fmaxf(best_out, p[e]);
+        }
+        margin = fminf(margin, p[topk[t * k + k - 1]] - best_out);
+    }
+    return margin;
 }
 
 void par_moe_decide(struct par_model *pm, struct par_block_acts *ba)
@@ -119,7 +144,9 @@ void par_moe_decide(struct par_model *pm, struct par_block_acts *ba)
         memcpy(pm->full_topk + t * k, topk + r * k, (size_t)k * sizeof(int));
         memcpy(pm->full_probs + t * E, probs + r * E, (size_t)E * sizeof(float));
     }
-    decide_capacity(pm, pm->full_topk, pm->full_probs, pm->full_kept, pm->sort_scratch);
+    float const drop_margin =
+        decide_capacity(pm, pm->full_topk, pm->full_probs, pm->full_kept, pm->sort_scratch);
+    ba->margin = fminf(drop_margin, topk_margin(pm->full_topk, pm->full_probs, N, E, k));
 
     size_t *kept_per_expert = pm->expert_counts;
     memset(kept_per_expert, 0, (size_t)E * sizeof *kept_per_expert);

@@ -72,6 +72,8 @@ struct par_block_acts {
     long dropped;                  /* assignments of the micro-batch dropped (last forward) */
     long tokens_max;               /* most assignments kept by one expert (last forward) */
     double dispatch_s;             /* dispatch time, forward and backward (caller resets) */
+    float margin;                  /* smallest probability gap behind a routing or dropping
+                                      decision of the last forward (+inf: none) */
 };
 
 /* Losses of one micro-batch's forward (each layer's dispatch statistics are in its
