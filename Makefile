@@ -95,13 +95,15 @@ clean:
 # the safetensors reader and the checkpoint manifest. Built with clang under ASan and UBSan
 # into $(BUILD)/fuzz/, from the library sources compiled again with coverage
 # instrumentation; each runs FUZZ_TIME seconds on its seed corpus (new inputs go to
-# $(BUILD)/fuzz/corpus_*), and the make fails if one finds a crash, a leak or an allocation
-# over FUZZ_RSS_MB (the input that did it is left in $(BUILD)/fuzz/artifacts_*/).
+# $(BUILD)/fuzz/corpus_*), and the make fails if one finds a crash, a leak, a run over 10 s,
+# one allocation over FUZZ_MALLOC_MB (caught with its stack) or a total over FUZZ_RSS_MB;
+# the input that did it is left in $(BUILD)/fuzz/artifacts_*/.
 FUZZ_CC       ?= clang
 FUZZ_DEB_PKGS := clang libclang-rt-dev libomp-dev
 FUZZ_BUILD    := $(BUILD)/fuzz
 FUZZ_TIME     ?= 20
 FUZZ_RSS_MB   ?= 2048
+FUZZ_MALLOC_MB ?= 1024
 FUZZ_NAMES    := safetensors manifest
 FUZZ_BIN      := $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz_%)
 FUZZ_LIB_SRC  := $(filter-out launch/%,$(LIB_SRC))
@@ -121,7 +123,7 @@ fuzz:
 	  mkdir -p $(FUZZ_BUILD)/corpus_$$n $(FUZZ_BUILD)/artifacts_$$n; \
 	  echo "== fuzz_$$n for $(FUZZ_TIME) s"; \
 	  $(FUZZ_BUILD)/fuzz_$$n -max_total_time=$(FUZZ_TIME) -rss_limit_mb=$(FUZZ_RSS_MB) \
-	    -timeout=10 -print_final_stats=1 -dict=tests/fuzz/$$n.dict \
+	    -malloc_limit_mb=$(FUZZ_MALLOC_MB) -timeout=10 -print_final_stats=1 -dict=tests/fuzz/$$n.dict \
 	    -artifact_prefix=$(FUZZ_BUILD)/artifacts_$$n/ \
 	    $(FUZZ_BUILD)/corpus_$$n tests/fuzz/corpus_$$n >$(FUZZ_BUILD)/fuzz_$$n.log 2>&1; \
 	  rc=$$?; \

@@ -10,6 +10,9 @@
  * allocation over -malloc_limit_mb (libFuzzer's "out-of-memory (malloc(N))"), which a
  * manifest must not be able to ask for beyond what its shard files hold.
  *
+ * Half the mutations are structure-aware (json_mutate.h), with shard names around the
+ * limits of a rank number as the words to try.
+ *
  * The shard directory is FUZZ_SHARD_DIR (set by the Makefile), or $VDIST_FUZZ_SHARDS. */
 #include <dirent.h>
 #include <errno.h>
@@ -24,6 +27,7 @@
 #include <unistd.h>
 
 #include "ckpt/ckpt.h"
+#include "tests/fuzz/json_mutate.h"
 
 #ifndef FUZZ_SHARD_DIR
 #define FUZZ_SHARD_DIR "tests/fuzz/shards"
@@ -36,6 +40,8 @@ static FILE *devnull;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+size_t LLVMFuzzerMutate(uint8_t *data, size_t size, size_t max_size);
+size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size, size_t max_size, unsigned int seed);
 
 static _Noreturn void die(const char *what, const char *path)
 {
@@ -129,4 +135,31 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     vd_err_clear();
     return 0;
+}
+
+/* ---------------------------------------------------------------- structure-aware mutator */
+
+/* Shard names around the limits of file_rank (5 digits as written; int; 20 characters). */
+static const char *const shard_words[] = {
+    "rank_00000.zst", "rank_00001.zst", "rank_00002.zst", "rank_99999.zst", "rank_100000.zst",
+    "rank_2147483647.zst", "rank_2147483648.zst", "rank_9999999999.zst", "param", "m", "v",
+};
+
+size_t LLVMFuzzerCustomMutator(uint8_t *data, size_t size, size_t max_size, unsigned int seed)
+{
+    uint64_t state = (uint64_t)seed * 0x9e3779b97f4a7c15ull + 1;
+    if (fuzz_rng(&state) % 2) return LLVMFuzzerMutate(data, size, max_size);
+    json_t *const root = json_loadb((const char *)data, size, 0, NULL);
+    if (!root) return LLVMFuzzerMutate(data, size, max_size);
+    fuzz_json_mutate(root, &state, shard_words, sizeof shard_words / sizeof shard_words[0]);
+    char *const text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY);
+    json_decref(root);
+    size_t const len = text ? strlen(text) : 0;
+    if (!text || len > max_size) {
+        free(text);
+        return LLVMFuzzerMutate(data, size, max_size);
+    }
+    memcpy(data, text, len);
+    free(text);
+    return len;
 }
