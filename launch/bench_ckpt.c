@@ -106,16 +106,21 @@ int launch_bench_ckpt(const struct launch_config *c)
         rc = ckpt_load(&pm, dir, &step, NULL);
         t_load = MPI_Wtime() - t0;
     }
-    if (rc == 0) {
+    /* two asynchronous saves: the first snapshot touches fresh memory, the second shows
+     * what every later checkpoint of a run blocks */
+    double t_start_first = 0;
+    for (int round = 0; rc == 0 && round < 2; round++) {
         ckpt_pending *p = NULL;
         MPI_Barrier(MPI_COMM_WORLD);
         double t0 = MPI_Wtime();
         rc = ckpt_save_start(&pm, root, &meta, c->ckpt.zstd_level, &p);
         t_start = MPI_Wtime() - t0;
+        if (round == 0) t_start_first = t_start;
         t0 = MPI_Wtime();
         if (rc == 0) rc = ckpt_save_finish(p);
         t_finish = MPI_Wtime() - t0;
     }
+    ckpt_save_release();
     if (rc == 0) {
         MPI_Barrier(MPI_COMM_WORLD);
         /* the same bytes this rank wrote, through plain sequential writes */
@@ -130,8 +135,9 @@ int launch_bench_ckpt(const struct launch_config *c)
                t_save, raw / t_save / 1e9, stored / t_save / 1e9, t_load, raw / t_load / 1e9);
         printf("bench ckpt: disk sequential write (same bytes per rank, fsync) %.2f GB/s per "
                "rank\n", disk);
-        printf("bench ckpt: asynchronous save blocks the step for %.3f s (snapshot); the "
-               "background write took %.3f s more to finish\n", t_start, t_finish);
+        printf("bench ckpt: asynchronous save blocks the step for %.3f s (snapshot; %.3f s "
+               "the first time, on fresh memory); the background write took %.3f s more\n",
+               t_start, t_start_first, t_finish);
     }
     par_model_free(&pm);
     par_groups_free(&groups);

@@ -610,6 +610,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     }
     int const frc = finish_checkpoint(c, &cs);
     if (rc == 0) rc = frc;
+    ckpt_save_release(); /* the snapshot buffer kept between asynchronous saves */
     if (rc == 0 && root && cs.saves > 0)
         printf("checkpoints: %d saved, the training loop waited %.3f s on them (%.1f ms per "
                "save%s)\n", cs.saves, cs.blocked_s, 1e3 * cs.blocked_s / cs.saves,
