@@ -194,7 +194,8 @@ static const struct key_def key_table[] = {
     {"ckpt.async", KEY_BOOL, "false",
      "write checkpoints in a background thread; the step waits only for the in-memory copy",
      FIELD(ckpt.async), 0, 0, 0, NULL},
-    {"ckpt.zstd_level", KEY_INT, "3", "zstd compression level of checkpoint shards, 1..19",
+    {"ckpt.zstd_level", KEY_INT, "1",
+     "zstd compression level of checkpoint shards, 1..19 (fp32 weights compress ~1.09x at any level; 1 is the fastest)",
      FIELD(ckpt.zstd_level), 1, 19, KF_MIN | KF_MAX, NULL},
     /* [log] */
     {"log.metrics", KEY_STRING, "", "JSON-lines metrics file; empty = none",
