@@ -55,6 +55,10 @@ struct ckpt_st_write_tensor {
 int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, int n,
                   const char *const *meta_keys, const char *const *meta_values, int n_meta);
 
+/* mkdir -p: creates path and its missing parents; VD_EIO naming the directory that could
+ * not be made, or when path exists and is not a directory. */
+int ckpt_make_dirs(const char *path);
+
 /* ---------------------------------------------------------------- Hugging Face weights */
 
 /* Loads this rank's block of every tensor from Mixtral-named safetensors (F32 or BF16):

@@ -46,25 +46,6 @@ static int export_join(char *out, size_t cap, const char *dir, const char *name)
     return 0;
 }
 
-/* mkdir -p. */
-static int export_make_dirs(const char *path)
-{
-    char buf[PATH_MAX];
-    int const n = snprintf(buf, sizeof buf, "%s", path);
-    RETURN_IF(n < 0 || (size_t)n >= sizeof buf, VD_EINVAL, "path %s is too long", path);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = '\0';
-        RETURN_IF(mkdir(buf, 0777) != 0 && errno != EEXIST, VD_EIO, "cannot create %s: %s", buf,
-                  strerror(errno));
-        *p = '/';
-    }
-    RETURN_IF(mkdir(buf, 0777) != 0 && errno != EEXIST, VD_EIO, "cannot create %s: %s", buf,
-              strerror(errno));
-    struct stat st;
-    RETURN_IF(stat(buf, &st) != 0 || !S_ISDIR(st.st_mode), VD_EIO, "%s is not a directory", buf);
-    return 0;
-}
 
 static int export_remove_entry(const char *path, const struct stat *st, int flag,
                                struct FTW *ftw)
@@ -255,7 +236,7 @@ int ckpt_export_hf_sharded(const char *dir, const char *out_dir, size_t max_shar
                         "exporting %s would take %d files of at most %zu bytes; at most 99999 "
                         "are allowed: raise the shard size", dir, nshards, max_shard_bytes);
     char tmp[PATH_MAX];
-    if (rc == 0) rc = export_make_dirs(out_dir);
+    if (rc == 0) rc = ckpt_make_dirs(out_dir);
     if (rc == 0 &&
         snprintf(tmp, sizeof tmp, "%s/.vdist-export.%ld", out_dir, (long)getpid()) >=
             (int)sizeof tmp)

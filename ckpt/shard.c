@@ -208,26 +208,6 @@ static int fsync_path(const char *path)
     return 0;
 }
 
-/* mkdir -p. */
-static int make_dirs(const char *path)
-{
-    char buf[PATH_MAX];
-    int const n = snprintf(buf, sizeof buf, "%s", path);
-    RETURN_IF(n < 0 || (size_t)n >= sizeof buf, VD_EINVAL, "path %s is too long", path);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-            RETURN_ERR(VD_EIO, "cannot create checkpoint directory %s: %s", buf, strerror(errno));
-        *p = '/';
-    }
-    if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-        RETURN_ERR(VD_EIO, "cannot create checkpoint directory %s: %s", buf, strerror(errno));
-    struct stat st;
-    RETURN_IF(stat(buf, &st) != 0 || !S_ISDIR(st.st_mode), VD_EIO,
-              "checkpoint directory %s is not a directory", buf);
-    return 0;
-}
 
 static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
@@ -1517,7 +1497,7 @@ static int save_start(const struct par_model *pm, const char *root, const struct
 
     bool made = false;
     if (rc == 0 && world->rank == 0) {
-        rc = make_dirs(root);
+        rc = ckpt_make_dirs(root);
         if (rc == 0 && mkdir(p->tmp, 0777) != 0)
             rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create checkpoint directory %s: %s",
                             p->tmp, strerror(errno));

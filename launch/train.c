@@ -249,23 +249,10 @@ static int open_inputs(const struct launch_config *c, struct par_model *pm, laun
     return dist_agree(dist_world(), rc);
 }
 
-/* mkdir -p: creates dir and its missing parents. */
-static int make_dirs(const char *dir)
+/* The export directory exists (made with its parents) and is writable. */
+static int make_export_dir(const char *dir)
 {
-    char path[LAUNCH_PATH_MAX];
-    snprintf(path, sizeof path, "%s", dir);
-    for (char *p = path + 1;; p++) {
-        bool const end = *p == '\0';
-        if (*p != '/' && !end) continue;
-        *p = '\0';
-        if (mkdir(path, 0755) != 0 && errno != EEXIST)
-            RETURN_ERR(VD_EIO, "cannot create directory %s: %s", path, strerror(errno));
-        if (end) break;
-        *p = '/';
-    }
-    struct stat sb;
-    RETURN_IF(stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode), VD_EIO,
-              "train.export_to = %s is not a directory", dir);
+    FORWARD_IF(ckpt_make_dirs(dir));
     RETURN_IF(access(dir, W_OK) != 0, VD_EIO, "train.export_to = %s is not writable: %s", dir,
               strerror(errno));
     return 0;
@@ -275,7 +262,7 @@ static int make_dirs(const char *dir)
  * typo in its path. */
 static int check_export_dir(const struct launch_config *c)
 {
-    int const rc = c->train.export_to[0] && dist_world_rank() == 0 ? make_dirs(c->train.export_to) : 0;
+    int const rc = c->train.export_to[0] && dist_world_rank() == 0 ? make_export_dir(c->train.export_to) : 0;
     return dist_agree(dist_world(), rc);
 }
 
