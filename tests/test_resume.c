@@ -478,6 +478,16 @@ static void test_other_layouts(void)
          "layout: 2 ranks, attention tp 1 x cp 1 x dp 2 x pp 1, MoE etp 1 x ep 2 x edp 1 x pp 1"},
         {"8 ranks tp2 ep4", 8, "--parallel.tp=2 --parallel.ep=4",
          "layout: 8 ranks, attention tp 2 x cp 1 x dp 4 x pp 1, MoE etp 2 x ep 4 x edp 1 x pp 1"},
+        {"4 ranks dp4", 4, "",
+         "layout: 4 ranks, attention tp 1 x cp 1 x dp 4 x pp 1, MoE etp 1 x ep 1 x edp 4 x pp 1"},
+        {"1 rank, replicated optimizer", 1, "--parallel.distributed_optimizer=false",
+         "layout: 1 ranks, attention tp 1 x cp 1 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 1 x pp 1"},
+        {"4 ranks dp4 ep4", 4, "--parallel.ep=4 --parallel.etp=1",
+         "layout: 4 ranks, attention tp 1 x cp 1 x dp 4 x pp 1, MoE etp 1 x ep 4 x edp 1 x pp 1"},
+        {"4 ranks tp4 etp2 ep2, all-gather dispatcher", 4,
+         "--parallel.tp=4 --parallel.etp=2 --parallel.ep=2 "
+         "--model.moe_token_dispatcher_type=allgather",
+         "layout: 4 ranks, attention tp 4 x cp 1 x dp 1 x pp 1, MoE etp 2 x ep 2 x edp 1 x pp 1"},
     };
     for (size_t k = 0; k < sizeof targets / sizeof targets[0]; k++) {
         char metrics[64], export[64], label[160];
@@ -899,7 +909,7 @@ int main(void)
     static const struct tu_test tests[] = {
         {"same layout: resumed run equals the uninterrupted one bit for bit", test_exact_resume},
         {"same layout with ckpt.async=true: resumed run bit for bit", test_exact_resume_async},
-        {"other layouts: tp2 x dp2 (distributed optimizer) resumed on ep2 and tp2 x ep4",
+        {"other layouts: tp2 x dp2 (distributed optimizer) resumed in 6 layouts",
          test_other_layouts},
         {"crash: SIGKILL mid-run; latest is complete and verifies; leftovers never chosen; "
          "resume is exact", test_crash},
