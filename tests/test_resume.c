@@ -866,6 +866,49 @@ static void test_spread(void)
     EXPECT(g_run.rc == 0 && out_has("OK"), "`%s` must pass (exit 0, \"OK\")", g_run.cmd);
 }
 
+
+/* ---------------------------------------------------------------- 7. fallback, export */
+
+/* ckpt.resume=auto falls back, saying so, past a latest checkpoint that does not load;
+ * then `vdist ckpt export` and train.init_from give back exactly the checkpoint's weights. */
+static void test_fallback_and_export(void)
+{
+    mkdir(tp("t7"), 0755);
+    run_vdist(1, "%s --train.steps=4 --ckpt.dir=%s --ckpt.interval=2 --train.export_to=%s",
+              base_args(), tp("t7/ck"), tp("t7/final"));
+    CU_ASSERT_FATAL(EXPECT_RAN());
+    /* a flipped byte in step 4's shard: auto must fall back to step 2 and say so */
+    size_t n = 0;
+    char *b = tu_file_read(tp("t7/ck/step_00000004/rank_00000.zst"), &n);
+    CU_ASSERT_FATAL(b != NULL && n > 16);
+    b[n / 2] ^= 0x5a;
+    CU_ASSERT_FATAL(tu_file_write(tp("t7/ck/step_00000004/rank_00000.zst"), b, n, "wb"));
+    free(b);
+    run_vdist(1, "%s --train.steps=4 --ckpt.dir=%s --ckpt.interval=2 --%s=auto "
+              "--train.export_to=%s", base_args(), tp("t7/ck"), g_key, tp("t7/again"));
+    CU_ASSERT_FATAL(EXPECT_RAN());
+    EXPECT(out_has("could not be loaded") && out_has("rank_00000.zst") &&
+               out_has("falling back to <TMP>/t7/ck/step_00000002") &&
+               out_has("resumed from <TMP>/t7/ck/step_00000002 at step 2"),
+           "`%s` must say step 4 does not load, name the shard, and fall back to step 2",
+           g_run.cmd);
+    /* the re-run of steps 3..4 from step 2 reproduces the first run exactly */
+    expect_same_bytes(tp("t7/again/model.safetensors"), tp("t7/final/model.safetensors"),
+                      "weights after falling back and re-running steps 3 and 4");
+    /* export the (re-written) step 4 as sharded Hugging Face files, load them with
+     * train.init_from and take one step with lr 0: the weights come back unchanged */
+    run_vdist(1, "ckpt export %s %s", tp("t7/ck/step_00000004"), tp("t7/hf"));
+    CU_ASSERT_FATAL(EXPECT_RAN());
+    EXPECT(tu_file_exists(tp("t7/hf/model.safetensors.index.json")) &&
+               tu_file_exists(tp("t7/hf/config.json")),
+           "`%s` must write model.safetensors.index.json and config.json", g_run.cmd);
+    run_vdist(1, "%s --train.steps=1 --train.lr=0 --train.weight_decay=0 --train.init_from=%s "
+              "--train.export_to=%s", base_args(), tp("t7/hf"), tp("t7/reloaded"));
+    CU_ASSERT_FATAL(EXPECT_RAN());
+    expect_same_bytes(tp("t7/reloaded/model.safetensors"), tp("t7/final/model.safetensors"),
+                      "weights exported from the checkpoint and loaded with train.init_from");
+}
+
 /* ---------------------------------------------------------------- main */
 
 /* Which key selects the checkpoint to resume from: the one `vdist train --help` lists. */
@@ -917,6 +960,8 @@ int main(void)
         {"refused before training: missing, corrupt, other model, past train.steps",
          test_refusals},
         {"dp4 without distributed optimizer spreads shard writing; verifies", test_spread},
+        {"auto falls back past a corrupt latest checkpoint; ckpt export -> train.init_from",
+         test_fallback_and_export},
     };
     static const struct tu_suite suite = {
         .name = "checkpoints and resume",
