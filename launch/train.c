@@ -129,16 +129,16 @@ static void finish_layers(struct par_model *pm, const struct launch_config *c, d
     }
 }
 
-/* One optimizer step: the step's micro-batches (this replica's share), then the update. */
+/* One optimizer step: the step's micro-batches (this replica's share), then the update.
+ * batch: 2 micro_batch seq_len ints for a micro-batch's inputs and targets. */
 static double train_step(struct par_model *pm, const launch_tokens *tok,
-                         const struct launch_config *c, int step, float lr,
+                         const struct launch_config *c, int step, float lr, int *batch,
                          struct step_stats *out)
 {
     int const T = c->train.seq_len, mb = c->train.micro_batch, GB = c->train.global_batch;
     int const n_micro = GB / mb;
     size_t const nseq = launch_tokens_nseq(tok);
-    int *inputs = (int *)pm->dy_perm; /* (2 mb T) ints: free between micro-batches */
-    int *targets = inputs + (size_t)mb * T;
+    int *inputs = batch, *targets = batch + (size_t)mb * T;
     double sums[3] = {0}; /* lm, aux, z */
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
     double *lsums = vd_calloc(2 * (size_t)nl + 1, sizeof *lsums);
@@ -556,6 +556,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     struct layer_stats *layer_stats =
         vd_calloc((size_t)(lay.layer_end - lay.layer_begin) + 1, sizeof *layer_stats);
     struct ckpt_state cs = {0};
+    int *batch = vd_calloc(2 * (size_t)c->train.micro_batch * (size_t)c->train.seq_len, sizeof *batch);
     for (int s = (int)start; rc == 0 && s < c->train.steps; s++) {
         if (s == start + 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
         float const lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE,
@@ -563,7 +564,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
                                      c->train.warmup, c->train.steps, s);
         double const t0 = MPI_Wtime();
         struct step_stats st = {.nlayers = lay.layer_end - lay.layer_begin, .layers = layer_stats};
-        train_step(&pm, tok, c, s, lr, &st);
+        train_step(&pm, tok, c, s, lr, batch, &st);
         double const dt = MPI_Wtime() - t0;
         if (s > start || c->train.steps == start + 1) timed_s += dt;
         double const tps = tokens_per_step / dt;
@@ -604,6 +605,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
                c->ckpt.async ? ", asynchronous" : "");
     if (metrics) fclose(metrics);
     free(layer_stats);
+    free(batch);
     if (rc == 0 && bench && root)
         print_bench(&pm, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
     if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);
