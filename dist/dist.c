@@ -183,6 +183,23 @@ void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float 
     account(kind, t0, count * (size_t)g->size * sizeof *out);
 }
 
+void dist_iallreduce_sum(const struct dist_group *g, float *buf, size_t count,
+                         MPI_Request *req)
+{
+    *req = MPI_REQUEST_NULL;
+    if (g->size == 1 || count == 0) return;
+    DIST_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, buf, dist_count(count), MPI_FLOAT, MPI_SUM,
+                                  g->comm, req));
+}
+
+void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes)
+{
+    if (n == 0) return;
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Waitall(n, reqs, MPI_STATUSES_IGNORE));
+    account(kind, t0, nbytes);
+}
+
 static size_t sum_counts(const int *counts, int n)
 {
     size_t total = 0;

@@ -65,6 +65,11 @@ void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void 
 /* Sums in (size * count) over the group, rank r keeps block r in out (count). */
 void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float *out,
                          const float *in, size_t count);
+/* Starts an in-place sum over the group; complete it with dist_wait_all. */
+void dist_iallreduce_sum(const struct dist_group *g, float *buf, size_t count,
+                         MPI_Request *req);
+/* Waits for n requests started above; their time is charged to kind. */
+void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes);
 /* Variable-size exchanges of floats; counts and displacements in elements, one per rank
  * of the group (MPI's int, checked by the caller with dist_count). */
 void dist_alltoallv(const struct dist_group *g, enum dist_kind kind, const float *send,

@@ -152,7 +152,10 @@ static double train_step(struct par_model *pm, const launch_tokens *tok,
         }
         struct par_mb_stats st;
         par_forward(pm, inputs, targets, &st);
+        /* the last micro-batch's backward overlaps the replicated gradient reduction */
+        pm->reduce_in_backward = !pm->opt.distributed_optimizer && m + dp->size >= n_micro;
         par_backward(pm, 1.0f / (float)n_micro);
+        pm->reduce_in_backward = false;
         collect_layers(pm, lsums, lmax);
         sums[0] += st.lm_loss;
         sums[1] += st.aux_loss;

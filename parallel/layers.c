@@ -198,6 +198,31 @@ static void plan_ranges(struct par_model *pm)
     pm->state_len = pm->dense.shard_len + pm->expert.shard_len;
 }
 
+/* Each layer's gradient buckets: the flat ranges of its dense and expert tensors (the table
+ * keeps every layer's tensors together, so each is one contiguous range). */
+static void locate_buckets(struct par_model *pm)
+{
+    for (int i = 0; i < pm->nlayers; i++) {
+        struct par_layer *L = &pm->layers[i];
+        L->dense_begin = L->expert_begin = SIZE_MAX;
+        L->dense_end = L->expert_end = 0;
+        for (int j = 0; j < pm->tab.count; j++) {
+            const struct model_tensor *t = &pm->tab.t[j];
+            bool const mine = L->kind == PAR_LAYER_BLOCK ? t->layer == L->layer
+                              : L->kind == PAR_LAYER_EMBED ? t->kind == MODEL_T_EMBED
+                                                           : t->kind == MODEL_T_NORM ||
+                                                                 t->kind == MODEL_T_HEAD;
+            if (!mine) continue;
+            size_t *b = t->is_expert ? &L->expert_begin : &L->dense_begin;
+            size_t *e = t->is_expert ? &L->expert_end : &L->dense_end;
+            if (t->offset < *b) *b = t->offset;
+            if (t->offset + t->numel > *e) *e = t->offset + t->numel;
+        }
+        if (L->dense_begin == SIZE_MAX) L->dense_begin = L->dense_end = 0;
+        if (L->expert_begin == SIZE_MAX) L->expert_begin = L->expert_end = 0;
+    }
+}
+
 /* Which micro-batch token each local row is (sequence parallelism: a contiguous slice per
  * tensor rank), and the coordinates of the etp x ep group's ranks. */
 static void locate_rows(struct par_model *pm)
@@ -250,10 +275,12 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
     /* The ordered layer list of this stage. */
     int const nl = lay->layer_end - lay->layer_begin;
     pm->layers = vd_calloc((size_t)nl + 2, sizeof *pm->layers);
-    if (lay->has_embed) pm->layers[pm->nlayers++] = (struct par_layer){PAR_LAYER_EMBED, -1};
+    if (lay->has_embed) pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_EMBED, .layer = -1};
     for (int l = lay->layer_begin; l < lay->layer_end; l++)
-        pm->layers[pm->nlayers++] = (struct par_layer){PAR_LAYER_BLOCK, l};
-    if (lay->has_head) pm->layers[pm->nlayers++] = (struct par_layer){PAR_LAYER_HEAD, -1};
+        pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_BLOCK, .layer = l};
+    if (lay->has_head) pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_HEAD, .layer = -1};
+    locate_buckets(pm);
+    pm->reqs = vd_calloc(2 * (size_t)pm->nlayers + 2, sizeof *pm->reqs);
 
     pm->blocks = vd_calloc((size_t)(nl > 0 ? nl : 1), sizeof *pm->blocks);
     struct arena acts = {0}, scr = {0};
@@ -285,6 +312,7 @@ void par_model_free(struct par_model *pm)
     free(pm->adam_v);
     free(pm->gshard);
     free(pm->layers);
+    free(pm->reqs);
     free(pm->blocks);
     free(pm->act_base);
     free(pm->row_token);
@@ -539,5 +567,6 @@ void par_backward(struct par_model *pm, float loss_scale)
             embed_backward(pm, pm->dh);
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         }
+        if (pm->reduce_in_backward) par_reduce_layer_start(pm, L);
     }
 }

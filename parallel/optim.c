@@ -27,6 +27,24 @@ static void reduce_tp_replicated(struct par_model *pm)
     }
 }
 
+void par_reduce_layer_start(struct par_model *pm, const struct par_layer *L)
+{
+    VD_CHECK(!pm->opt.distributed_optimizer, "overlapped reduction is the replicated path");
+    if (pm->groups.tp.size > 1)
+        for (int i = 0; i < pm->tab.count; i++) {
+            const struct model_tensor *t = &pm->tab.t[i];
+            if (t->group == MODEL_GROUP_TP && t->shard == MODEL_SHARD_NONE &&
+                t->offset >= L->dense_begin && t->offset < L->dense_end)
+                dist_allreduce_sum(&pm->groups.tp, DIST_TP, pm->grads + t->offset, t->numel);
+        }
+    dist_iallreduce_sum(&pm->groups.dpcp, pm->grads + L->dense_begin,
+                        L->dense_end - L->dense_begin, &pm->reqs[pm->nreqs++]);
+    dist_iallreduce_sum(&pm->groups.edp, pm->grads + L->expert_begin,
+                        L->expert_end - L->expert_begin, &pm->reqs[pm->nreqs++]);
+    pm->req_nbytes += (L->dense_end - L->dense_begin + L->expert_end - L->expert_begin) *
+                      sizeof(float);
+}
+
 /* Reduces one range over its replicas: a reduce-scatter into this rank's shard (ZeRO-1),
  * or an all-reduce of the whole range. Returns where the reduced values now live. */
 static float *reduce_range(struct par_model *pm, const struct par_range *r,
@@ -103,10 +121,18 @@ static void adamw_range(struct par_model *pm, const struct par_range *r,
 
 double par_optimizer_step(struct par_model *pm, const struct par_hparams *hp)
 {
-    reduce_tp_replicated(pm);
     const struct dist_group *gd = &pm->groups.dpcp, *ge = &pm->groups.edp;
-    float *gdense = reduce_range(pm, &pm->dense, gd, DIST_DPCP);
-    float *gexp = reduce_range(pm, &pm->expert, ge, DIST_EDP);
+    float *gdense = pm->grads + pm->dense.begin, *gexp = pm->grads + pm->expert.begin;
+    if (pm->nreqs > 0) {
+        /* started layer by layer during the last backward (par_reduce_layer_start) */
+        dist_wait_all(pm->reqs, pm->nreqs, DIST_DPCP, pm->req_nbytes);
+        pm->nreqs = 0;
+        pm->req_nbytes = 0;
+    } else {
+        reduce_tp_replicated(pm);
+        gdense = reduce_range(pm, &pm->dense, gd, DIST_DPCP);
+        gexp = reduce_range(pm, &pm->expert, ge, DIST_EDP);
+    }
     double sq = sq_norm_range(pm, &pm->dense, gd, gdense) +
                 sq_norm_range(pm, &pm->expert, ge, gexp);
     dist_allreduce_sum_f64(dist_world(), DIST_WORLD, &sq, 1);

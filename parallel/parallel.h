@@ -39,6 +39,9 @@ enum par_layer_kind { PAR_LAYER_EMBED, PAR_LAYER_BLOCK, PAR_LAYER_HEAD };
 struct par_layer {
     enum par_layer_kind kind;
     int layer; /* global transformer layer for PAR_LAYER_BLOCK */
+    /* its gradient buckets in the flat buffers: dense [begin, end) reduced over dp x cp,
+     * expert [begin, end) over edp (empty when begin == end) */
+    size_t dense_begin, dense_end, expert_begin, expert_end;
 };
 
 /* Saved-for-backward activations of one transformer block and one micro-batch. Rows are
@@ -118,6 +121,12 @@ struct par_model {
     int *etpep_ep, *etpep_etp;/* (etp ep): coordinates of each rank of the etp x ep group */
     int *etpep_of;            /* (etp ep): group rank at (etp coordinate a, ep b), a + etp b */
     bool identity_experts;    /* tests only: experts return their input (exact round trips) */
+    /* set by the caller for a step's last micro-batch: without the distributed optimizer,
+     * each layer's gradient buckets start reducing as soon as its backward is done */
+    bool reduce_in_backward;
+    MPI_Request *reqs;        /* (2 layers + 2) reductions in flight */
+    int nreqs;
+    size_t req_nbytes;
     struct par_layer *layers; /* the ordered list of this stage's layers */
     int nlayers;
 

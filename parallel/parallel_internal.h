@@ -11,6 +11,10 @@ size_t par_moe_rows_max(const struct par_model *pm);
  * Statistics are summed over the ranks that hold the micro-batch's tokens. */
 void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
                        struct par_mb_stats *st);
+/* Starts the gradient reduction of one layer's buckets (the step's last micro-batch, no
+ * distributed optimizer); par_optimizer_step waits for them. */
+void par_reduce_layer_start(struct par_model *pm, const struct par_layer *L);
+
 /* Mean cross-entropy of pm->logits (N, V_l, this rank's vocabulary slice) against
  * pm->targets, with the softmax statistics combined over the tensor group; leaves the
  * global row max and sum in pm->rowmax, pm->rowsum. */
