@@ -35,7 +35,7 @@ TEST_COMMON_OBJ := $(TEST_COMMON:%.c=$(BUILD)/%.o)
 
 .PHONY: all deps test run bench asan install clean
 # Keep the test objects: make would otherwise delete them as intermediates after linking.
-.PRECIOUS: $(BUILD)/tests/%.o
+.PRECIOUS: $(BUILD)/%.o
 all: deps $(BUILD)/vdist $(TEST_BIN)
 
 # Installs only what is missing; a no-op on a machine that has everything.
