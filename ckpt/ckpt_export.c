@@ -112,6 +112,19 @@ static int shard_header(const ckpt_reader *r, const struct export_tensor *t, int
 
 /* Writes tensors t[0..n) to path (new file), fsynced. buf/buf_cap: the tensor buffer, grown
  * as needed and kept for the next shard. */
+
+/* fsync and close fd after a write that returned rc; the first error wins. */
+static int finish_file(int fd, const char *path, int rc)
+{
+    if (rc == 0 && fsync(fd) != 0)
+        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: cannot flush to disk: %s", path,
+                        strerror(errno));
+    if (close(fd) != 0 && rc == 0)
+        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: cannot close: %s", path,
+                        strerror(errno));
+    return rc;
+}
+
 static int write_shard(ckpt_reader *r, const struct export_tensor *t, int n, const char *path,
                        float **buf, size_t *buf_cap)
 {
@@ -137,13 +150,7 @@ static int write_shard(ckpt_reader *r, const struct export_tensor *t, int n, con
         rc = ckpt_reader_read(r, t[i].index, CKPT_KIND_PARAM, *buf);
         if (rc == 0) rc = export_write_all(fd, path, *buf, t[i].nbytes);
     }
-    if (rc == 0 && fsync(fd) != 0)
-        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: cannot flush to disk: %s", path,
-                        strerror(errno));
-    if (close(fd) != 0 && rc == 0)
-        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: cannot close: %s", path,
-                        strerror(errno));
-    FORWARD_IF(rc);
+    FORWARD_IF(finish_file(fd, path, rc));
     return 0;
 }
 
@@ -152,13 +159,7 @@ static int write_text(const char *path, const char *text)
     int const fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     RETURN_IF(fd < 0, VD_EIO, "%s: cannot create: %s", path, strerror(errno));
     int rc = export_write_all(fd, path, text, strlen(text));
-    if (rc == 0 && fsync(fd) != 0)
-        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: cannot flush to disk: %s", path,
-                        strerror(errno));
-    if (close(fd) != 0 && rc == 0)
-        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: cannot close: %s", path,
-                        strerror(errno));
-    FORWARD_IF(rc);
+    FORWARD_IF(finish_file(fd, path, rc));
     return 0;
 }
 
