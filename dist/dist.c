@@ -200,62 +200,30 @@ void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes)
     account(kind, t0, nbytes);
 }
 
-static size_t sum_counts(const int *counts, int n)
+void dist_irecv(const struct dist_group *g, float *buf, size_t count, int peer, int tag,
+                MPI_Request *req)
 {
-    size_t total = 0;
-    for (int i = 0; i < n; i++) total += (size_t)counts[i];
-    return total;
+    *req = MPI_REQUEST_NULL;
+    if (count > 0)
+        DIST_CHECK_MPI(MPI_Irecv(buf, dist_count(count), MPI_FLOAT, peer, tag, g->comm, req));
 }
 
-void dist_alltoallv(const struct dist_group *g, enum dist_kind kind, const float *send,
-                    const int *send_counts, const int *send_displs, float *recv,
-                    const int *recv_counts, const int *recv_displs)
+void dist_isend(const struct dist_group *g, const float *buf, size_t count, int peer, int tag,
+                MPI_Request *req)
 {
-    if (g->size == 1) {
-        memmove(recv + recv_displs[0], send + send_displs[0], (size_t)send_counts[0] * sizeof *recv);
-        return;
-    }
-    double const t0 = MPI_Wtime();
-    DIST_CHECK_MPI(MPI_Alltoallv(send, send_counts, send_displs, MPI_FLOAT, recv, recv_counts,
-                                 recv_displs, MPI_FLOAT, g->comm));
-    account(kind, t0, sum_counts(send_counts, g->size) * sizeof *send);
+    *req = MPI_REQUEST_NULL;
+    if (count > 0)
+        DIST_CHECK_MPI(MPI_Isend(buf, dist_count(count), MPI_FLOAT, peer, tag, g->comm, req));
 }
 
-void dist_allgatherv(const struct dist_group *g, enum dist_kind kind, float *out,
-                     const float *in, const int *counts, const int *displs)
+void dist_notify(const struct dist_group *g, int peer, int tag, MPI_Request *req)
 {
-    if (g->size == 1) {
-        if (out + displs[0] != in) memmove(out + displs[0], in, (size_t)counts[0] * sizeof *out);
-        return;
-    }
-    double const t0 = MPI_Wtime();
-    DIST_CHECK_MPI(MPI_Allgatherv(in, counts[g->rank], MPI_FLOAT, out, counts, displs, MPI_FLOAT,
-                                  g->comm));
-    account(kind, t0, sum_counts(counts, g->size) * sizeof *out);
+    DIST_CHECK_MPI(MPI_Isend(NULL, 0, MPI_BYTE, peer, tag, g->comm, req));
 }
 
-void dist_reduce_scatterv(const struct dist_group *g, enum dist_kind kind, float *out,
-                          const float *in, const int *counts)
+void dist_expect_notice(const struct dist_group *g, int peer, int tag, MPI_Request *req)
 {
-    if (g->size == 1) {
-        if (out != in) memmove(out, in, (size_t)counts[0] * sizeof *out);
-        return;
-    }
-    double const t0 = MPI_Wtime();
-    DIST_CHECK_MPI(MPI_Reduce_scatter(in, out, counts, MPI_FLOAT, MPI_SUM, g->comm));
-    account(kind, t0, sum_counts(counts, g->size) * sizeof *out);
-}
-
-void dist_alltoall_int(const struct dist_group *g, enum dist_kind kind, const int *send,
-                       int *recv, int per_rank)
-{
-    if (g->size == 1) {
-        memmove(recv, send, (size_t)per_rank * sizeof *recv);
-        return;
-    }
-    double const t0 = MPI_Wtime();
-    DIST_CHECK_MPI(MPI_Alltoall(send, per_rank, MPI_INT, recv, per_rank, MPI_INT, g->comm));
-    account(kind, t0, (size_t)per_rank * (size_t)g->size * sizeof *send);
+    DIST_CHECK_MPI(MPI_Irecv(NULL, 0, MPI_BYTE, peer, tag, g->comm, req));
 }
 
 void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,

@@ -8,7 +8,10 @@
 #define VDIST_DIST_H
 
 #include <mpi.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 #include "model/model.h"
 
@@ -70,20 +73,37 @@ void dist_iallreduce_sum(const struct dist_group *g, float *buf, size_t count,
                          MPI_Request *req);
 /* Waits for n requests started above; their time is charged to kind. */
 void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes);
-/* Variable-size exchanges of floats; counts and displacements in elements, one per rank
- * of the group (MPI's int, checked by the caller with dist_count). */
-void dist_alltoallv(const struct dist_group *g, enum dist_kind kind, const float *send,
-                    const int *send_counts, const int *send_displs, float *recv,
-                    const int *recv_counts, const int *recv_displs);
-/* Rank r contributes counts[r] elements; out holds them in rank order at displs. */
-void dist_allgatherv(const struct dist_group *g, enum dist_kind kind, float *out,
-                     const float *in, const int *counts, const int *displs);
-/* Sums in (sum of counts) over the group; rank r keeps its counts[r] elements. */
-void dist_reduce_scatterv(const struct dist_group *g, enum dist_kind kind, float *out,
-                          const float *in, const int *counts);
-/* Exchanges one int with every rank of the group (MPI_Alltoall of ints). */
-void dist_alltoall_int(const struct dist_group *g, enum dist_kind kind, const int *send,
-                       int *recv, int per_rank);
+/* Point-to-point pieces of an exchange inside group g, completed with dist_wait_all:
+ * count floats to or from group rank `peer`, `tag` telling apart the pieces one pair of
+ * ranks exchanges. Nothing is posted for count 0 (*req = MPI_REQUEST_NULL). */
+void dist_irecv(const struct dist_group *g, float *buf, size_t count, int peer, int tag,
+                MPI_Request *req);
+void dist_isend(const struct dist_group *g, const float *buf, size_t count, int peer, int tag,
+                MPI_Request *req);
+/* An empty message from this rank to peer (a notice: "done"), and its receipt. */
+void dist_notify(const struct dist_group *g, int peer, int tag, MPI_Request *req);
+void dist_expect_notice(const struct dist_group *g, int peer, int tag, MPI_Request *req);
+/* Direct writes (dist/direct.c): between two ranks of one node, Linux cross-memory attach
+ * (process_vm_writev) copies scattered pieces of this process's memory into a peer's in
+ * one step, without the staging copy an MPI message of scattered data takes. The peer's
+ * address comes from the caller, and so do the two synchronisations: the peer must not
+ * touch the target until told the write is done, and must be done with it before. */
+struct dist_direct {
+    int size;   /* the group's size */
+    pid_t *pid; /* (size) process of each group rank */
+    bool *ok;   /* (size) direct writes work to and from that rank (never this rank) */
+    int peers;  /* how many ok */
+};
+/* Collective over g: which ranks share this rank's node and accept a probe write both
+ * ways (ptrace rules or a container may forbid it; then MPI carries everything). With
+ * enable false no pair writes directly. */
+void dist_direct_init(struct dist_direct *dd, const struct dist_group *g, bool enable);
+void dist_direct_free(struct dist_direct *dd);
+/* Writes the n local pieces (n <= DIST_DIRECT_PIECES) back to back at `remote` in group
+ * rank peer's memory (dd->ok[peer]); a failure is fatal. */
+enum { DIST_DIRECT_PIECES = 1024 };
+void dist_direct_write(const struct dist_direct *dd, int peer, const struct iovec *local, int n,
+                       void *remote);
 void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,
                 int root);
 /* Converts an element count to MPI's int, aborting when it does not fit. */

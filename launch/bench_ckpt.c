@@ -69,7 +69,8 @@ int launch_bench_ckpt(const struct launch_config *c)
     par_groups_create(&groups, &grid);
     struct model_layout lay;
     par_layout_from_grid(&lay, &grid, dist_world_rank(), c->model.num_hidden_layers);
-    struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer};
+    struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer,
+                                     .dispatch_direct = c->parallel.dispatch_direct};
     struct par_model pm;
     int rc = dist_agree(dist_world(), par_model_init(&pm, &c->model, &lay, &groups, &opt,
                                                      c->train.micro_batch, c->train.seq_len));

@@ -1,5 +1,6 @@
 /* `vdist bench dispatch`: the MoE token dispatcher's exchange (dispatch and combine, with
- * identity experts so no compute or load imbalance enters) against MPI_Alltoall moving the
+ * identity experts so no compute or load imbalance enters; the dispatcher's own time, so
+ * the identity copy is not counted), forward and backward, against MPI_Alltoall moving the
  * same bytes on the same ranks. Rows are routed uniformly at random (k distinct experts
  * per token), so every rank sends about the same number of rows. */
 #include <omp.h>
@@ -41,16 +42,15 @@ static void random_routing(struct par_model *pm, struct par_block_acts *ba)
     for (size_t i = 0; i < n; i++) ba->m_loc[i] = (float)(i % 1000) * 1e-3f;
 }
 
-/* Seconds of the slowest rank for one call of fn, best of iters after a warm-up. */
-static double time_call(void (*fn)(void *), void *ctx, int iters)
+/* Seconds of the slowest rank for one call of fn, best of iters after a warm-up; fn
+ * returns the seconds it counts (the dispatcher leaves out its experts). */
+static double time_call(double (*fn)(void *), void *ctx, int iters)
 {
     fn(ctx);
     double best = 1e30;
     for (int i = 0; i < iters; i++) {
         MPI_Barrier(MPI_COMM_WORLD);
-        double const t0 = MPI_Wtime();
-        fn(ctx);
-        double dt = MPI_Wtime() - t0;
+        double dt = fn(ctx);
         MPI_Allreduce(MPI_IN_PLACE, &dt, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
         if (dt < best) best = dt;
     }
@@ -59,14 +59,28 @@ static double time_call(void (*fn)(void *), void *ctx, int iters)
 
 struct dispatch_ctx {
     struct par_model *pm;
-    float *out, *dm, *dw;
+    float *out, *dout, *dm, *dtopk;
 };
 
-static void run_dispatch(void *p)
+/* The dispatcher's own time (ba->dispatch_s): dispatch and combine, not the experts. */
+static double run_dispatch(void *p)
 {
     struct dispatch_ctx *c = p;
     struct par_block_acts *ba = &c->pm->blocks[0];
+    ba->dispatch_s = 0.0;
     par_moe_dispatch_forward(c->pm, ba, &c->pm->p.layers[0], c->out);
+    return ba->dispatch_s;
+}
+
+/* The same for the backward (after a forward). */
+static double run_dispatch_backward(void *p)
+{
+    struct dispatch_ctx *c = p;
+    struct par_block_acts *ba = &c->pm->blocks[0];
+    ba->dispatch_s = 0.0;
+    par_moe_dispatch_backward(c->pm, ba, &c->pm->p.layers[0], &c->pm->g.layers[0], c->dout,
+                              c->dm, c->dtopk);
+    return ba->dispatch_s;
 }
 
 struct a2a_ctx {
@@ -76,11 +90,13 @@ struct a2a_ctx {
 };
 
 /* There and back, as the dispatcher's forward does. */
-static void run_alltoall(void *p)
+static double run_alltoall(void *p)
 {
     struct a2a_ctx *c = p;
+    double const t0 = MPI_Wtime();
     DIST_CHECK_MPI(MPI_Alltoall(c->send, c->block, MPI_FLOAT, c->recv, c->block, MPI_FLOAT, c->g->comm));
     DIST_CHECK_MPI(MPI_Alltoall(c->recv, c->block, MPI_FLOAT, c->send, c->block, MPI_FLOAT, c->g->comm));
+    return MPI_Wtime() - t0;
 }
 
 int launch_bench_dispatch(const struct launch_config *c)
@@ -94,7 +110,8 @@ int launch_bench_dispatch(const struct launch_config *c)
     struct model_config m = c->model;
     m.num_hidden_layers = 1;
     m.moe_capacity_factor = 0.0;
-    struct par_options const opt = {.distributed_optimizer = false};
+    struct par_options const opt = {.distributed_optimizer = false,
+                                     .dispatch_direct = c->parallel.dispatch_direct};
     struct par_model pm;
     int rc = dist_agree(dist_world(), par_model_init(&pm, &m, &lay, &groups, &opt,
                                                      c->train.micro_batch, c->train.seq_len));
@@ -107,16 +124,24 @@ int launch_bench_dispatch(const struct launch_config *c)
     random_routing(&pm, ba);
     par_moe_decide(&pm, ba);
     size_t const d = (size_t)m.hidden_size;
+    size_t const rows_k = pm.shape.Ns * (size_t)m.num_experts_per_tok;
     float *out = vd_calloc(pm.shape.Ns * d, sizeof(float));
-    struct dispatch_ctx dc = {&pm, out, NULL, NULL};
+    float *dout = vd_calloc(pm.shape.Ns * d, sizeof(float));
+    float *dm = vd_calloc(pm.shape.Ns * d, sizeof(float));
+    float *dtopk = vd_calloc(rows_k, sizeof(float));
+    for (size_t i = 0; i < pm.shape.Ns * d; i++) dout[i] = (float)(i % 777) * 1e-3f;
+    struct dispatch_ctx dc = {&pm, out, dout, dm, dtopk};
     int const iters = 10;
     double const t_disp = time_call(run_dispatch, &dc, iters);
+    double const t_back = time_call(run_dispatch_backward, &dc, iters);
 
-    /* The same bytes through MPI_Alltoall on the dispatcher's exchange group: the rows this
-     * rank sends (all-to-all: over EP; all-gather: every row to every rank of etp x ep). */
+    /* The same bytes through MPI_Alltoall over the dispatcher's exchange group etp x ep:
+     * the rows this rank sends (all-to-all: each kept slot to the etp ranks of its expert;
+     * all-gather: every row to every other rank). */
     bool const ag = m.moe_token_dispatcher_type == MODEL_DISPATCH_ALLGATHER;
-    const struct dist_group *g = ag ? &groups.etpep : &groups.ep;
-    double rows = ag ? (double)pm.shape.Ns * (g->size - 1) : (double)ba->send_rows;
+    const struct dist_group *g = &groups.etpep;
+    double rows = ag ? (double)pm.shape.Ns * (g->size - 1)
+                     : (double)ba->send_rows * grid.dims.etp;
     MPI_Allreduce(MPI_IN_PLACE, &rows, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     int const block = (int)(rows * (double)d / g->size) + 1;
     float *sbuf = vd_calloc((size_t)block * (size_t)g->size, sizeof(float));
@@ -131,11 +156,21 @@ int launch_bench_dispatch(const struct launch_config *c)
                pm.shape.Ns, d, m.num_experts_per_tok);
         printf("bench dispatch: dispatch + combine %.3f ms (%.2f GB/s of rows moved there and "
                "back per rank)\n", t_disp * 1e3, nbytes / t_disp / 1e9);
+        printf("bench dispatch: backward (gradients there and back) %.3f ms (%.2f GB/s)\n",
+               t_back * 1e3, nbytes / t_back / 1e9);
         if (g->size > 1)
             printf("bench dispatch: MPI_Alltoall there and back, same bytes %.3f ms (%.2f GB/s); "
-                   "dispatcher at %.0f%% of it\n",
-                   t_a2a * 1e3, nbytes / t_a2a / 1e9, 100.0 * t_a2a / t_disp);
+                   "dispatcher at %.0f%% of it forward, %.0f%% backward\n",
+                   t_a2a * 1e3, nbytes / t_a2a / 1e9, 100.0 * t_a2a / t_disp,
+                   100.0 * t_a2a / t_back);
+        if (!ag && g->size > 1)
+            printf("bench dispatch: forward writes directly to %d of %d peers "
+                   "(parallel.dispatch_direct = %s)\n",
+                   pm.direct.peers, g->size - 1, c->parallel.dispatch_direct ? "true" : "false");
     }
+    free(dout);
+    free(dm);
+    free(dtopk);
     free(sbuf);
     free(rbuf);
     free(out);

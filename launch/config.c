@@ -180,6 +180,11 @@ static const struct key_def key_table[] = {
     {"parallel.distributed_optimizer", KEY_BOOL, "true",
      "shard optimizer state over data-parallel ranks (ZeRO-1)",
      FIELD(parallel.distributed_optimizer), 0, 0, 0, NULL},
+    {"parallel.dispatch_direct", KEY_BOOL, "true",
+     "all-to-all dispatcher: write token rows straight into the expert blocks of ranks on "
+     "the same node (Linux cross-memory attach) where the kernel allows it; false = MPI "
+     "messages only",
+     FIELD(parallel.dispatch_direct), 0, 0, 0, NULL},
     /* [ckpt] */
     {"ckpt.dir", KEY_STRING, "", "checkpoint directory; empty = no checkpoints", STR(ckpt.dir)},
     {"ckpt.interval", KEY_INT, "0",

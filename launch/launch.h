@@ -46,6 +46,7 @@ struct launch_parallel {
     int tp, cp, ep, etp, pp, vpp;
     char order[64];
     bool distributed_optimizer;
+    bool dispatch_direct;
 };
 
 struct launch_ckpt {

@@ -76,6 +76,11 @@ static void print_plan(const struct launch_config *c, const struct par_model *pm
            pm->opt.distributed_optimizer ? " (sharded)" : "",
            mib(pm->opt.distributed_optimizer ? sbytes : 0), mib(pm->act_nbytes),
            mib(pm->scratch_nbytes), mib(plan_nbytes(pm)));
+    if (pm->groups.etpep.size > 1 && c->model.moe_token_dispatcher_type == MODEL_DISPATCH_ALLTOALL)
+        printf("dispatch: rank 0 writes directly to %d of its %d etp x ep peers (%s)\n",
+               pm->direct.peers, pm->groups.etpep.size - 1,
+               c->parallel.dispatch_direct ? "same node, allowed by the kernel; MPI for the rest"
+                                           : "parallel.dispatch_direct = false");
     printf("MFU peak: %.1f GFLOP/s per rank (%s)\n", peak,
            peak_measured ? "fp32 SGEMM 2048^3 measured now on this rank's threads"
                          : "train.peak_gflops");
@@ -524,7 +529,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     struct model_layout lay;
     par_layout_from_grid(&lay, &grid, dist_world_rank(), c->model.num_hidden_layers);
     if (root) print_layout(&grid);
-    struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer};
+    struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer,
+                                     .dispatch_direct = c->parallel.dispatch_direct};
     struct par_model pm;
     int rc = par_model_init(&pm, &c->model, &lay, &groups, &opt, c->train.micro_batch,
                             c->train.seq_len);

@@ -5,9 +5,11 @@
  *    on it, so the kept assignments are those of one rank, whatever the layout.
  * 2. Dispatch the kept (token, slot) copies to the ranks of their experts over the MoE
  *    grid's etp x ep group, which may hold tokens of other micro-batches (folding):
- *    - alltoall: permute expert-major, all-to-all(v) over EP, all-gather(v) over ETP,
- *      sort to [local expert][source], one GEMM per expert, then the reverse
- *      (reduce-scatter(v) over ETP, all-to-all back), and the weighted sum at the source;
+ *    - alltoall: permute expert-major and send each (local expert, source) chunk straight
+ *      to its place in the experts' [local expert][source] block on every rank of etp x ep
+ *      that holds the expert (the all-to-all over EP and all-gather over ETP in one step),
+ *      one GEMM per expert, then the reverse (each ETP rank's partial rows straight back
+ *      to their source) and the weighted sum of the partial rows at the source;
  *    - allgather: gather every row and its routing over etp x ep, run the local experts
  *      on the rows routed to them, reduce-scatter the weighted sums back.
  * Each rank runs its experts' F slice (etp), so expert outputs are partial sums that the
@@ -223,135 +225,278 @@ static void experts_backward(struct par_model *pm, struct par_block_acts *ba,
     par_timers[PAR_T_EXPERTS] += omp_get_wtime() - t0;
 }
 
-/* dst[i] = src[from[i]] (rows of d floats), or the reverse scatter. */
-static void gather_rows(float *dst, const float *src, const int *from, size_t n, size_t d)
+/* dst row i = wts[slot[i]] times src row slot[i] / k (a copy when wts is NULL). */
+static void take_rows(float *restrict dst, const float *restrict src, const float *wts, const int *slot, size_t n,
+                      size_t d, int k)
 {
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) memcpy(dst + i * d, src + (size_t)from[i] * d, d * sizeof *dst);
-}
-
-static void scatter_rows(float *dst, const float *src, const int *to, size_t n, size_t d)
-{
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) memcpy(dst + (size_t)to[i] * d, src + i * d, d * sizeof *dst);
+    for (size_t i = 0; i < n; i++) {
+        const float *x = src + (size_t)(slot[i] / k) * d;
+        float *y = dst + i * d;
+        if (wts == NULL) {
+            memcpy(y, x, d * sizeof *y);
+            continue;
+        }
+        float const w = wts[slot[i]];
+#pragma omp simd
+        for (size_t c = 0; c < d; c++) y[c] = w * x[c];
+    }
 }
 
 /* ---------------------------------------------------------------- 2a. all-to-all */
 
-/* Exchange counts and offsets of the all-to-all path in rows, from the counts matrix
- * M[r][e] (rows rank r of etp x ep sends to global expert e). EP peers share my etp
- * coordinate; ETP peers share my ep coordinate (communicator rank = that coordinate). */
+/* One exchange each way over the etp x ep group X: every rank of X sends the rows routed
+ * to the experts of ep coordinate b to each of the etp ranks at b (the all-to-all over EP
+ * and the all-gather over ETP of parallelism.md in one step), and the way back returns
+ * each ETP rank's partial rows to their source, which sums them in the weighted combine
+ * (the reduce-scatter over ETP and the all-to-all back in one step). The bytes on the wire
+ * are those of the two-step form. Every piece is contiguous on both sides, so Open MPI
+ * moves it with one copy: send rows are expert-major, and the expert block is
+ * [local expert][source in X order], so one piece is one (local expert, source) chunk and
+ * the block needs no sort. A rank's own rows go straight from the token rows into its
+ * expert block and are read back from there. */
 struct a2a_plan {
-    int *send, *send_off;   /* per EP rank */
-    int *recv, *recv_off;   /* per EP rank */
-    int *etp_rows, *etp_off;/* rows each ETP rank received in its all-to-all */
+    int q, me, etp, E, El, a, b; /* |X|, my rank in X, ETP size, experts, local experts,
+                                    my (etp, ep) */
+    const int *M;             /* (q, E): kept rows each rank of X sends to each expert */
+    const int *start;         /* (E + 1): my first send row of each expert (expert-major) */
+    const int *chunk;         /* (El q + 1): first expert-block row of chunk (le, source i) */
+    size_t Sk, d;             /* rows of one ETP rank's part of a return buffer; hidden size */
 };
 
-static void a2a_plan_make(const struct par_model *pm, const struct par_block_acts *ba,
-                          struct a2a_plan *pl)
+/* The plan from the counts matrix; also the expert block's rows and expert_off. */
+static void a2a_plan_make(struct par_model *pm, struct par_block_acts *ba, struct a2a_plan *pl)
 {
-    int const E = pm->cfg.num_local_experts, ep = pm->groups.ep.size, etp = pm->groups.etp.size;
-    int const El = E / ep, b = pm->lay.ep_rank, a = pm->lay.etp_rank;
-    int const q = pm->groups.etpep.size, me = pm->groups.etpep.rank;
-    int *x = pm->xcounts;
-    pl->send = x;
-    pl->send_off = x + (q + 1);
-    pl->recv = x + 2 * (q + 1);
-    pl->recv_off = x + 3 * (q + 1);
-    pl->etp_rows = x + 4 * (q + 1);
-    pl->etp_off = x + 5 * (q + 1);
-    memset(x, 0, 6 * ((size_t)q + 1) * sizeof *x);
-    const int *M = ba->counts_matrix;
-    for (int e = 0; e < E; e++) pl->send[e / El] += M[(size_t)me * E + e];
-    for (int r = 0; r < q; r++) {
-        int rows = 0; /* what rank r sends to the experts of my ep coordinate */
-        for (int le = 0; le < El; le++) rows += M[(size_t)r * E + b * El + le];
-        if (pm->etpep_etp[r] == a) pl->recv[pm->etpep_ep[r]] += rows;
-        pl->etp_rows[pm->etpep_etp[r]] += rows;
+    int const E = pm->cfg.num_local_experts, q = pm->groups.etpep.size;
+    int const El = E / pm->groups.ep.size, b = pm->lay.ep_rank;
+    int *start = pm->xplan, *chunk = pm->xplan + E + 1;
+    *pl = (struct a2a_plan){.q = q, .me = pm->groups.etpep.rank, .etp = pm->groups.etp.size,
+                            .E = E, .El = El, .a = pm->lay.etp_rank, .b = b, .M = ba->counts_matrix,
+                            .start = start, .chunk = chunk,
+                            .Sk = pm->shape.Ns * (size_t)pm->cfg.num_experts_per_tok,
+                            .d = (size_t)pm->cfg.hidden_size};
+    const int *mine = ba->counts_matrix + (size_t)pl->me * E;
+    start[0] = 0;
+    for (int e = 0; e < E; e++) start[e + 1] = start[e] + mine[e];
+    int row = 0;
+    for (int le = 0; le < El; le++) {
+        ba->expert_off[le] = (size_t)row;
+        for (int i = 0; i < q; i++) {
+            chunk[le * q + i] = row;
+            row += ba->counts_matrix[(size_t)i * E + b * El + le];
+        }
     }
-    for (int i = 0; i < ep; i++) {
-        pl->send_off[i + 1] = pl->send_off[i] + pl->send[i];
-        pl->recv_off[i + 1] = pl->recv_off[i] + pl->recv[i];
-    }
-    for (int i = 0; i < etp; i++) pl->etp_off[i + 1] = pl->etp_off[i] + pl->etp_rows[i];
+    chunk[El * q] = row;
+    ba->expert_off[El] = (size_t)row;
+    ba->rows = (size_t)row;
 }
 
-/* Scales row counts and offsets of n ranks to element counts for MPI. */
-static void to_elements(int *out_counts, int *out_offs, const int *rows, const int *offs, int n,
-                        size_t d)
+/* Rows of chunk x = le q + i of the expert block, and of my expert e's send rows. */
+static size_t chunk_rows(const struct a2a_plan *pl, int x)
 {
-    for (int i = 0; i < n; i++) {
-        out_counts[i] = dist_count((size_t)rows[i] * d);
-        out_offs[i] = dist_count((size_t)offs[i] * d);
-    }
+    return (size_t)(pl->chunk[x + 1] - pl->chunk[x]);
 }
 
-/* Moves rows from the senders (send, expert-major) to the gathered block on the experts'
- * ranks (gathered: [etp peer][ep source][local expert]); reverse = false. With
- * reverse = true, sums the gathered block's partial rows over ETP and returns them to
- * the senders. `mid` is the per-rank all-to-all buffer. */
-static void a2a_exchange(struct par_model *pm, const struct a2a_plan *pl, float *send,
-                         float *mid, float *gathered, bool reverse)
+static size_t expert_rows(const struct a2a_plan *pl, int e)
 {
-    size_t const d = (size_t)pm->cfg.hidden_size;
-    int const ep = pm->groups.ep.size, etp = pm->groups.etp.size;
-    int *ec = pm->xcounts + 6 * ((size_t)pm->groups.etpep.size + 1);
-    int *sc = ec, *so = ec + ep, *rc = ec + 2 * ep, *ro = ec + 3 * ep;
-    int *gc = ec + 4 * ep, *go = gc + etp;
-    to_elements(sc, so, pl->send, pl->send_off, ep, d);
-    to_elements(rc, ro, pl->recv, pl->recv_off, ep, d);
-    to_elements(gc, go, pl->etp_rows, pl->etp_off, etp, d);
-    float *mine = gathered + (size_t)pl->etp_off[pm->lay.etp_rank] * d;
-    if (!reverse) {
-        float *recv = etp > 1 ? mid : mine;
-        dist_alltoallv(&pm->groups.ep, DIST_EP, send, sc, so, recv, rc, ro);
-        dist_allgatherv(&pm->groups.etp, DIST_ETP, gathered, recv, gc, go);
-    } else {
-        float *recv = etp > 1 ? mid : mine;
-        dist_reduce_scatterv(&pm->groups.etp, DIST_ETP, recv, gathered, gc);
-        dist_alltoallv(&pm->groups.ep, DIST_EP, recv, rc, ro, send, sc, so);
-    }
+    return (size_t)(pl->start[e + 1] - pl->start[e]);
 }
 
-/* sorted_from and expert_off: the gathered block [etp peer][ep source][local expert]
- * reordered to [local expert][etp peer][ep source]. */
-static void a2a_sort_plan(struct par_model *pm, struct par_block_acts *ba)
+/* First row of the chunk (le, source me) in the expert block of a rank at ep coordinate
+ * bi: the rows of bi's earlier local experts, then those of earlier sources. */
+static size_t chunk_at(const struct a2a_plan *pl, int E, int bi, int le)
 {
-    int const E = pm->cfg.num_local_experts, ep = pm->groups.ep.size, etp = pm->groups.etp.size;
-    int const El = E / ep, b = pm->lay.ep_rank;
-    const int *M = ba->counts_matrix;
-    /* start of chunk (a', b'', le) in the gathered block */
-    int *start = pm->sort_scratch;
-    int pos = 0;
-    for (int a2 = 0; a2 < etp; a2++)
-        for (int b2 = 0; b2 < ep; b2++) {
-            int const r = pm->etpep_of[a2 + etp * b2];
-            for (int le = 0; le < El; le++) {
-                start[(a2 * ep + b2) * El + le] = pos;
-                pos += M[(size_t)r * E + b * El + le];
+    size_t row = 0;
+    for (int l2 = 0; l2 <= le; l2++)
+        for (int i = 0; i < (l2 < le ? pl->q : pl->me); i++)
+            row += (size_t)pl->M[(size_t)i * E + bi * pl->El + l2];
+    return row;
+}
+
+/* Writes the send rows [s0, s1) (rows of src, by token) straight to `remote` in peer's
+ * memory, runs of consecutive tokens as one piece. */
+static void write_rows(const struct par_model *pm, const struct par_block_acts *ba, int peer,
+                       const float *src, int s0, int s1, float *remote)
+{
+    size_t const d = (size_t)pm->cfg.hidden_size, row = d * sizeof(float);
+    int const k = pm->cfg.num_experts_per_tok;
+    struct iovec piece[DIST_DIRECT_PIECES];
+    int n = 0;
+    size_t nbytes = 0;
+    for (int s = s0; s < s1; s++) {
+        const float *x = src + (size_t)(ba->send_slot[s] / k) * d;
+        if (n > 0 && (const char *)piece[n - 1].iov_base + piece[n - 1].iov_len == (const char *)x) {
+            piece[n - 1].iov_len += row;
+        } else {
+            if (n == DIST_DIRECT_PIECES) {
+                dist_direct_write(&pm->direct, peer, piece, n, remote);
+                remote += nbytes / sizeof(float);
+                n = 0;
+                nbytes = 0;
+            }
+            piece[n++] = (struct iovec){(void *)x, row};
+        }
+        nbytes += row;
+    }
+    if (n > 0) dist_direct_write(&pm->direct, peer, piece, n, remote);
+}
+
+/* Moves this rank's send rows (row s: wts[slot] times src row of its token; a copy when
+ * wts is NULL) into the expert blocks `perm` of the experts' ranks. With `remote` (every
+ * rank's block, forward only: the rows go unscaled), the rows for ranks that take direct
+ * writes are written there straight from src and a notice follows; the others travel as
+ * MPI messages of packed rows. The target block is free: its rank entered this layer's
+ * counts exchange, so it is done with the block's last contents. */
+static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
+                         const struct a2a_plan *pl, const float *src, const float *wts,
+                         float *perm, const uint64_t *remote)
+{
+    const struct dist_group *g = &pm->groups.etpep;
+    int const El = pl->El, q = pl->q, k = pm->cfg.num_experts_per_tok, ep = pm->groups.ep.size;
+    size_t const d = pl->d;
+    VD_CHECK(remote == NULL || wts == NULL, "direct writes carry unscaled rows");
+    const bool *direct = pm->direct.ok;
+    MPI_Request *req = pm->xreqs;
+    int n = 0;
+    size_t nbytes = 0;
+    for (int i = 0; i < q; i++) {
+        if (i == pl->me) continue;
+        if (remote && direct[i]) {
+            dist_expect_notice(g, i, El, &req[n++]);
+            continue;
+        }
+        for (int le = 0; le < El; le++) {
+            int const x = le * q + i;
+            dist_irecv(g, perm + (size_t)pl->chunk[x] * d, chunk_rows(pl, x) * d, i, le, &req[n++]);
+        }
+    }
+    /* Pack the rows of each ep coordinate that some MPI peer takes. */
+    for (int b2 = 0; b2 < ep; b2++) {
+        bool by_mpi = false;
+        for (int i = 0; i < q; i++)
+            by_mpi |= i != pl->me && pm->etpep_ep[i] == b2 && !(remote && direct[i]);
+        int const s0 = pl->start[b2 * El], s1 = pl->start[(b2 + 1) * El];
+        if (by_mpi)
+            take_rows(pm->xsend + (size_t)s0 * d, src, wts, ba->send_slot + s0,
+                      (size_t)(s1 - s0), d, k);
+    }
+    for (int i = 0; i < q; i++) {
+        if (i == pl->me) continue;
+        int const bi = pm->etpep_ep[i];
+        for (int le = 0; le < El; le++) {
+            int const e = bi * El + le;
+            size_t const cnt = expert_rows(pl, e) * d;
+            nbytes += cnt * sizeof(float);
+            if (!(remote && direct[i])) {
+                dist_isend(g, pm->xsend + (size_t)pl->start[e] * d, cnt, i, le, &req[n++]);
+            } else if (cnt > 0) {
+                float *to = (float *)(uintptr_t)remote[i] + chunk_at(pl, pl->E, bi, le) * d;
+                write_rows(pm, ba, i, src, pl->start[e], pl->start[e + 1], to);
             }
         }
-    size_t row = 0;
-    for (int le = 0; le < El; le++) {
-        ba->expert_off[le] = row;
-        for (int a2 = 0; a2 < etp; a2++)
-            for (int b2 = 0; b2 < ep; b2++) {
-                int const r = pm->etpep_of[a2 + etp * b2];
-                int const n = M[(size_t)r * E + b * El + le], s0 = start[(a2 * ep + b2) * El + le];
-                for (int i = 0; i < n; i++) ba->sorted_from[row++] = s0 + i;
-            }
+        if (remote && direct[i]) dist_notify(g, i, El, &req[n++]); /* all written */
     }
-    ba->expert_off[El] = row;
-    ba->rows = row;
+    for (int le = 0; le < El; le++) {
+        int const e = pl->b * El + le;
+        take_rows(perm + (size_t)pl->chunk[le * q + pl->me] * d, src, wts,
+                  ba->send_slot + pl->start[e], expert_rows(pl, e), d, k);
+    }
+    dist_wait_all(req, n, DIST_ETPEP, nbytes);
+}
+
+/* Returns the expert block's rows `perm` (partial over the F slices) to their sources: the
+ * row of send row s from ETP rank a lands in ret at a Sk + s; the rows a rank returns to
+ * itself stay in perm (a2a_part finds either). */
+static void a2a_return(struct par_model *pm, const struct a2a_plan *pl, const float *perm,
+                       float *ret)
+{
+    const struct dist_group *g = &pm->groups.etpep;
+    int const El = pl->El, q = pl->q;
+    size_t const d = pl->d;
+    MPI_Request *req = pm->xreqs;
+    int n = 0;
+    size_t nbytes = 0;
+    for (int i = 0; i < q; i++)
+        for (int le = 0; le < El && i != pl->me; le++) {
+            int const e = pm->etpep_ep[i] * El + le;
+            size_t const row = (size_t)pm->etpep_etp[i] * pl->Sk + (size_t)pl->start[e];
+            dist_irecv(g, ret + row * d, expert_rows(pl, e) * d, i, le, &req[n++]);
+        }
+    for (int i = 0; i < q; i++)
+        for (int le = 0; le < El && i != pl->me; le++) {
+            int const x = le * q + i;
+            size_t const cnt = chunk_rows(pl, x) * d;
+            dist_isend(g, perm + (size_t)pl->chunk[x] * d, cnt, i, le, &req[n++]);
+            nbytes += cnt * sizeof(float);
+        }
+    dist_wait_all(req, n, DIST_ETPEP, nbytes);
+}
+
+/* The partial row of my send row s (routed to expert e) from the ETP rank a at e's ep
+ * coordinate: my own in perm, or returned in ret. */
+static const float *a2a_part(const struct a2a_plan *pl, const float *perm, const float *ret,
+                             int e, size_t s, int a)
+{
+    if (a == pl->a && e / pl->El == pl->b) {
+        size_t const row = (size_t)pl->chunk[(e % pl->El) * pl->q + pl->me] + s -
+                           (size_t)pl->start[e];
+        return perm + row * pl->d;
+    }
+    return ret + ((size_t)a * pl->Sk + s) * pl->d;
+}
+
+/* out (Ns, d): each token's sum over its kept slots of wts[slot] (1 when NULL) times the
+ * slot's expert output, the sum of the ETP ranks' partial rows; terms in (slot, ETP rank)
+ * order, the first two in one pass. */
+static void a2a_combine(const struct par_model *pm, const struct par_block_acts *ba,
+                        const struct a2a_plan *pl, const float *perm, const float *ret,
+                        const float *wts, float *out)
+{
+    size_t const Ns = pm->shape.Ns, d = pl->d;
+    int const k = pm->cfg.num_experts_per_tok;
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < Ns; t++) {
+        float *restrict o = out + t * d;
+        const float *y0 = NULL;
+        float w0 = 0.0f;
+        int n = 0;
+        for (int j = 0; j < k; j++) {
+            size_t const slot = t * (size_t)k + (size_t)j;
+            int const s = ba->slot_row[slot];
+            if (s < 0) continue;
+            float const w = wts ? wts[slot] : 1.0f;
+            for (int a = 0; a < pl->etp; a++, n++) {
+                const float *restrict y = a2a_part(pl, perm, ret, ba->rtopk[slot], (size_t)s, a);
+                if (n == 0) {
+                    y0 = y;
+                    w0 = w;
+                } else if (n == 1) {
+                    const float *restrict x = y0;
+#pragma omp simd
+                    for (size_t c = 0; c < d; c++) o[c] = w0 * x[c] + w * y[c];
+                } else {
+#pragma omp simd
+                    for (size_t c = 0; c < d; c++) o[c] += w * y[c];
+                }
+            }
+        }
+        if (n == 0) {
+            memset(o, 0, d * sizeof *o);
+        } else if (n == 1) {
+            const float *restrict x = y0;
+#pragma omp simd
+            for (size_t c = 0; c < d; c++) o[c] = w0 * x[c];
+        }
+    }
 }
 
 static void a2a_forward(struct par_model *pm, struct par_block_acts *ba,
                         const struct model_layer_ptrs *w, float *out)
 {
-    size_t const Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
+    size_t const Ns = pm->shape.Ns;
     int const E = pm->cfg.num_local_experts, k = pm->cfg.num_experts_per_tok;
     double t0 = omp_get_wtime();
-    /* permute the kept local slots expert-major: send row of slot (t, j) */
+    /* send rows: the kept local slots, expert-major, in (token, slot) order per expert */
     int *cnt = ba->counts_matrix + (size_t)pm->groups.etpep.rank * E;
     memset(cnt, 0, (size_t)E * sizeof *cnt);
     for (size_t s = 0; s < Ns * (size_t)k; s++) cnt[ba->rtopk[s]] += ba->kept[s];
@@ -361,38 +506,22 @@ static void a2a_forward(struct par_model *pm, struct par_block_acts *ba,
     ba->send_rows = (size_t)fill[E];
     for (size_t s = 0; s < Ns * (size_t)k; s++) {
         ba->slot_row[s] = ba->kept[s] ? fill[ba->rtopk[s]]++ : -1;
-        if (ba->kept[s]) ba->send_tok[ba->slot_row[s]] = (int)(s / (size_t)k);
+        if (ba->kept[s]) ba->send_slot[ba->slot_row[s]] = (int)s;
     }
-    gather_rows(pm->xsend, ba->m_loc, ba->send_tok, ba->send_rows, d);
     /* every rank's counts, so each can lay out what it receives */
     dist_allgather_bytes(&pm->groups.etpep, DIST_ETPEP, ba->counts_matrix, cnt,
                          (size_t)E * sizeof *cnt);
     struct a2a_plan pl;
     a2a_plan_make(pm, ba, &pl);
-    a2a_exchange(pm, &pl, pm->xsend, pm->xrecv, pm->xgather, false);
-    a2a_sort_plan(pm, ba);
-    gather_rows(ba->x_perm, pm->xgather, ba->sorted_from, ba->rows, d);
+    a2a_dispatch(pm, ba, &pl, ba->m_loc, NULL, ba->x_perm,
+                 pm->peer_xperm + (size_t)(ba - pm->blocks) * (size_t)pm->groups.etpep.size);
     dispatch_time(ba, t0);
 
     experts_forward(pm, ba, w);
 
     t0 = omp_get_wtime();
-    scatter_rows(pm->xgather, ba->y_perm, ba->sorted_from, ba->rows, d);
-    a2a_plan_make(pm, ba, &pl);
-    a2a_exchange(pm, &pl, ba->y_ret, pm->xrecv, pm->xgather, true);
-    /* out (Ns, d) = sum over kept slots of w * y */
-#pragma omp parallel for schedule(static)
-    for (size_t t = 0; t < Ns; t++) {
-        float *o = out + t * d;
-        memset(o, 0, d * sizeof *o);
-        for (int j = 0; j < k; j++) {
-            int const a = ba->slot_row[t * k + j];
-            if (a < 0) continue;
-            float const wt = ba->rtopk_w[t * k + j];
-            const float *y = ba->y_ret + (size_t)a * d;
-            for (size_t i = 0; i < d; i++) o[i] += wt * y[i];
-        }
-    }
+    a2a_return(pm, &pl, ba->y_perm, ba->y_ret);
+    a2a_combine(pm, ba, &pl, ba->y_perm, ba->y_ret, ba->rtopk_w, out);
     dispatch_time(ba, t0);
 }
 
@@ -403,50 +532,34 @@ static void a2a_backward(struct par_model *pm, struct par_block_acts *ba,
     size_t const Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
     int const k = pm->cfg.num_experts_per_tok;
     double t0 = omp_get_wtime();
-    /* dy of each send row = w * dout of its token; dw = <dout, y> */
+    struct a2a_plan pl;
+    a2a_plan_make(pm, ba, &pl);
+    /* dw of each kept slot = <dout, y>, y the sum of the ETP partials kept from the forward */
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < Ns; t++) {
         const float *g = dout + t * d;
         for (int j = 0; j < k; j++) {
-            int const a = ba->slot_row[t * k + j];
-            if (a < 0) {
-                dtopk_w[t * k + j] = 0.0f;
-                continue;
-            }
-            float const wt = ba->rtopk_w[t * k + j];
-            const float *y = ba->y_ret + (size_t)a * d;
-            float *dy = pm->xsend + (size_t)a * d;
+            size_t const slot = t * (size_t)k + (size_t)j;
+            int const s = ba->slot_row[slot];
             float dot = 0.0f;
-            for (size_t i = 0; i < d; i++) {
-                dy[i] = wt * g[i];
-                dot += g[i] * y[i];
+            for (int a = 0; a < pl.etp && s >= 0; a++) {
+                const float *y = a2a_part(&pl, ba->y_perm, ba->y_ret, ba->rtopk[slot],
+                                          (size_t)s, a);
+#pragma omp simd reduction(+ : dot)
+                for (size_t i = 0; i < d; i++) dot += g[i] * y[i];
             }
-            dtopk_w[t * k + j] = dot;
+            dtopk_w[slot] = dot;
         }
     }
-    struct a2a_plan pl;
-    a2a_plan_make(pm, ba, &pl);
-    a2a_exchange(pm, &pl, pm->xsend, pm->xrecv, pm->xgather, false);
-    gather_rows(pm->dy_perm, pm->xgather, ba->sorted_from, ba->rows, d);
+    /* dy of each send row = w dout of its token */
+    a2a_dispatch(pm, ba, &pl, dout, ba->rtopk_w, pm->dy_perm, NULL);
     dispatch_time(ba, t0);
 
     experts_backward(pm, ba, w, gw);
 
     t0 = omp_get_wtime();
-    scatter_rows(pm->xgather, pm->dx_perm, ba->sorted_from, ba->rows, d);
-    a2a_plan_make(pm, ba, &pl);
-    a2a_exchange(pm, &pl, pm->xsend, pm->xrecv, pm->xgather, true);
-#pragma omp parallel for schedule(static)
-    for (size_t t = 0; t < Ns; t++) {
-        float *o = dm + t * d;
-        memset(o, 0, d * sizeof *o);
-        for (int j = 0; j < k; j++) {
-            int const a = ba->slot_row[t * k + j];
-            if (a < 0) continue;
-            const float *dx = pm->xsend + (size_t)a * d;
-            for (size_t i = 0; i < d; i++) o[i] += dx[i];
-        }
-    }
+    a2a_return(pm, &pl, pm->dx_perm, pm->xrecv);
+    a2a_combine(pm, ba, &pl, pm->dx_perm, pm->xrecv, NULL, dm);
     dispatch_time(ba, t0);
 }
 
@@ -479,7 +592,7 @@ static void ag_forward(struct par_model *pm, struct par_block_acts *ba,
     }
     ba->expert_off[El] = row;
     ba->rows = row;
-    gather_rows(ba->x_perm, m_g, ba->sorted_from, row, d);
+    take_rows(ba->x_perm, m_g, NULL, ba->sorted_from, row, d, 1);
     dispatch_time(ba, t0);
 
     experts_forward(pm, ba, w);
@@ -517,6 +630,7 @@ static void ag_backward(struct par_model *pm, struct par_block_acts *ba,
         float const wt = ba->w_g[ba->slot_of[r]];
         float *dy = pm->dy_perm + r * d;
         float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
         for (size_t i = 0; i < d; i++) {
             dy[i] = wt * gr[i];
             dot += gr[i] * y[i];

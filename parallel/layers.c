@@ -96,6 +96,7 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
     bool const tp_gather = pm->groups.tp.size > 1;
     size_t const q = (size_t)pm->groups.etpep.size, Ng = Ns * q;
+    size_t const etp = (size_t)pm->groups.etp.size;
     size_t const f = sizeof(float);
 
     pm->inputs = arena_take(acts, N * sizeof(int));
@@ -122,8 +123,8 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
         ba->counts = arena_take(acts, E * f);
         ba->kept = arena_take(acts, Ns * k);
         ba->slot_row = arena_take(acts, Ns * k * sizeof(int));
-        ba->send_tok = arena_take(acts, Ns * k * sizeof(int));
-        ba->y_ret = arena_take(acts, Ns * k * d * f);
+        ba->send_slot = arena_take(acts, Ns * k * sizeof(int));
+        ba->y_ret = arena_take(acts, etp * Ns * k * d * f);
         ba->counts_matrix = arena_take(acts, q * E * sizeof(int));
         ba->w_g = arena_take(acts, Ng * k * f);
         ba->topk_g = arena_take(acts, Ng * k * sizeof(int));
@@ -161,7 +162,7 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     pm->exp_scratch = arena_take(scr, A * 2 * Fl * f);
     size_t const gather_floats = A * d > N * (k + E) ? A * d : N * (k + E);
     pm->xsend = arena_take(scr, Ns * k * (d > q ? d : q) * f);
-    pm->xrecv = arena_take(scr, Ns * k * (size_t)pm->groups.ep.size * d * f);
+    pm->xrecv = arena_take(scr, etp * Ns * k * d * f);
     pm->xgather = arena_take(scr, gather_floats * f);
     pm->full_topk = arena_take(scr, N * k * sizeof(int));
     pm->full_token = arena_take(scr, N * sizeof(int));
@@ -169,7 +170,8 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     pm->full_kept = arena_take(scr, N * k);
     size_t const sort_ints = N * k > q * E + E + 1 ? N * k : q * E + E + 1;
     pm->sort_scratch = arena_take(scr, sort_ints * sizeof(int));
-    pm->xcounts = arena_take(scr, 12 * (q + 1) * sizeof(int));
+    pm->xplan = arena_take(scr, (E + 1 + E_local * q + 1) * sizeof(int));
+    pm->xreqs = arena_take(scr, 2 * E_local * q * sizeof(MPI_Request));
     pm->att_scratch = arena_take(scr, model_attention_scratch_floats(T) * f);
     pm->rope_cos = arena_take(scr, (size_t)T * hd / 2 * f);
     pm->rope_sin = arena_take(scr, (size_t)T * hd / 2 * f);
@@ -298,6 +300,19 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
     int const hd = cfg->hidden_size / cfg->num_attention_heads;
     model_rope_table(pm->rope_cos, pm->rope_sin, T, hd, cfg->rope_theta);
     locate_rows(pm);
+
+    /* Direct writes of the all-to-all forward dispatch need every peer's expert blocks. */
+    bool const a2a = cfg->moe_token_dispatcher_type == MODEL_DISPATCH_ALLTOALL;
+    dist_direct_init(&pm->direct, &pm->groups.etpep, a2a && opt->dispatch_direct);
+    size_t const q = (size_t)pm->groups.etpep.size, L = (size_t)(nl > 0 ? nl : 1);
+    uint64_t *by_rank = vd_calloc(q * L, sizeof *by_rank); /* [rank][layer] */
+    uint64_t *mine = by_rank + (size_t)pm->groups.etpep.rank * L;
+    for (int l = 0; l < nl; l++) mine[l] = (uint64_t)(uintptr_t)pm->blocks[l].x_perm;
+    dist_allgather_bytes(&pm->groups.etpep, DIST_ETPEP, by_rank, mine, L * sizeof *mine);
+    pm->peer_xperm = vd_calloc(q * L, sizeof *pm->peer_xperm); /* [layer][rank] */
+    for (size_t r = 0; r < q; r++)
+        for (size_t l = 0; l < L; l++) pm->peer_xperm[l * q + r] = by_rank[r * L + l];
+    free(by_rank);
     return 0;
 }
 
@@ -320,6 +335,8 @@ void par_model_free(struct par_model *pm)
     free(pm->etpep_etp);
     free(pm->etpep_of);
     free(pm->scratch_base);
+    free(pm->peer_xperm);
+    dist_direct_free(&pm->direct);
     memset(pm, 0, sizeof *pm);
 }
 

@@ -61,8 +61,9 @@ struct par_block_acts {
     /* dispatcher state (parallel/dispatch.c) */
     unsigned char *kept;           /* (Ns, k): kept after the capacity decision */
     int *slot_row;                 /* (Ns, k): all-to-all send row of each kept slot, or -1 */
-    int *send_tok;                 /* (Ns k): local row of each send row */
-    float *y_ret;                  /* (Ns k, d): expert outputs returned per send row */
+    int *send_slot;                /* (Ns k): local slot (row k + j) of each send row */
+    float *y_ret;                  /* (etp, Ns k, d): partial expert outputs returned from
+                                      each ETP rank, per send row */
     int *counts_matrix;            /* (etp ep, E): kept rows each rank sends to each expert */
     float *w_g;                    /* (Ng, k): gathered weights (all-gather dispatcher) */
     int *topk_g;                   /* (Ng, k) */
@@ -91,6 +92,8 @@ struct par_hparams {
 
 struct par_options {
     bool distributed_optimizer; /* ZeRO-1: optimizer state sharded over the replicas */
+    bool dispatch_direct;       /* all-to-all forward dispatch writes rows straight into
+                                   same-node ranks' expert blocks (dist_direct) */
 };
 
 /* A contiguous range of the flat buffers reduced over one group of replicas, and this
@@ -143,7 +146,10 @@ struct par_model {
     float *full_probs;                  /* (N, E) */
     unsigned char *full_kept;           /* (N k) */
     int *sort_scratch;                  /* (N k) */
-    int *xcounts;                       /* (6 (etp ep + 1)) exchange counts and offsets */
+    int *xplan;                         /* (E + 1 + E_local etp ep + 1) all-to-all plan */
+    MPI_Request *xreqs;                 /* (2 E_local etp ep) all-to-all pieces */
+    struct dist_direct direct;          /* over etp x ep: which ranks take direct writes */
+    uint64_t *peer_xperm;               /* (local layers, etp ep): every rank's x_perm */
     float *rope_cos, *rope_sin;
     double *router_sums;      /* (2 E + 1) */
     size_t *expert_counts;    /* (3 (E + 1)) */

@@ -26,7 +26,8 @@ static const char *const all_keys[] = {
     "train.beta1", "train.beta2", "train.eps", "train.clip", "train.seed", "train.init_from",
     "train.export_to", "train.peak_gflops", "data.path", "data.dtype", "parallel.tp",
     "parallel.cp", "parallel.ep", "parallel.etp", "parallel.pp", "parallel.vpp",
-    "parallel.order", "parallel.distributed_optimizer", "ckpt.dir", "ckpt.interval",
+    "parallel.order", "parallel.distributed_optimizer", "parallel.dispatch_direct", "ckpt.dir",
+    "ckpt.interval",
     "ckpt.keep", "ckpt.resume", "ckpt.async", "ckpt.zstd_level", "log.metrics", "log.interval",
 };
 #define NKEYS (sizeof all_keys / sizeof all_keys[0])
@@ -115,6 +116,7 @@ static void test_defaults(void)
     CU_ASSERT_EQUAL(c.parallel.vpp, 1);
     CU_ASSERT_STRING_EQUAL(c.parallel.order, "tp-cp-ep-dp-pp");
     CU_ASSERT_TRUE(c.parallel.distributed_optimizer);
+    CU_ASSERT_TRUE(c.parallel.dispatch_direct);
     CU_ASSERT_STRING_EQUAL(c.ckpt.dir, "");
     CU_ASSERT_EQUAL(c.ckpt.interval, 0);
     CU_ASSERT_EQUAL(c.ckpt.keep, 2);
@@ -288,6 +290,8 @@ static void test_parse_errors(void)
     CU_ASSERT_FALSE(c.parallel.distributed_optimizer);
     CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.distributed_optimizer", "True"), 0);
     CU_ASSERT_TRUE(c.parallel.distributed_optimizer);
+    CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.dispatch_direct", "false"), 0);
+    CU_ASSERT_FALSE(c.parallel.dispatch_direct);
     CU_ASSERT_EQUAL(launch_config_set(&c, "model.tie_word_embeddings", "false"), 0);
     CU_ASSERT_EQUAL(launch_config_set(&c, "model.moe_capacity_factor", "1.25"), 0);
     CU_ASSERT_EQUAL(c.model.moe_capacity_factor, 1.25);

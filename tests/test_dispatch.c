@@ -79,9 +79,13 @@ static int layouts_on(int world)
     return n;
 }
 
-static const char *const dispatcher_names[2] = {"alltoall", "allgather"};
-static const enum model_dispatcher dispatchers[2] = {MODEL_DISPATCH_ALLTOALL,
-                                                     MODEL_DISPATCH_ALLGATHER};
+/* The dispatchers, the all-to-all one with and without direct writes between the ranks of
+ * this node (with them, every peer must take them: all ranks share this machine). */
+enum { NDISP = 3 };
+static const char *const dispatcher_names[NDISP] = {"alltoall", "alltoall-mpi", "allgather"};
+static const enum model_dispatcher dispatchers[NDISP] = {
+    MODEL_DISPATCH_ALLTOALL, MODEL_DISPATCH_ALLTOALL, MODEL_DISPATCH_ALLGATHER};
+static const bool dispatch_direct[NDISP] = {true, false, false};
 
 #define LINE_LAYOUT "dispatch: %s %s wrong %lld\n"
 #define SUMMARY "dispatch: %d cases on %d ranks, total wrong %lld\n"
@@ -403,13 +407,15 @@ static void check_x_perm(const struct ctx *cx, const struct scenario *sc,
     free(src_seen);
 }
 
-/* The all-to-all path's plan: send rows expert-major in (token, slot) order, the returned
- * rows equal to the sent ones, and the counts matrix of the whole etp x ep group. */
+/* The all-to-all path's plan: send rows expert-major in (token, slot) order, and the
+ * partial rows returned from every ETP rank of each expert that is not this rank (its
+ * own stay in its expert block): the sent row from ETP rank 0, zeros from the others
+ * (identity experts). */
 static void check_a2a(const struct ctx *cx, const struct scenario *sc,
                       const struct par_block_acts *ba,
                       const struct mb *mine, const int *row_token, struct tally *ty)
 {
-    int const k = sc->k, Ns = cx->Ns;
+    int const k = sc->k, Ns = cx->Ns, etp = cx->grid.dims.etp;
     size_t kept_local = 0;
     for (int r = 0; r < Ns; r++)
         for (int j = 0; j < k; j++) kept_local += mine->kept[row_token[r] * k + j];
@@ -433,22 +439,32 @@ static void check_a2a(const struct ctx *cx, const struct scenario *sc,
                 if (got != a)
                     wrong_at(ty, C_SEND, "slot (row %d, j %d) of expert %d: send row %d, "
                              "expected %d", r, j, e, got, a);
-                else if (ba->send_tok[a] != r)
-                    wrong_at(ty, C_SEND, "send_tok[%d] = %d, expected row %d", a,
-                             ba->send_tok[a], r);
+                else if (ba->send_slot[a] != r * k + j)
+                    wrong_at(ty, C_SEND, "send_slot[%d] = %d, expected slot %d", a,
+                             ba->send_slot[a], r * k + j);
                 a++;
             }
     size_t const n = ba->send_rows < (size_t)Ns * k ? ba->send_rows : (size_t)Ns * k;
     for (size_t i = 0; i < n; i++) {
-        int const r = ba->send_tok[i];
-        if (r < 0 || r >= Ns) {
-            wrong_at(ty, C_YRET, "send_tok[%zu] = %d is not a local row", i, r);
+        int const slot = ba->send_slot[i];
+        if (slot < 0 || slot >= Ns * k) {
+            wrong_at(ty, C_YRET, "send_slot[%zu] = %d is not a local slot", i, slot);
             continue;
         }
-        if (memcmp(ba->y_ret + i * D, ba->m_loc + (size_t)r * D, D * sizeof(float)) != 0)
-            wrong_at(ty, C_YRET, "returned row %zu (local row %d) differs from the sent row: "
-                     "%g vs %g in column 0", i, r, (double)ba->y_ret[i * D],
-                     (double)ba->m_loc[(size_t)r * D]);
+        int const r = slot / k, e = mine->topk[row_token[r] * k + slot % k];
+        for (int a2 = 0; a2 < etp; a2++) {
+            if (a2 == cx->my.etp && e / cx->El == cx->my.ep) continue;
+            const float *got = ba->y_ret + ((size_t)a2 * Ns * k + i) * D;
+            for (int c = 0; c < D; c++) {
+                float const want = a2 == 0 ? ba->m_loc[(size_t)r * D + c] : 0.0f;
+                if (memcmp(&got[c], &want, sizeof want) != 0) {
+                    wrong_at(ty, C_YRET, "send row %zu (local row %d, expert %d) from ETP rank "
+                             "%d, column %d: %g, expected %g", i, r, e, a2, c, (double)got[c],
+                             (double)want);
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -531,8 +547,8 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
     /* Forward. */
     size_t const A = rows_max(pm);
     tu_fill_nan(ba->x_perm, A * D);
-    tu_fill_nan(ba->y_ret, (size_t)Ns * k * D);
-    for (int s = 0; s < Ns * k; s++) ba->slot_row[s] = ba->send_tok[s] = -7;
+    tu_fill_nan(ba->y_ret, (size_t)cx->grid.dims.etp * Ns * k * D);
+    for (int s = 0; s < Ns * k; s++) ba->slot_row[s] = ba->send_slot[s] = -7;
     tu_fill_nan(bf->out, (size_t)Ns * D);
     par_moe_dispatch_forward(pm, ba, &pm->p.layers[0], bf->out);
     for (int r = 0; r < Ns; r++) {
@@ -637,7 +653,8 @@ static long long run_layout(const struct layout *l, int disp)
         cfg.moe_token_dispatcher_type = dispatchers[disp];
         VD_CHECK(model_config_validate(&cfg) == 0, "%s", vd_err_msg());
         struct par_model pm;
-        struct par_options const opt = {.distributed_optimizer = false};
+        struct par_options const opt = {.distributed_optimizer = false,
+                                         .dispatch_direct = dispatch_direct[disp]};
         int const rc = dist_agree(dist_world(), par_model_init(&pm, &cfg, &lay, &groups, &opt,
                                                                 B, T));
         if (rc < 0) {
@@ -660,6 +677,10 @@ static long long run_layout(const struct layout *l, int disp)
                 wrong_at(&ty, C_COUNTS, "etp x ep group rank %d of %d, grid says %d of %d",
                          pm.groups.etpep.rank, pm.groups.etpep.size, cx.my_index,
                          cx.nmembers);
+            int const want_direct = dispatch_direct[disp] ? cx.nmembers - 1 : 0;
+            if (pm.direct.peers != want_direct)
+                wrong_at(&ty, C_COUNTS, "direct writes to %d of %d peers, expected %d",
+                         pm.direct.peers, cx.nmembers - 1, want_direct);
             run_scenario(&cx, sc, &pm, &bf, &ty);
             long long all[NCHECK];
             DIST_CHECK_MPI(MPI_Allreduce(ty.wrong, all, NCHECK, MPI_LONG_LONG, MPI_SUM,
@@ -715,7 +736,7 @@ static int mpi_main(int argc, char **argv, int ranks)
     int cases = 0;
     for (int i = 0; i < NLAYOUTS; i++) {
         if (layouts[i].world != world) continue;
-        for (int disp = 0; disp < 2; disp++) {
+        for (int disp = 0; disp < NDISP; disp++) {
             total += run_layout(&layouts[i], disp);
             cases++;
         }
@@ -739,7 +760,7 @@ static void expect_ranks(int np)
     char needle[256];
     for (int i = 0; i < NLAYOUTS; i++) {
         if (layouts[i].world != np) continue;
-        for (int disp = 0; disp < 2; disp++) {
+        for (int disp = 0; disp < NDISP; disp++) {
             snprintf(needle, sizeof needle, LINE_LAYOUT, layouts[i].name,
                      dispatcher_names[disp], 0LL);
             bool const found = out && strstr(out, needle);
@@ -747,7 +768,7 @@ static void expect_ranks(int np)
             ok = ok && found;
         }
     }
-    snprintf(needle, sizeof needle, SUMMARY, 2 * layouts_on(np), np, 0LL);
+    snprintf(needle, sizeof needle, SUMMARY, NDISP * layouts_on(np), np, 0LL);
     bool const found = out && strstr(out, needle);
     CU_ASSERT(found);
     ok = ok && found;
@@ -768,7 +789,7 @@ static void test_corruption_is_caught(void)
     char *out = NULL;
     int const status = tu_mpirun_self(&self, 2, NULL, true, &out);
     char needle[128];
-    snprintf(needle, sizeof needle, SUMMARY, 2 * layouts_on(2), 2, 1LL);
+    snprintf(needle, sizeof needle, SUMMARY, NDISP * layouts_on(2), 2, 1LL);
     bool const failed = status != -1 && !tu_exited_zero(status);
     bool const found = out && strstr(out, needle);
     CU_ASSERT(failed);

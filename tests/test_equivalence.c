@@ -29,8 +29,10 @@
  * whose MoE grid etp x ep x edp re-splits the attention grid tp x dp -- EP larger than DP,
  * EP spanning the tensor ranks, ETP inside EP, EDP > 1, and two non-default orders --
  * each with both token dispatchers (alltoall, allgather), each dropless and with capacity
- * 1.0 under both policies, all compared as above (96 cases). The program's "layout:" line
- * must show both grids as asked.
+ * 1.0 under both policies, all compared as above (96 cases); and two of them (mpi_layouts)
+ * with the all-to-all dispatcher sending MPI messages only, as between nodes, instead of
+ * writing directly between the ranks of this machine (6 cases). The program's "layout:"
+ * line must show both grids as asked.
  *
  * The 1-rank reference always uses the layout's micro_batch (dropping decisions depend on
  * the micro-batch), and is cached per (micro_batch, global_batch, extra options). A
@@ -423,13 +425,14 @@ struct layout {
     int etp, ep;       /* 0: not passed */
     const char *order; /* NULL: the default tp-cp-ep-dp-pp */
     bool accum;        /* expert-parallel layouts: with gradient accumulation or not */
+    bool mpi_dispatch; /* parallel.dispatch_direct=false: no direct writes between ranks */
 };
 static int lay_ranks(const struct layout *l) { return l->tp * l->dp; }
 static int lay_etp(const struct layout *l) { return l->etp ? l->etp : l->tp; }
 static int lay_ep(const struct layout *l) { return l->ep ? l->ep : 1; }
 static int lay_edp(const struct layout *l) { return lay_ranks(l) / (lay_etp(l) * lay_ep(l)); }
 
-static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false};
+static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false, false};
 
 /* Trains tiny.ini for STEPS steps in the given layout, exporting to g_tmp/dir.
  * `dispatcher`: model.moe_token_dispatcher_type, or NULL for the default (not passed).
@@ -450,6 +453,8 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
     if (lay->ep) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.ep=%d", lay->ep);
     if (lay->order)
         n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.order=%s", lay->order);
+    if (lay->mpi_dispatch)
+        n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.dispatch_direct=false");
     if (dispatcher)
         snprintf(par + n, sizeof par - n, " --model.moe_token_dispatcher_type=%s", dispatcher);
     snprintf(args, sizeof args,
@@ -799,16 +804,16 @@ static const struct run *reference(int mb, int gb, const char *extra)
 /* Without expert parallelism (ep 1, etp = tp): every optimizer x accumulation
  * combination, dropless; six of them also with capacity 1.0 (build_cases). */
 static const struct layout layouts[] = {
-    {"dp2", 1, 2, 0, 0, NULL, false},
-    {"dp4", 1, 4, 0, 0, NULL, false},
-    {"dp8", 1, 8, 0, 0, NULL, false},
-    {"tp2", 2, 1, 0, 0, NULL, false},
-    {"tp4", 4, 1, 0, 0, NULL, false},
-    {"tp2 x dp2", 2, 2, 0, 0, NULL, false},
+    {"dp2", 1, 2, 0, 0, NULL, false, false},
+    {"dp4", 1, 4, 0, 0, NULL, false, false},
+    {"dp8", 1, 8, 0, 0, NULL, false, false},
+    {"tp2", 2, 1, 0, 0, NULL, false, false},
+    {"tp4", 4, 1, 0, 0, NULL, false, false},
+    {"tp2 x dp2", 2, 2, 0, 0, NULL, false, false},
     /* The same sizes with DP fastest: the tensor group is ranks {0,2}, not neighbours. */
-    {"tp2 x dp2 (dp-tp order)", 2, 2, 0, 0, "dp-tp-cp-ep-pp", false},
-    {"tp2 x dp4", 2, 4, 0, 0, NULL, false},
-    {"tp4 x dp2", 4, 2, 0, 0, NULL, false},
+    {"tp2 x dp2 (dp-tp order)", 2, 2, 0, 0, "dp-tp-cp-ep-pp", false, false},
+    {"tp2 x dp4", 2, 4, 0, 0, NULL, false, false},
+    {"tp4 x dp2", 4, 2, 0, 0, NULL, false, false},
 };
 #define NLAYOUTS (sizeof layouts / sizeof layouts[0])
 
@@ -820,29 +825,37 @@ static const struct layout layouts[] = {
  * even rows, for allgather on the odd ones) so that both meet both dispatchers. */
 static const struct layout ep_layouts[] = {
     /* 2 ranks */
-    {"dp2 | ep2", 1, 2, 1, 2, NULL, true},
-    {"tp2 | ep2", 2, 1, 1, 2, NULL, false},
-    {"tp2 | etp2", 2, 1, 2, 1, NULL, true},
+    {"dp2 | ep2", 1, 2, 1, 2, NULL, true, false},
+    {"tp2 | ep2", 2, 1, 1, 2, NULL, false, false},
+    {"tp2 | etp2", 2, 1, 2, 1, NULL, true, false},
     /* 4 ranks */
-    {"tp4 | ep4", 4, 1, 1, 4, NULL, true},
-    {"tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, false},
-    {"tp4 | etp2 x ep2", 4, 1, 2, 2, NULL, false},
-    {"dp4 | ep2 x edp2", 1, 4, 1, 2, NULL, true},
-    {"dp4 | ep4", 1, 4, 1, 4, NULL, false},
-    {"tp2 x dp2 | etp2 x ep2", 2, 2, 2, 2, NULL, true},
+    {"tp4 | ep4", 4, 1, 1, 4, NULL, true, false},
+    {"tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, false, false},
+    {"tp4 | etp2 x ep2", 4, 1, 2, 2, NULL, false, false},
+    {"dp4 | ep2 x edp2", 1, 4, 1, 2, NULL, true, false},
+    {"dp4 | ep4", 1, 4, 1, 4, NULL, false, false},
+    {"tp2 x dp2 | etp2 x ep2", 2, 2, 2, 2, NULL, true, false},
     /* EDP fastest after ETP: the EP group is ranks {0,2}, the EDP group {0,1} (an
      * attention TP group). */
-    {"tp2 x dp2 | ep2 x edp2 (tp-cp-dp-ep-pp)", 2, 2, 1, 2, "tp-cp-dp-ep-pp", false},
+    {"tp2 x dp2 | ep2 x edp2 (tp-cp-dp-ep-pp)", 2, 2, 1, 2, "tp-cp-dp-ep-pp", false, false},
     /* 8 ranks */
-    {"tp2 x dp4 | ep8", 2, 4, 1, 8, NULL, true},
-    {"tp2 x dp4 | ep4 x edp2", 2, 4, 1, 4, NULL, false},
-    {"tp2 x dp4 | etp2 x ep4", 2, 4, 2, 4, NULL, true},
-    {"tp4 x dp2 | ep8", 4, 2, 1, 8, NULL, false},
-    {"dp8 | ep8", 1, 8, 1, 8, NULL, true},
+    {"tp2 x dp4 | ep8", 2, 4, 1, 8, NULL, true, false},
+    {"tp2 x dp4 | ep4 x edp2", 2, 4, 1, 4, NULL, false, false},
+    {"tp2 x dp4 | etp2 x ep4", 2, 4, 2, 4, NULL, true, false},
+    {"tp4 x dp2 | ep8", 4, 2, 1, 8, NULL, false, false},
+    {"dp8 | ep8", 1, 8, 1, 8, NULL, true, false},
     /* DP fastest: attention TP group {0,4}; MoE EP group {0,2,4,6}, EDP {0,1}. */
-    {"tp2 x dp4 | ep4 x edp2 (dp-tp-cp-ep-pp)", 2, 4, 1, 4, "dp-tp-cp-ep-pp", true},
+    {"tp2 x dp4 | ep4 x edp2 (dp-tp-cp-ep-pp)", 2, 4, 1, 4, "dp-tp-cp-ep-pp", true, false},
 };
 #define NEP_LAYOUTS (sizeof ep_layouts / sizeof ep_layouts[0])
+
+/* The all-to-all dispatcher writes rows directly between ranks of one node; these run it
+ * with MPI messages only (the path between nodes), alltoall only. */
+static const struct layout mpi_layouts[] = {
+    {"dp2 | ep2, MPI dispatch", 1, 2, 1, 2, NULL, true, true},
+    {"tp2 x dp4 | etp2 x ep4, MPI dispatch", 2, 4, 2, 4, NULL, false, true},
+};
+#define NMPI_LAYOUTS (sizeof mpi_layouts / sizeof mpi_layouts[0])
 static const char *const dispatchers[] = {"alltoall", "allgather"};
 
 /* The seed of the initial weights (train.seed) of every case and reference.
@@ -953,6 +966,10 @@ static void build_cases(void)
             for (int v = 0; v < 3; v++)
                 add_case(&ep_layouts[l], dispatchers[d], (l + (size_t)d) % 2 == 0,
                          ep_layouts[l].accum, variant_extra[v], variant_name[v]);
+    for (size_t l = 0; l < NMPI_LAYOUTS; l++)
+        for (int v = 0; v < 3; v++)
+            add_case(&mpi_layouts[l], dispatchers[0], l % 2 == 0, mpi_layouts[l].accum,
+                     variant_extra[v], variant_name[v]);
 }
 
 /* ---------------------------------------------------------------- tests */
@@ -1426,9 +1443,10 @@ static void print_summary(double total_s)
            "%.2e (%s; MARGIN_MIN is %.2g times that)\n", least_margin, least_margin_case,
            worst_drift, worst_drift_case, worst_drift > 0 ? g_margin_min / worst_drift : INFINITY);
     printf("expert-parallel layouts: %d layouts x 2 dispatchers x 3 (dropless, capacity 1.0 "
-           "position, probs) = %d cases, %d passed; worst: relative loss %.2e, absolute "
-           "parameter %.2e, relative grad_norm %.2e; %.1f s\n", (int)NEP_LAYOUTS, ep_cases,
-           ep_passed, ep_worst_loss, ep_worst_param, ep_worst_gnorm, ep_seconds);
+           "position, probs), and %d layouts x alltoall with MPI messages only x 3 = %d cases, "
+           "%d passed; worst: relative loss %.2e, absolute parameter %.2e, relative grad_norm "
+           "%.2e; %.1f s\n", (int)NEP_LAYOUTS, (int)NMPI_LAYOUTS, ep_cases, ep_passed,
+           ep_worst_loss, ep_worst_param, ep_worst_gnorm, ep_seconds);
 }
 
 /* ---------------------------------------------------------------- main */
