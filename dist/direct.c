@@ -47,8 +47,8 @@ void dist_direct_init(struct dist_direct *dd, const struct dist_group *g, bool e
         dd->pid[i] = (pid_t)cards[i].pid;
         if (i == g->rank || !same_node[i]) continue;
         struct iovec local = {(void *)&stamp, sizeof stamp};
-        struct iovec remote = {(void *)(uintptr_t)(cards[i].probe + (uint64_t)g->rank * sizeof stamp),
-                               sizeof stamp};
+        uint64_t const slot = cards[i].probe + (uint64_t)g->rank * sizeof stamp;
+        struct iovec remote = {(void *)(uintptr_t)slot, sizeof stamp};
         wrote[i] = process_vm_writev(dd->pid[i], &local, 1, &remote, 1, 0) == sizeof stamp;
     }
     /* every probe write is done once all ranks passed the barrier */

@@ -1,5 +1,6 @@
-/* dist/: MPI only. The world, the rank grids and their groups, checked collectives,
- * timed communication. No model code.
+/* dist/: communication only. The world, the rank grids and their groups, checked
+ * collectives, timed communication, direct writes between the ranks of a node. No model
+ * code.
  *
  * Error rule: MPI runs with MPI_ERRORS_RETURN; a failed MPI call inside a collective
  * helper is a fatal error (DIST_CHECK_MPI aborts the job with the rank and the call). A

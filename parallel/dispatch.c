@@ -226,8 +226,8 @@ static void experts_backward(struct par_model *pm, struct par_block_acts *ba,
 }
 
 /* dst row i = wts[slot[i]] times src row slot[i] / k (a copy when wts is NULL). */
-static void take_rows(float *restrict dst, const float *restrict src, const float *wts, const int *slot, size_t n,
-                      size_t d, int k)
+static void take_rows(float *restrict dst, const float *restrict src, const float *wts,
+                      const int *slot, size_t n, size_t d, int k)
 {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
@@ -240,6 +240,49 @@ static void take_rows(float *restrict dst, const float *restrict src, const floa
         float const w = wts[slot[i]];
 #pragma omp simd
         for (size_t c = 0; c < d; c++) y[c] = w * x[c];
+    }
+}
+
+/* A weighted sum of rows into one output row o: the terms in the order added, the first
+ * two in one pass; zero when none. */
+struct row_sum {
+    float *o;
+    const float *y0;
+    float w0;
+    int n;
+    size_t d;
+};
+
+static void row_sum_add(struct row_sum *rs, const float *y, float w)
+{
+    float *restrict o = rs->o;
+    const float *restrict x = y;
+    size_t const d = rs->d;
+    if (rs->n == 0) {
+        rs->y0 = y;
+        rs->w0 = w;
+    } else if (rs->n == 1) {
+        const float *restrict a = rs->y0;
+        float const wa = rs->w0;
+#pragma omp simd
+        for (size_t c = 0; c < d; c++) o[c] = wa * a[c] + w * x[c];
+    } else {
+#pragma omp simd
+        for (size_t c = 0; c < d; c++) o[c] += w * x[c];
+    }
+    rs->n++;
+}
+
+static void row_sum_end(struct row_sum *rs)
+{
+    float *restrict o = rs->o;
+    const float *restrict a = rs->y0;
+    float const wa = rs->w0;
+    if (rs->n == 0) {
+        memset(o, 0, rs->d * sizeof *o);
+    } else if (rs->n == 1) {
+#pragma omp simd
+        for (size_t c = 0; c < rs->d; c++) o[c] = wa * a[c];
     }
 }
 
@@ -271,8 +314,8 @@ static void a2a_plan_make(struct par_model *pm, struct par_block_acts *ba, struc
     int const El = E / pm->groups.ep.size, b = pm->lay.ep_rank;
     int *start = pm->xplan, *chunk = pm->xplan + E + 1;
     *pl = (struct a2a_plan){.q = q, .me = pm->groups.etpep.rank, .etp = pm->groups.etp.size,
-                            .E = E, .El = El, .a = pm->lay.etp_rank, .b = b, .M = ba->counts_matrix,
-                            .start = start, .chunk = chunk,
+                            .E = E, .El = El, .a = pm->lay.etp_rank, .b = b,
+                            .M = ba->counts_matrix, .start = start, .chunk = chunk,
                             .Sk = pm->shape.Ns * (size_t)pm->cfg.num_experts_per_tok,
                             .d = (size_t)pm->cfg.hidden_size};
     const int *mine = ba->counts_matrix + (size_t)pl->me * E;
@@ -304,12 +347,12 @@ static size_t expert_rows(const struct a2a_plan *pl, int e)
 
 /* First row of the chunk (le, source me) in the expert block of a rank at ep coordinate
  * bi: the rows of bi's earlier local experts, then those of earlier sources. */
-static size_t chunk_at(const struct a2a_plan *pl, int E, int bi, int le)
+static size_t chunk_at(const struct a2a_plan *pl, int bi, int le)
 {
     size_t row = 0;
     for (int l2 = 0; l2 <= le; l2++)
         for (int i = 0; i < (l2 < le ? pl->q : pl->me); i++)
-            row += (size_t)pl->M[(size_t)i * E + bi * pl->El + l2];
+            row += (size_t)pl->M[(size_t)i * pl->E + bi * pl->El + l2];
     return row;
 }
 
@@ -325,7 +368,9 @@ static void write_rows(const struct par_model *pm, const struct par_block_acts *
     size_t nbytes = 0;
     for (int s = s0; s < s1; s++) {
         const float *x = src + (size_t)(ba->send_slot[s] / k) * d;
-        if (n > 0 && (const char *)piece[n - 1].iov_base + piece[n - 1].iov_len == (const char *)x) {
+        const char *const end = n > 0 ? (const char *)piece[n - 1].iov_base + piece[n - 1].iov_len
+                                      : NULL;
+        if (end == (const char *)x) {
             piece[n - 1].iov_len += row;
         } else {
             if (n == DIST_DIRECT_PIECES) {
@@ -367,7 +412,8 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
         }
         for (int le = 0; le < El; le++) {
             int const x = le * q + i;
-            dist_irecv(g, perm + (size_t)pl->chunk[x] * d, chunk_rows(pl, x) * d, i, le, &req[n++]);
+            dist_irecv(g, perm + (size_t)pl->chunk[x] * d, chunk_rows(pl, x) * d, i, le,
+                       &req[n++]);
         }
     }
     /* Pack the rows of each ep coordinate that some MPI peer takes. */
@@ -390,7 +436,7 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
             if (!(remote && direct[i])) {
                 dist_isend(g, pm->xsend + (size_t)pl->start[e] * d, cnt, i, le, &req[n++]);
             } else if (cnt > 0) {
-                float *to = (float *)(uintptr_t)remote[i] + chunk_at(pl, pl->E, bi, le) * d;
+                float *to = (float *)(uintptr_t)remote[i] + chunk_at(pl, bi, le) * d;
                 write_rows(pm, ba, i, src, pl->start[e], pl->start[e + 1], to);
             }
         }
@@ -447,7 +493,7 @@ static const float *a2a_part(const struct a2a_plan *pl, const float *perm, const
 
 /* out (Ns, d): each token's sum over its kept slots of wts[slot] (1 when NULL) times the
  * slot's expert output, the sum of the ETP ranks' partial rows; terms in (slot, ETP rank)
- * order, the first two in one pass. */
+ * order. */
 static void a2a_combine(const struct par_model *pm, const struct par_block_acts *ba,
                         const struct a2a_plan *pl, const float *perm, const float *ret,
                         const float *wts, float *out)
@@ -456,37 +502,15 @@ static void a2a_combine(const struct par_model *pm, const struct par_block_acts 
     int const k = pm->cfg.num_experts_per_tok;
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < Ns; t++) {
-        float *restrict o = out + t * d;
-        const float *y0 = NULL;
-        float w0 = 0.0f;
-        int n = 0;
+        struct row_sum rs = {.o = out + t * d, .d = d};
         for (int j = 0; j < k; j++) {
             size_t const slot = t * (size_t)k + (size_t)j;
             int const s = ba->slot_row[slot];
-            if (s < 0) continue;
-            float const w = wts ? wts[slot] : 1.0f;
-            for (int a = 0; a < pl->etp; a++, n++) {
-                const float *restrict y = a2a_part(pl, perm, ret, ba->rtopk[slot], (size_t)s, a);
-                if (n == 0) {
-                    y0 = y;
-                    w0 = w;
-                } else if (n == 1) {
-                    const float *restrict x = y0;
-#pragma omp simd
-                    for (size_t c = 0; c < d; c++) o[c] = w0 * x[c] + w * y[c];
-                } else {
-#pragma omp simd
-                    for (size_t c = 0; c < d; c++) o[c] += w * y[c];
-                }
-            }
+            for (int a = 0; a < pl->etp && s >= 0; a++)
+                row_sum_add(&rs, a2a_part(pl, perm, ret, ba->rtopk[slot], (size_t)s, a),
+                            wts ? wts[slot] : 1.0f);
         }
-        if (n == 0) {
-            memset(o, 0, d * sizeof *o);
-        } else if (n == 1) {
-            const float *restrict x = y0;
-#pragma omp simd
-            for (size_t c = 0; c < d; c++) o[c] = w0 * x[c];
-        }
+        row_sum_end(&rs);
     }
 }
 
@@ -565,6 +589,27 @@ static void a2a_backward(struct par_model *pm, struct par_block_acts *ba,
 
 /* ---------------------------------------------------------------- 2b. all-gather */
 
+/* out_g (Ng, d): each gathered token's sum over its slots routed to local experts of
+ * wts[slot] (1 when NULL) times the expert row, in slot order; partial over the ranks of
+ * etp x ep, which the reduce-scatter completes. */
+static void ag_combine(const struct par_model *pm, const struct par_block_acts *ba,
+                       const float *perm, const float *wts, float *out_g)
+{
+    size_t const d = (size_t)pm->cfg.hidden_size;
+    size_t const Ng = pm->shape.Ns * (size_t)pm->groups.etpep.size;
+    int const k = pm->cfg.num_experts_per_tok;
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < Ng; t++) {
+        struct row_sum rs = {.o = out_g + t * d, .d = d};
+        for (int j = 0; j < k; j++) {
+            size_t const slot = t * (size_t)k + (size_t)j;
+            int const r = ba->row_of_slot[slot];
+            if (r >= 0) row_sum_add(&rs, perm + (size_t)r * d, wts ? wts[slot] : 1.0f);
+        }
+        row_sum_end(&rs);
+    }
+}
+
 /* Gathers rows and routing over etp x ep and lays out the rows routed to local experts:
  * sorted_from = gathered token, slot_of = gathered slot, by [local expert][slot order]. */
 static void ag_forward(struct par_model *pm, struct par_block_acts *ba,
@@ -582,11 +627,13 @@ static void ag_forward(struct par_model *pm, struct par_block_acts *ba,
     dist_allgather_bytes(g, DIST_ETPEP, ba->topk_g, ba->rtopk, Ns * (size_t)k * sizeof(int));
     dist_allgather_bytes(g, DIST_ETPEP, ba->kept_g, ba->kept, Ns * (size_t)k);
     size_t row = 0;
+    for (size_t s = 0; s < S; s++) ba->row_of_slot[s] = -1;
     for (int le = 0; le < El; le++) {
         ba->expert_off[le] = row;
         for (size_t s = 0; s < S; s++)
             if (ba->kept_g[s] && ba->topk_g[s] == e0 + le) {
                 ba->sorted_from[row] = (int)(s / (size_t)k);
+                ba->row_of_slot[s] = (int)row;
                 ba->slot_of[row++] = (int)s;
             }
     }
@@ -599,15 +646,7 @@ static void ag_forward(struct par_model *pm, struct par_block_acts *ba,
 
     t0 = omp_get_wtime();
     float *out_g = g->size > 1 ? pm->xgather : out;
-    memset(out_g, 0, Ng * d * sizeof(float));
-    /* rows of one token may belong to several local experts: a serial pass over rows keeps
-     * the sum's order fixed */
-    for (size_t r = 0; r < row; r++) {
-        float const wt = ba->w_g[ba->slot_of[r]];
-        float *o = out_g + (size_t)ba->sorted_from[r] * d;
-        const float *y = ba->y_perm + r * d;
-        for (size_t i = 0; i < d; i++) o[i] += wt * y[i];
-    }
+    ag_combine(pm, ba, ba->y_perm, ba->w_g, out_g);
     dist_reduce_scatter(g, DIST_ETPEP, out, out_g, Ns * d);
     dispatch_time(ba, t0);
 }
@@ -645,12 +684,7 @@ static void ag_backward(struct par_model *pm, struct par_block_acts *ba,
 
     t0 = omp_get_wtime();
     float *dm_g = g->size > 1 ? pm->xgather : dm;
-    memset(dm_g, 0, Ng * d * sizeof(float));
-    for (size_t r = 0; r < ba->rows; r++) {
-        float *o = dm_g + (size_t)ba->sorted_from[r] * d;
-        const float *dx = pm->dx_perm + r * d;
-        for (size_t i = 0; i < d; i++) o[i] += dx[i];
-    }
+    ag_combine(pm, ba, pm->dx_perm, NULL, dm_g);
     dist_reduce_scatter(g, DIST_ETPEP, dm, dm_g, Ns * d);
     dispatch_time(ba, t0);
 }

@@ -131,6 +131,7 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
         ba->kept_g = arena_take(acts, Ng * k);
         ba->sorted_from = arena_take(acts, A * sizeof(int));
         ba->slot_of = arena_take(acts, A * sizeof(int));
+        ba->row_of_slot = arena_take(acts, Ng * k * sizeof(int));
         ba->expert_off = arena_take(acts, (E_local + 1) * sizeof(size_t));
         ba->x_perm = arena_take(acts, A * d * f);
         ba->h1 = arena_take(acts, A * Fl * f);

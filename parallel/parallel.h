@@ -70,6 +70,7 @@ struct par_block_acts {
     unsigned char *kept_g;         /* (Ng, k) */
     int *sorted_from;              /* (R): source of each expert row (gathered row or token) */
     int *slot_of;                  /* (R): gathered slot of each expert row (all-gather) */
+    int *row_of_slot;              /* (Ng, k): expert row of each gathered slot, or -1 */
     size_t *expert_off;            /* (E_local + 1): rows of each local expert */
     size_t rows, send_rows;        /* expert rows; all-to-all send rows */
     float *x_perm, *h1, *h3, *act, *y_perm; /* (R, d), (R, F_l) x3, (R, d) */

@@ -160,40 +160,59 @@ static long long check_bcast(const struct dist_group *g, enum dist_kind kind, st
     return wrong;
 }
 
-/* Uneven all-to-all(v) as the token dispatcher sends it: from rank src to rank dst go
- * a2a_count(src, dst) elements (some zero), element k being ival(seed, src, dst * m + k). */
-static size_t a2a_count(int src, int dst, size_t m)
+/* Uneven point-to-point pieces as the all-to-all token dispatcher sends them (dist_irecv,
+ * dist_isend, dist_wait_all): from rank src to rank dst go two pieces, tags 0 and 1, of
+ * piece_count(src, dst, tag) elements (some zero, which post nothing), element k of piece
+ * t being ival(seed, src, (2 dst + t) m + k); then a notice from every rank to every other. */
+static size_t piece_count(int src, int dst, int tag, size_t m)
 {
-    return (size_t)((src + 2 * dst + (int)(m % 3)) % 3) * m / 2;
+    return (size_t)((src + 2 * dst + tag + (int)(m % 3)) % 3) * m / 4;
 }
 
-static long long check_alltoallv(const struct dist_group *g, struct bufs *s, size_t m,
-                                 unsigned seed)
+static long long check_pieces(const struct dist_group *g, struct bufs *s, size_t m,
+                              unsigned seed)
 {
     int const n = g->size, r = g->rank;
-    int *const sc = calloc((size_t)n * 4, sizeof *sc);
-    int *const sd = sc + n, *const rc = sc + 2 * n, *const rd = sc + 3 * n;
-    VD_CHECK(sc, "out of memory");
-    size_t soff = 0, roff = 0;
-    for (int p = 0; p < n; p++) {
-        size_t const out = a2a_count(r, p, m), in = a2a_count(p, r, m);
-        for (size_t k = 0; k < out; k++) s->a[soff + k] = (float)ival(seed, r, (size_t)p * m + k);
-        sc[p] = dist_count(out);
-        sd[p] = dist_count(soff);
-        rc[p] = dist_count(in);
-        rd[p] = dist_count(roff);
-        soff += out;
-        roff += in;
-    }
-    VD_CHECK(soff <= s->cap && roff <= s->cap, "all-to-all buffers too small");
-    tu_fill_nan(s->b, roff);
-    DIST_CHECK_MPI(MPI_Alltoallv(s->a, sc, sd, MPI_FLOAT, s->b, rc, rd, MPI_FLOAT, g->comm));
+    MPI_Request *req = calloc(4 * (size_t)n, sizeof *req);
+    size_t *roff = calloc(2 * (size_t)n, sizeof *roff);
+    VD_CHECK(req && roff, "out of memory");
+    size_t soff = 0, rtot = 0;
+    int nr = 0;
+    for (int p = 0; p < n; p++)
+        for (int t = 0; t < 2; t++) {
+            roff[2 * p + t] = rtot;
+            rtot += piece_count(p, r, t, m);
+        }
+    VD_CHECK(rtot <= s->cap, "piece buffers too small");
+    tu_fill_nan(s->b, rtot);
+    for (int p = 0; p < n; p++)
+        for (int t = 0; t < 2; t++)
+            dist_irecv(g, s->b + roff[2 * p + t], piece_count(p, r, t, m), p, t, &req[nr++]);
+    for (int p = 0; p < n; p++)
+        for (int t = 0; t < 2; t++) {
+            size_t const out = piece_count(r, p, t, m);
+            VD_CHECK(soff + out <= s->cap, "piece buffers too small");
+            for (size_t k = 0; k < out; k++)
+                s->a[soff + k] = (float)ival(seed, r, (size_t)(2 * p + t) * m + k);
+            dist_isend(g, s->a + soff, out, p, t, &req[nr++]);
+            soff += out;
+        }
+    dist_wait_all(req, nr, DIST_WORLD, 0);
     long long wrong = 0;
     for (int p = 0; p < n; p++)
-        for (size_t k = 0; k < (size_t)rc[p]; k++)
-            wrong +=
-                tu_exact_differs(s->b[(size_t)rd[p] + k], ival(seed, p, (size_t)r * m + k));
-    free(sc);
+        for (int t = 0; t < 2; t++)
+            for (size_t k = 0; k < piece_count(p, r, t, m); k++)
+                wrong += tu_exact_differs(s->b[roff[2 * p + t] + k],
+                                          ival(seed, p, (size_t)(2 * r + t) * m + k));
+    /* notices: every pair, both ways, on a tag no piece used */
+    nr = 0;
+    for (int p = 0; p < n; p++)
+        if (p != r) dist_expect_notice(g, p, 2, &req[nr++]);
+    for (int p = 0; p < n; p++)
+        if (p != r) dist_notify(g, p, 2, &req[nr++]);
+    dist_wait_all(req, nr, DIST_WORLD, 0);
+    free(req);
+    free(roff);
     return wrong;
 }
 
@@ -211,9 +230,10 @@ static long long check_members(const struct dist_grid *grid, const struct dist_g
     return wrong;
 }
 
-/* Element counts per rank: one, a small odd count, and one large enough for the
- * libraries' segmented (ring, pipelined) algorithms; none divisible by the group sizes. */
-static const size_t counts[] = {1, 1003, 65541};
+/* Element counts per rank: one, a small odd count, one large enough for the libraries'
+ * segmented (ring, pipelined) algorithms, and one over two and a half of
+ * dist_reduce_scatter's rounds (2^18 floats); none divisible by the group sizes. */
+static const size_t counts[] = {1, 1003, 65541, 655363};
 enum { NCOUNTS = sizeof counts / sizeof counts[0], CHECKS_PER_COUNT = 6 };
 
 /* Runs every check on every group kind of one layout; returns this rank's wrong count and
@@ -240,7 +260,7 @@ static long long run_layout(const struct layout *l, struct bufs *s, long *checks
             wrong += check_allgather(&g, (enum dist_kind)kind, s, m, seed++);
             wrong += check_reduce_scatter(&g, (enum dist_kind)kind, s, m, seed++);
             wrong += check_bcast(&g, (enum dist_kind)kind, s, m, seed++);
-            wrong += check_alltoallv(&g, s, m, seed++);
+            wrong += check_pieces(&g, s, m, seed++);
             *checks += CHECKS_PER_COUNT;
         }
         dist_group_free(&g);

@@ -806,10 +806,10 @@ int main(int argc, char **argv)
     if (ranks) return mpi_main(argc, argv, atoi(ranks));
 
     static const struct tu_test tests[] = {
-        {"1 rank: both dispatchers, every routing, exact", test_ranks_1},
-        {"2-rank layouts: both dispatchers, every routing, exact", test_ranks_2},
-        {"4-rank layouts: both dispatchers, every routing, exact", test_ranks_4},
-        {"8-rank layouts: both dispatchers, every routing, exact", test_ranks_8},
+        {"1 rank: every dispatcher, every routing, exact", test_ranks_1},
+        {"2-rank layouts: every dispatcher, every routing, exact", test_ranks_2},
+        {"4-rank layouts: every dispatcher, every routing, exact", test_ranks_4},
+        {"8-rank layouts: every dispatcher, every routing, exact", test_ranks_8},
         {"a corrupted expectation fails the run", test_corruption_is_caught},
     };
     static const struct tu_suite suite = {
