@@ -225,22 +225,13 @@ static void experts_backward(struct par_model *pm, struct par_block_acts *ba,
     par_timers[PAR_T_EXPERTS] += omp_get_wtime() - t0;
 }
 
-/* dst row i = wts[slot[i]] times src row slot[i] / k (a copy when wts is NULL). */
-static void take_rows(float *restrict dst, const float *restrict src, const float *wts,
-                      const int *slot, size_t n, size_t d, int k)
+/* dst row i = src row slot[i] / k. */
+static void take_rows(float *restrict dst, const float *restrict src, const int *slot, size_t n,
+                      size_t d, int k)
 {
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        const float *x = src + (size_t)(slot[i] / k) * d;
-        float *y = dst + i * d;
-        if (wts == NULL) {
-            memcpy(y, x, d * sizeof *y);
-            continue;
-        }
-        float const w = wts[slot[i]];
-#pragma omp simd
-        for (size_t c = 0; c < d; c++) y[c] = w * x[c];
-    }
+    for (size_t i = 0; i < n; i++)
+        memcpy(dst + i * d, src + (size_t)(slot[i] / k) * d, d * sizeof *dst);
 }
 
 /* A weighted sum of rows into one output row o: the terms in the order added, the first
@@ -386,20 +377,32 @@ static void write_rows(const struct par_model *pm, const struct par_block_acts *
     if (n > 0) dist_direct_write(&pm->direct, peer, piece, n, remote);
 }
 
-/* Moves this rank's send rows (row s: wts[slot] times src row of its token; a copy when
- * wts is NULL) into the expert blocks `perm` of the experts' ranks. With `remote` (every
- * rank's block, forward only: the rows go unscaled), the rows for ranks that take direct
- * writes are written there straight from src and a notice follows; the others travel as
- * MPI messages of packed rows. The target block is free: its rank entered this layer's
- * counts exchange, so it is done with the block's last contents. */
+/* Whether some rank at ep coordinate b2 other than this one takes its rows as MPI messages
+ * (then they are packed in xsend): without `remote`, every one. */
+static bool a2a_by_mpi(const struct par_model *pm, const struct a2a_plan *pl, int b2,
+                       const uint64_t *remote)
+{
+    bool by_mpi = false;
+    for (int i = 0; i < pl->q; i++)
+        by_mpi |= i != pl->me && pm->etpep_ep[i] == b2 && !(remote && pm->direct.ok[i]);
+    return by_mpi;
+}
+
+/* Moves this rank's send rows (row s: the src row of its token) into the expert blocks
+ * `perm` of the experts' ranks. src NULL: the caller has already put the rows in place
+ * (packed in xsend where a2a_by_mpi says, its own in perm). With `remote` (every rank's
+ * block, and src), the rows for ranks that take direct writes are written there straight
+ * from src and a notice follows; the others travel as MPI messages of packed rows. The target block is free:
+ * its rank entered this layer's counts exchange, so it is done with the block's last
+ * contents. */
 static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
-                         const struct a2a_plan *pl, const float *src, const float *wts,
-                         float *perm, const uint64_t *remote)
+                         const struct a2a_plan *pl, const float *src, float *perm,
+                         const uint64_t *remote)
 {
     const struct dist_group *g = &pm->groups.etpep;
     int const El = pl->El, q = pl->q, k = pm->cfg.num_experts_per_tok, ep = pm->groups.ep.size;
     size_t const d = pl->d;
-    VD_CHECK(remote == NULL || wts == NULL, "direct writes carry unscaled rows");
+    VD_CHECK(remote == NULL || src, "direct writes copy from src");
     const bool *direct = pm->direct.ok;
     MPI_Request *req = pm->xreqs;
     int n = 0;
@@ -417,13 +420,10 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
         }
     }
     /* Pack the rows of each ep coordinate that some MPI peer takes. */
-    for (int b2 = 0; b2 < ep; b2++) {
-        bool by_mpi = false;
-        for (int i = 0; i < q; i++)
-            by_mpi |= i != pl->me && pm->etpep_ep[i] == b2 && !(remote && direct[i]);
+    for (int b2 = 0; b2 < ep && src; b2++) {
         int const s0 = pl->start[b2 * El], s1 = pl->start[(b2 + 1) * El];
-        if (by_mpi)
-            take_rows(pm->xsend + (size_t)s0 * d, src, wts, ba->send_slot + s0,
+        if (a2a_by_mpi(pm, pl, b2, remote))
+            take_rows(pm->xsend + (size_t)s0 * d, src, ba->send_slot + s0,
                       (size_t)(s1 - s0), d, k);
     }
     for (int i = 0; i < q; i++) {
@@ -442,10 +442,9 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
         }
         if (remote && direct[i]) dist_notify(g, i, El, &req[n++]); /* all written */
     }
-    for (int le = 0; le < El; le++) {
+    for (int le = 0; le < El && src; le++) {
         int const e = pl->b * El + le;
-        take_rows(perm + (size_t)pl->chunk[le * q + pl->me] * d, src, wts,
-                  ba->send_slot + pl->start[e], expert_rows(pl, e), d, k);
+        take_rows(perm + (size_t)pl->chunk[le * q + pl->me] * d, src, ba->send_slot + pl->start[e], expert_rows(pl, e), d, k);
     }
     dist_wait_all(req, n, DIST_ETPEP, nbytes);
 }
@@ -537,7 +536,7 @@ static void a2a_forward(struct par_model *pm, struct par_block_acts *ba,
                          (size_t)E * sizeof *cnt);
     struct a2a_plan pl;
     a2a_plan_make(pm, ba, &pl);
-    a2a_dispatch(pm, ba, &pl, ba->m_loc, NULL, ba->x_perm,
+    a2a_dispatch(pm, ba, &pl, ba->m_loc, ba->x_perm,
                  pm->peer_xperm + (size_t)(ba - pm->blocks) * (size_t)pm->groups.etpep.size);
     dispatch_time(ba, t0);
 
@@ -558,25 +557,45 @@ static void a2a_backward(struct par_model *pm, struct par_block_acts *ba,
     double t0 = omp_get_wtime();
     struct a2a_plan pl;
     a2a_plan_make(pm, ba, &pl);
-    /* dw of each kept slot = <dout, y>, y the sum of the ETP partials kept from the forward */
+    /* One pass over the kept slots: dw = <dout, y> (y: the sum of the ETP partials kept
+     * from the forward), and dy = w dout into its send row, packed for MPI peers and in
+     * place in the expert block for this rank's own experts. */
+    int const El = pl.El, q = pl.q, ep = pm->groups.ep.size;
+    bool *pack = pm->xpack;
+    for (int b2 = 0; b2 < ep; b2++) pack[b2] = a2a_by_mpi(pm, &pl, b2, NULL);
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < Ns; t++) {
-        const float *g = dout + t * d;
+        const float *restrict g = dout + t * d;
         for (int j = 0; j < k; j++) {
             size_t const slot = t * (size_t)k + (size_t)j;
-            int const s = ba->slot_row[slot];
+            int const s = ba->slot_row[slot], e = ba->rtopk[slot];
+            if (s < 0) {
+                dtopk_w[slot] = 0.0f;
+                continue;
+            }
+            float *packed = pack[e / El] ? pm->xsend + (size_t)s * d : NULL, *own = NULL;
+            if (e / El == pl.b)
+                own = pm->dy_perm +
+                      ((size_t)pl.chunk[(e % El) * q + pl.me] + (size_t)(s - pl.start[e])) * d;
+            float *restrict dy = own ? own : packed;
+            const float *restrict y = a2a_part(&pl, ba->y_perm, ba->y_ret, e, (size_t)s, 0);
+            float const wt = ba->rtopk_w[slot];
             float dot = 0.0f;
-            for (int a = 0; a < pl.etp && s >= 0; a++) {
-                const float *y = a2a_part(&pl, ba->y_perm, ba->y_ret, ba->rtopk[slot],
-                                          (size_t)s, a);
 #pragma omp simd reduction(+ : dot)
-                for (size_t i = 0; i < d; i++) dot += g[i] * y[i];
+            for (size_t i = 0; i < d; i++) {
+                dy[i] = wt * g[i];
+                dot += g[i] * y[i];
+            }
+            if (own && packed) memcpy(packed, own, d * sizeof *own);
+            for (int a = 1; a < pl.etp; a++) {
+                const float *restrict ya = a2a_part(&pl, ba->y_perm, ba->y_ret, e, (size_t)s, a);
+#pragma omp simd reduction(+ : dot)
+                for (size_t i = 0; i < d; i++) dot += g[i] * ya[i];
             }
             dtopk_w[slot] = dot;
         }
     }
-    /* dy of each send row = w dout of its token */
-    a2a_dispatch(pm, ba, &pl, dout, ba->rtopk_w, pm->dy_perm, NULL);
+    a2a_dispatch(pm, ba, &pl, NULL, pm->dy_perm, NULL);
     dispatch_time(ba, t0);
 
     experts_backward(pm, ba, w, gw);
@@ -639,7 +658,7 @@ static void ag_forward(struct par_model *pm, struct par_block_acts *ba,
     }
     ba->expert_off[El] = row;
     ba->rows = row;
-    take_rows(ba->x_perm, m_g, NULL, ba->sorted_from, row, d, 1);
+    take_rows(ba->x_perm, m_g, ba->sorted_from, row, d, 1);
     dispatch_time(ba, t0);
 
     experts_forward(pm, ba, w);

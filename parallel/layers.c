@@ -173,6 +173,7 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     pm->sort_scratch = arena_take(scr, sort_ints * sizeof(int));
     pm->xplan = arena_take(scr, (E + 1 + E_local * q + 1) * sizeof(int));
     pm->xreqs = arena_take(scr, 2 * E_local * q * sizeof(MPI_Request));
+    pm->xpack = arena_take(scr, (size_t)pm->groups.ep.size * sizeof(bool));
     pm->att_scratch = arena_take(scr, model_attention_scratch_floats(T) * f);
     pm->rope_cos = arena_take(scr, (size_t)T * hd / 2 * f);
     pm->rope_sin = arena_take(scr, (size_t)T * hd / 2 * f);

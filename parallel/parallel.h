@@ -149,6 +149,7 @@ struct par_model {
     int *sort_scratch;                  /* (N k) */
     int *xplan;                         /* (E + 1 + E_local etp ep + 1) all-to-all plan */
     MPI_Request *xreqs;                 /* (2 E_local etp ep) all-to-all pieces */
+    bool *xpack;                        /* (ep) all-to-all rows packed per ep coordinate */
     struct dist_direct direct;          /* over etp x ep: which ranks take direct writes */
     uint64_t *peer_xperm;               /* (local layers, etp ep): every rank's x_perm */
     float *rope_cos, *rope_sin;
