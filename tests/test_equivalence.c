@@ -99,6 +99,7 @@
 #include <jansson.h>
 
 #include "launch/launch.h"
+#include "tests/testutil.h"
 
 /* A child that runs longer than this is killed (exit status 124 or 137): a hang fails the
  * case instead of the suite. A 10-step tiny run takes about a second even on 8
@@ -226,43 +227,7 @@ static const char *tp(const char *name)
     return buf[which];
 }
 
-__attribute__((format(printf, 3, 4))) static bool expect_impl(bool ok, unsigned line,
-                                                              const char *fmt, ...)
-{
-    char msg[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    CU_assertImplementation(ok ? CU_TRUE : CU_FALSE, line, msg, __FILE__, "", CU_FALSE);
-    if (!ok) {
-        printf("\n  FAILED (line %u): %s\n", line, msg);
-        fflush(stdout);
-    }
-    return ok;
-}
-#define EXPECT(cond, ...) expect_impl((cond), __LINE__, __VA_ARGS__)
-
-static char *read_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0, got;
-    char *b = malloc(cap);
-    while ((got = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) b = realloc(b, cap *= 2);
-    }
-    fclose(f);
-    b[n] = '\0';
-    return b;
-}
-
-static bool file_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
+#define EXPECT TU_EXPECT
 
 /* The last `n` characters of s (the end of a child's output holds its error). */
 static const char *tail(const char *s, size_t n)
@@ -294,7 +259,7 @@ static int run_vdist(int ranks, const char *args)
     else if (WIFSIGNALED(st)) g_rc = 128 + WTERMSIG(st);
     else g_rc = -1;
     free(g_out);
-    g_out = read_file(tp(".captured"));
+    g_out = tu_file_read(tp(".captured"), NULL);
     if (!g_out) g_out = strdup("");
     unlink(tp(".captured"));
     return g_rc;
@@ -375,7 +340,7 @@ static bool read_metrics(struct run *r)
 {
     char name[128];
     snprintf(name, sizeof name, "%s/metrics.jsonl", r->dir);
-    char *text = read_file(tp(name));
+    char *text = tu_file_read(tp(name), NULL);
     if (!EXPECT(text != NULL, "%s: `%s` must write its metrics file %s", r->label, r->cmd,
                 tp(name)))
         return false;
@@ -495,74 +460,9 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
         return;
     char st[128];
     snprintf(st, sizeof st, "%s/model.safetensors", dir);
-    if (!EXPECT(file_exists(tp(st)), "%s: `%s` must export %s", r->label, r->cmd, tp(st)))
+    if (!EXPECT(tu_file_exists(tp(st)), "%s: `%s` must export %s", r->label, r->cmd, tp(st)))
         return;
     r->ok = read_metrics(r);
-}
-
-/* ---------------------------------------------------------------- parameters */
-
-struct st_set {
-    int n;
-    char **name;
-    int *ndim;
-    size_t (*shape)[4];
-    size_t *numel;
-    float **data;
-};
-
-static void st_set_free(struct st_set *s)
-{
-    for (int i = 0; i < s->n; i++) {
-        free(s->name[i]);
-        free(s->data[i]);
-    }
-    free(s->name);
-    free(s->ndim);
-    free(s->shape);
-    free(s->numel);
-    free(s->data);
-    memset(s, 0, sizeof *s);
-}
-
-static bool st_set_load(struct st_set *s, const char *path)
-{
-    memset(s, 0, sizeof *s);
-    ckpt_st_file *f = NULL;
-    if (!EXPECT(ckpt_st_open(&f, path) == 0, "ckpt_st_open(%s) must succeed: %s", path,
-                vd_err_msg()))
-        return false;
-    int const n = ckpt_st_count(f);
-    s->n = n;
-    s->name = calloc((size_t)n, sizeof *s->name);
-    s->ndim = calloc((size_t)n, sizeof *s->ndim);
-    s->shape = calloc((size_t)n, sizeof *s->shape);
-    s->numel = calloc((size_t)n, sizeof *s->numel);
-    s->data = calloc((size_t)n, sizeof *s->data);
-    bool ok = true;
-    for (int i = 0; i < n; i++) {
-        const struct ckpt_st_tensor *t = ckpt_st_get(f, i);
-        s->name[i] = strdup(t->name);
-        s->ndim[i] = t->ndim;
-        memcpy(s->shape[i], t->shape, sizeof s->shape[i]);
-        s->numel[i] = t->numel;
-        s->data[i] = malloc((t->numel ? t->numel : 1) * sizeof(float));
-        size_t const rows = t->ndim == 0 ? 1 : t->shape[0];
-        size_t const cols = rows ? t->numel / rows : 0;
-        ok = ok && EXPECT(t->dtype == CKPT_F32 &&
-                              ckpt_st_read_block(f, i, s->data[i], 0, rows, 0, cols) == 0,
-                          "tensor '%s' of %s must be F32 and readable: %s", t->name, path,
-                          vd_err_msg());
-    }
-    ckpt_st_close(f);
-    return ok;
-}
-
-static int st_set_find(const struct st_set *s, const char *name)
-{
-    for (int i = 0; i < s->n; i++)
-        if (strcmp(s->name[i], name) == 0) return i;
-    return -1;
 }
 
 /* ---------------------------------------------------------------- comparison */
@@ -708,18 +608,20 @@ static void compare(const struct run *x, const struct run *ref, int nsteps, bool
     char pa[128], pb[128];
     snprintf(pa, sizeof pa, "%s/model.safetensors", x->dir);
     snprintf(pb, sizeof pb, "%s/model.safetensors", ref->dir);
-    struct st_set a, b;
-    bool const la = st_set_load(&a, tp(pa)), lb = st_set_load(&b, tp(pb));
+    struct tu_st_set a, b;
+    bool const la = tu_st_set_load(&a, tp(pa)), lb = tu_st_set_load(&b, tp(pb));
     if (la && lb &&
         EXPECT(a.n == b.n && a.n > 0, "%s `%s` exported %d tensors, the reference %d",
                x->label, x->cmd, a.n, b.n)) {
         c->params_compared = true;
         shown = 0;
         for (int i = 0; i < b.n; i++) {
-            int const j = st_set_find(&a, b.name[i]);
+            int const j = tu_st_set_find(&a, b.name[i]);
             if (!EXPECT(j >= 0 && a.ndim[j] == b.ndim[i] &&
-                            memcmp(a.shape[j], b.shape[i], sizeof a.shape[j]) == 0,
-                        "%s `%s`: tensor '%s' must be exported with the reference's shape",
+                            memcmp(a.shape[j], b.shape[i], sizeof a.shape[j]) == 0 &&
+                            a.dtype[j] == CKPT_F32 && b.dtype[i] == CKPT_F32,
+                        "%s `%s`: tensor '%s' must be exported as F32 with the reference's "
+                        "shape",
                         x->label, x->cmd, b.name[i])) {
                 c->param_bad++;
                 continue;
@@ -756,8 +658,8 @@ static void compare(const struct run *x, const struct run *ref, int nsteps, bool
     } else {
         c->param_bad++;
     }
-    st_set_free(&a);
-    st_set_free(&b);
+    tu_st_set_free(&a);
+    tu_st_set_free(&b);
 }
 
 /* ---------------------------------------------------------------- references */
@@ -1002,7 +904,7 @@ static void test_first_reference(void)
 {
     const struct run *r = reference(1, 8, DROPLESS);
     CU_ASSERT_FATAL(EXPECT(r && r->ok, "the first 1-rank reference must train"));
-    EXPECT(file_exists(tp("runs/synth-v64.bin")),
+    EXPECT(tu_file_exists(tp("runs/synth-v64.bin")),
            "the first run must make the embedded synthetic dataset %s", tp("runs/synth-v64.bin"));
     printf("\n    (1-rank reference, micro_batch 1, global_batch 8: %.1f s; lm_loss %.4f -> "
            "%.4f)", r->seconds, r->m[0][F_LM], r->m[STEPS - 1][F_LM]);
@@ -1103,13 +1005,13 @@ static void test_negative_control_dropping(void)
  * 1-step run at lr 0 and weight decay 0, which keeps every bit. */
 static bool initial_weights(void)
 {
-    if (file_exists(tp("calib_init/model.safetensors"))) return true;
+    if (tu_file_exists(tp("calib_init/model.safetensors"))) return true;
     char args[2048];
     snprintf(args, sizeof args, "train --config %s/configs/tiny.ini --train.steps=1 "
              "--train.lr=0 --train.weight_decay=0 --train.peak_gflops=1 --train.seed=%d "
              "--train.export_to=calib_init", g_root, g_seed);
     run_vdist(1, args);
-    return EXPECT(g_rc == 0 && file_exists(tp("calib_init/model.safetensors")),
+    return EXPECT(g_rc == 0 && tu_file_exists(tp("calib_init/model.safetensors")),
                   "`%s` must export the initial weights, got exit status %d:\n%s", g_cmd, g_rc,
                   tail(g_out, 3000));
 }
@@ -1119,10 +1021,10 @@ static bool initial_weights(void)
 static bool perturbed_init(void)
 {
     if (!initial_weights()) return false;
-    if (file_exists(tp("calib_init/perturbed.safetensors"))) return true;
-    struct st_set w;
-    if (!st_set_load(&w, tp("calib_init/model.safetensors"))) {
-        st_set_free(&w);
+    if (tu_file_exists(tp("calib_init/perturbed.safetensors"))) return true;
+    struct tu_st_set w;
+    if (!tu_st_set_load(&w, tp("calib_init/model.safetensors"))) {
+        tu_st_set_free(&w);
         return false;
     }
     uint32_t state = 12345u;
@@ -1144,7 +1046,7 @@ static bool perturbed_init(void)
     int const rc = ckpt_st_write(tp("calib_init/perturbed.safetensors"), wt, w.n, keys, values,
                                  1);
     free(wt);
-    st_set_free(&w);
+    tu_st_set_free(&w);
     return EXPECT(rc == 0, "writing the perturbed weights %s must succeed: %s",
                   tp("calib_init/perturbed.safetensors"), vd_err_msg());
 }
@@ -1471,7 +1373,7 @@ static int suite_init(void)
     if (!getcwd(g_root, sizeof g_root)) return -1;
     char tiny[1100];
     snprintf(tiny, sizeof tiny, "%s/configs/tiny.ini", g_root);
-    if (!file_exists(tiny)) {
+    if (!tu_file_exists(tiny)) {
         fprintf(stderr, "test_equivalence: run from the repository root (configs/tiny.ini "
                         "not found)\n");
         return -1;
