@@ -203,6 +203,8 @@ void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float 
         if (out != in) memmove(out, in, count * sizeof *out);
         return;
     }
+    VD_CHECK(out + count <= in || in + (size_t)q * count <= out,
+             "dist_reduce_scatter: the output overlaps the input");
     double const t0 = MPI_Wtime();
     size_t const chunk = count < RS_CHUNK ? count : RS_CHUNK;
     if (rs_floats < (size_t)(q - 1) * chunk) {

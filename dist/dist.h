@@ -66,7 +66,8 @@ void dist_allgather(const struct dist_group *g, enum dist_kind kind, float *out,
 /* The same for nbytes of any data per rank. */
 void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void *out,
                           const void *in, size_t nbytes);
-/* Sums in (size * count) over the group, rank r keeps block r in out (count). */
+/* Sums in (size * count) over the group, rank r keeps block r in out (count), which must
+ * not overlap in; the sum runs in rank order, the same on every run. */
 void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float *out,
                          const float *in, size_t count);
 /* Starts an in-place sum over the group; complete it with dist_wait_all. */
