@@ -377,20 +377,9 @@ static void write_rows(const struct par_model *pm, const struct par_block_acts *
     if (n > 0) dist_direct_write(&pm->direct, peer, piece, n, remote);
 }
 
-/* Whether some rank at ep coordinate b2 other than this one takes its rows as MPI messages
- * (then they are packed in xsend): without `remote`, every one. */
-static bool a2a_by_mpi(const struct par_model *pm, const struct a2a_plan *pl, int b2,
-                       const uint64_t *remote)
-{
-    bool by_mpi = false;
-    for (int i = 0; i < pl->q; i++)
-        by_mpi |= i != pl->me && pm->etpep_ep[i] == b2 && !(remote && pm->direct.ok[i]);
-    return by_mpi;
-}
-
 /* Moves this rank's send rows (row s: the src row of its token) into the expert blocks
  * `perm` of the experts' ranks. src NULL: the caller has already put the rows in place
- * (packed in xsend where a2a_by_mpi says, its own in perm). With `remote` (every rank's
+ * (those of every other rank packed in xsend, its own in perm). With `remote` (every rank's
  * block, and src), the rows for ranks that take direct writes are written there straight
  * from src and a notice follows; the others travel as MPI messages of packed rows. The target block is free:
  * its rank entered this layer's counts exchange, so it is done with the block's last
@@ -419,32 +408,37 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
                        &req[n++]);
         }
     }
-    /* Pack the rows of each ep coordinate that some MPI peer takes. */
-    for (int b2 = 0; b2 < ep && src; b2++) {
-        int const s0 = pl->start[b2 * El], s1 = pl->start[(b2 + 1) * El];
-        if (a2a_by_mpi(pm, pl, b2, remote))
-            take_rows(pm->xsend + (size_t)s0 * d, src, ba->send_slot + s0,
-                      (size_t)(s1 - s0), d, k);
-    }
-    for (int i = 0; i < q; i++) {
-        if (i == pl->me) continue;
-        int const bi = pm->etpep_ep[i];
+    /* Peers in turn from the next rank on (not all at rank 0 first). The rows of an ep
+     * coordinate that MPI peers take are packed before its first MPI send, so that one
+     * travels while the next coordinate is packed. */
+    bool *packed = pm->xpack;
+    if (src) memset(packed, 0, (size_t)ep * sizeof *packed);
+    for (int j = 1; j < q; j++) {
+        int const i = (pl->me + j) % q, bi = pm->etpep_ep[i];
+        bool const by_mpi = !(remote && direct[i]);
+        if (by_mpi && src && !packed[bi]) {
+            int const s0 = pl->start[bi * El], s1 = pl->start[(bi + 1) * El];
+            take_rows(pm->xsend + (size_t)s0 * d, src, ba->send_slot + s0, (size_t)(s1 - s0),
+                      d, k);
+            packed[bi] = true;
+        }
         for (int le = 0; le < El; le++) {
             int const e = bi * El + le;
             size_t const cnt = expert_rows(pl, e) * d;
             nbytes += cnt * sizeof(float);
-            if (!(remote && direct[i])) {
+            if (by_mpi) {
                 dist_isend(g, pm->xsend + (size_t)pl->start[e] * d, cnt, i, le, &req[n++]);
             } else if (cnt > 0) {
                 float *to = (float *)(uintptr_t)remote[i] + chunk_at(pl, bi, le) * d;
                 write_rows(pm, ba, i, src, pl->start[e], pl->start[e + 1], to);
             }
         }
-        if (remote && direct[i]) dist_notify(g, i, El, &req[n++]); /* all written */
+        if (!by_mpi) dist_notify(g, i, El, &req[n++]); /* all written */
     }
     for (int le = 0; le < El && src; le++) {
         int const e = pl->b * El + le;
-        take_rows(perm + (size_t)pl->chunk[le * q + pl->me] * d, src, ba->send_slot + pl->start[e], expert_rows(pl, e), d, k);
+        take_rows(perm + (size_t)pl->chunk[le * q + pl->me] * d, src,
+                  ba->send_slot + pl->start[e], expert_rows(pl, e), d, k);
     }
     dist_wait_all(req, n, DIST_ETPEP, nbytes);
 }
@@ -562,7 +556,7 @@ static void a2a_backward(struct par_model *pm, struct par_block_acts *ba,
      * place in the expert block for this rank's own experts. */
     int const El = pl.El, q = pl.q, ep = pm->groups.ep.size;
     bool *pack = pm->xpack;
-    for (int b2 = 0; b2 < ep; b2++) pack[b2] = a2a_by_mpi(pm, &pl, b2, NULL);
+    for (int b2 = 0; b2 < ep; b2++) pack[b2] = b2 != pl.b || pl.etp > 1; /* another rank's */
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < Ns; t++) {
         const float *restrict g = dout + t * d;
