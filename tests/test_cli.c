@@ -1,8 +1,14 @@
 /* The `vdist` program as a user runs it: help, every kind of bad input (config, data,
  * weights) refused before training with exit status 1 or 2 and a message naming what is
  * wrong, the Hugging Face export round trip, a short training run that learns the
- * synthetic dataset toward its entropy floor with a complete metrics file, and failed
- * exports that leave nothing half-written.
+ * synthetic dataset toward its entropy floor with a complete metrics file, failed
+ * exports that leave nothing half-written, and the all-to-all dispatcher on a kernel that
+ * refuses its direct writes between ranks.
+ *
+ * For that last test this executable is also a launcher: started with
+ * VDIST_CLI_DENY_WRITEV=1 and a program with its arguments, it installs a seccomp filter
+ * under which process_vm_writev fails with EPERM (as ptrace rules or a container make it
+ * fail) and executes the program; mpirun starts each rank that way.
  *
  * Runs build/vdist (or $VDIST) from the repository root; every child runs with
  * OMP_NUM_THREADS=1 inside a fresh /tmp/vdist_cli_XXXXXX, which is removed at the end.
@@ -17,7 +23,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <CUnit/CUnit.h>
@@ -732,6 +745,98 @@ static void test_export_failures(void)
 
 static int suite_init(void) { return tu_env_init(&g_env, "test_cli", "vdist_cli_"); }
 
+/* ---------------------------------------------------------------- direct writes refused */
+
+/* From here on (and in programs executed from here) process_vm_writev fails with EPERM;
+ * every other system call is untouched. Returns 0 or -1 (errno set). */
+static int deny_process_vm_writev(void)
+{
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 3),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_process_vm_writev, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog const prog = {sizeof filter / sizeof filter[0], filter};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
+/* The launcher (see the top of the file): exit status 3 when the filter cannot be set. */
+static int deny_and_exec(char **argv)
+{
+    if (deny_process_vm_writev() != 0) {
+        fprintf(stderr, "test_cli launcher: cannot install the seccomp filter: %s\n",
+                strerror(errno));
+        return 3;
+    }
+    execv(argv[0], argv);
+    fprintf(stderr, "test_cli launcher: cannot execute %s: %s\n", argv[0], strerror(errno));
+    return 3;
+}
+
+/* `loss`, `lm_loss` and `grad_norm` of every line of a metrics file, as written. */
+static bool loss_fields(const char *path, char *out, size_t cap)
+{
+    struct tu_jsonl m;
+    bool const ok = tu_jsonl_read(&m, path) && m.n > 0;
+    size_t n = 0;
+    out[0] = '\0';
+    for (int i = 0; ok && i < m.n && m.line[i]; i++) {
+        static const char *const keys[] = {"loss", "lm_loss", "grad_norm"};
+        for (int k = 0; k < 3; k++) {
+            const json_t *v = json_object_get(m.line[i], keys[k]);
+            n += (size_t)snprintf(out + n, n < cap ? cap - n : 0, "%s=%.17g ", keys[k],
+                                  json_is_number(v) ? json_number_value(v) : NAN);
+        }
+    }
+    tu_jsonl_free(&m);
+    return ok;
+}
+
+/* Two ranks, experts over both (ep2, all-to-all): once as the machine allows (direct writes
+ * to the peer), once with process_vm_writev refused. The refusal must be detected at start
+ * (0 peers, no failed write later) and the run must train to the same losses and gradient
+ * norms bit for bit: the rows in the experts' blocks are the same either way. */
+static void test_direct_writes_refused(void)
+{
+    char self[PATH_MAX];
+    ssize_t const len = readlink("/proc/self/exe", self, sizeof self - 1);
+    CU_ASSERT_FATAL(EXPECT(len > 0, "/proc/self/exe must name this test program"));
+    self[len] = '\0';
+    const char *const common = "train --config %s --data.path=%s --train.steps=3 "
+                               "--parallel.ep=2 --log.metrics=%s";
+    char args[2048], command[2 * PATH_MAX + sizeof args + 256];
+    const char *const mpirun = "mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2";
+
+    snprintf(args, sizeof args, common, config_path("tiny"), synth64(), tp("direct.jsonl"));
+    snprintf(command, sizeof command, "%s '%s' %s", mpirun, g_env.vdist, args);
+    snprintf(g_run.cmd, sizeof g_run.cmd, "mpirun -np 2 vdist %s", args);
+    tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
+    CU_ASSERT_FATAL(EXPECT(g_run.rc == 0, "`%s` must succeed, got %d", g_run.cmd, g_run.rc));
+    EXPECT(out_has("writes directly to 1 of its 1 etp x ep peers"),
+           "on one machine the peer must take direct writes");
+
+    snprintf(args, sizeof args, common, config_path("tiny"), synth64(), tp("refused.jsonl"));
+    snprintf(command, sizeof command, "%s -x VDIST_CLI_DENY_WRITEV=1 '%s' '%s' %s", mpirun,
+             self, g_env.vdist, args);
+    snprintf(g_run.cmd, sizeof g_run.cmd,
+             "mpirun -np 2 (process_vm_writev refused by seccomp) vdist %s", args);
+    tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
+    CU_ASSERT_FATAL(EXPECT(g_run.rc == 0, "`%s` must succeed on MPI messages, got %d",
+                           g_run.cmd, g_run.rc));
+    EXPECT(out_has("writes directly to 0 of its 1 etp x ep peers"),
+           "the refused direct writes must be detected at start");
+
+    static char a[4096], b[4096];
+    bool const ra = loss_fields(tp("direct.jsonl"), a, sizeof a);
+    bool const rb = loss_fields(tp("refused.jsonl"), b, sizeof b);
+    EXPECT(ra && rb && strcmp(a, b) == 0,
+           "losses and grad norms must agree bit for bit:\n  direct:  %s\n  refused: %s", a, b);
+}
+
 static int suite_clean(void)
 {
     tu_tmpdir_remove(g_env.tmp);
@@ -739,8 +844,10 @@ static int suite_clean(void)
     return 0;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    const char *const deny = getenv("VDIST_CLI_DENY_WRITEV");
+    if (deny && strcmp(deny, "1") == 0 && argc > 1) return deny_and_exec(argv + 1);
     setenv("OMP_NUM_THREADS", "1", 1);
     static const struct tu_test tests[] = {
         {"help and unknown commands", test_help},
@@ -752,6 +859,8 @@ int main(void)
         {"small.ini learns the synthetic data toward its floor; metrics complete",
          test_training_run},
         {"failed exports leave nothing half-written", test_export_failures},
+        {"direct writes refused by the kernel: MPI carries the rows, same losses",
+         test_direct_writes_refused},
     };
     static const struct tu_suite suite = {
         .name = "vdist command line",
