@@ -1,4 +1,9 @@
-/* Direct writes between ranks of one node (dist.h): Linux cross-memory attach. */
+/* Direct writes between ranks of one node (dist.h): Linux cross-memory attach.
+ *
+ * Not MPI, yet in dist/: it is how data crosses between ranks, next to MPI, and the
+ * dispatcher that uses it only needs to know which peers take it. MPI moves a contiguous
+ * message between processes of a node with one copy, but scattered rows need a packing
+ * copy first; a process_vm_writev call takes the scattered pieces as they are. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
