@@ -796,45 +796,72 @@ static bool loss_fields(const char *path, char *out, size_t cap)
     return ok;
 }
 
-/* Two ranks, experts over both (ep2, all-to-all): once as the machine allows (direct writes
- * to the peer), once with process_vm_writev refused. The refusal must be detected at start
- * (0 peers, no failed write later) and the run must train to the same losses and gradient
- * norms bit for bit: the rows in the experts' blocks are the same either way. */
-static void test_direct_writes_refused(void)
+/* Trains tiny.ini for 3 steps on `ranks` ranks with experts over all of them (all-to-all
+ * dispatcher), metrics to g_env.tmp/<name>.jsonl; the last `denied` ranks run with
+ * process_vm_writev refused. Returns the exit status. */
+static int run_ep(int ranks, int denied, const char *name)
 {
     char self[PATH_MAX];
     ssize_t const len = readlink("/proc/self/exe", self, sizeof self - 1);
-    CU_ASSERT_FATAL(EXPECT(len > 0, "/proc/self/exe must name this test program"));
+    if (len <= 0) return -1;
     self[len] = '\0';
-    const char *const common = "train --config %s --data.path=%s --train.steps=3 "
-                               "--parallel.ep=2 --log.metrics=%s";
-    char args[2048], command[2 * PATH_MAX + sizeof args + 256];
-    const char *const mpirun = "mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2";
-
-    snprintf(args, sizeof args, common, config_path("tiny"), synth64(), tp("direct.jsonl"));
-    snprintf(command, sizeof command, "%s '%s' %s", mpirun, g_env.vdist, args);
-    snprintf(g_run.cmd, sizeof g_run.cmd, "mpirun -np 2 vdist %s", args);
-    tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
-    CU_ASSERT_FATAL(EXPECT(g_run.rc == 0, "`%s` must succeed, got %d", g_run.cmd, g_run.rc));
-    EXPECT(out_has("writes directly to 1 of its 1 etp x ep peers"),
-           "on one machine the peer must take direct writes");
-
-    snprintf(args, sizeof args, common, config_path("tiny"), synth64(), tp("refused.jsonl"));
-    snprintf(command, sizeof command, "%s -x VDIST_CLI_DENY_WRITEV=1 '%s' '%s' %s", mpirun,
-             self, g_env.vdist, args);
+    char metrics[600], args[2048], command[2 * PATH_MAX + 3 * sizeof args];
+    snprintf(metrics, sizeof metrics, "%s.jsonl", name);
+    snprintf(args, sizeof args,
+             "train --config %s --data.path=%s --train.steps=3 --parallel.ep=%d "
+             "--train.micro_batch=%d --train.global_batch=4 --log.metrics=%s",
+             config_path("tiny"), synth64(), ranks, 4 / ranks, tp(metrics));
+    const char *const mpirun = "mpirun --allow-run-as-root --oversubscribe --bind-to none";
+    int n = snprintf(command, sizeof command, "%s", mpirun);
+    if (ranks > denied)
+        n += snprintf(command + n, sizeof command - (size_t)n, " -np %d '%s' %s",
+                      ranks - denied, g_env.vdist, args);
+    if (denied > 0)
+        snprintf(command + n, sizeof command - (size_t)n,
+                 "%s -np %d -x VDIST_CLI_DENY_WRITEV=1 '%s' '%s' %s",
+                 ranks > denied ? " :" : "", denied, self, g_env.vdist, args);
     snprintf(g_run.cmd, sizeof g_run.cmd,
-             "mpirun -np 2 (process_vm_writev refused by seccomp) vdist %s", args);
-    tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
-    CU_ASSERT_FATAL(EXPECT(g_run.rc == 0, "`%s` must succeed on MPI messages, got %d",
-                           g_run.cmd, g_run.rc));
-    EXPECT(out_has("writes directly to 0 of its 1 etp x ep peers"),
-           "the refused direct writes must be detected at start");
+             "mpirun -np %d vdist %s (process_vm_writev refused on the last %d)", ranks, args,
+             denied);
+    return tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
+}
 
-    static char a[4096], b[4096];
-    bool const ra = loss_fields(tp("direct.jsonl"), a, sizeof a);
-    bool const rb = loss_fields(tp("refused.jsonl"), b, sizeof b);
-    EXPECT(ra && rb && strcmp(a, b) == 0,
-           "losses and grad norms must agree bit for bit:\n  direct:  %s\n  refused: %s", a, b);
+/* The all-to-all dispatcher on a kernel that refuses some or all of its direct writes
+ * between ranks: 2 ranks with both refusing, 4 ranks with the last two refusing (rank 0
+ * writes directly to rank 1 and sends MPI messages to ranks 2 and 3, so one dispatch mixes
+ * both). The refusal must be detected at start (no failed write later) and each run must
+ * train to the same losses and gradient norms bit for bit as with every write allowed:
+ * the rows in the experts' blocks are the same either way. */
+static void test_direct_writes_refused(void)
+{
+    static const struct {
+        int ranks, denied;
+        const char *peers; /* rank 0's line */
+    } runs[] = {
+        {2, 0, "writes directly to 1 of its 1 etp x ep peers"},
+        {2, 2, "writes directly to 0 of its 1 etp x ep peers"},
+        {4, 0, "writes directly to 3 of its 3 etp x ep peers"},
+        {4, 2, "writes directly to 1 of its 3 etp x ep peers"},
+    };
+    static char want[4096], got[4096];
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "ep%d-denied%d", runs[i].ranks, runs[i].denied);
+        int const rc = run_ep(runs[i].ranks, runs[i].denied, name);
+        if (!EXPECT(rc == 0, "`%s` must succeed, got %d", g_run.cmd, rc)) continue;
+        EXPECT(out_has(runs[i].peers), "`%s`: rank 0 must say it %s", g_run.cmd,
+               runs[i].peers);
+        char metrics[64];
+        snprintf(metrics, sizeof metrics, "%s.jsonl", name);
+        if (runs[i].denied == 0) {
+            EXPECT(loss_fields(tp(metrics), want, sizeof want), "%s must be written", metrics);
+            continue;
+        }
+        bool const read = loss_fields(tp(metrics), got, sizeof got);
+        EXPECT(read && strcmp(want, got) == 0,
+               "`%s`: losses and grad norms must agree bit for bit with every write allowed:"
+               "\n  allowed: %s\n  refused: %s", g_run.cmd, want, got);
+    }
 }
 
 static int suite_clean(void)
