@@ -185,7 +185,7 @@ void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void 
  * pieces it receives to its own in rank order, while they are still in cache. Each piece
  * moves once (Open MPI's shared-memory transport copies a large contiguous message once),
  * as in a ring, and the sum is the same on every run. */
-enum { RS_CHUNK = 1 << 18 };
+enum { RS_CHUNK = 1 << 18, RS_TAG = DIST_TAG_MAX + 1 };
 
 /* Rank r's piece of this rank's block in round c0: its own input, or received. */
 static const float *rs_piece(const float *in, size_t count, size_t c0, size_t chunk, int me,
@@ -220,11 +220,11 @@ void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float 
         /* piece of rank r = me + j is received into slot j - 1 */
         for (int j = 1; j < q; j++)
             DIST_CHECK_MPI(MPI_Irecv(rs_scratch + (size_t)(j - 1) * chunk, (int)n, MPI_FLOAT,
-                                     (me + j) % q, 0, g->comm, &rs_reqs[nr++]));
+                                     (me + j) % q, RS_TAG, g->comm, &rs_reqs[nr++]));
         for (int j = 1; j < q; j++) {
             int const to = (me + q - j) % q;
-            DIST_CHECK_MPI(MPI_Isend(in + (size_t)to * count + c0, (int)n, MPI_FLOAT, to, 0,
-                                     g->comm, &rs_reqs[nr++]));
+            DIST_CHECK_MPI(MPI_Isend(in + (size_t)to * count + c0, (int)n, MPI_FLOAT, to,
+                                     RS_TAG, g->comm, &rs_reqs[nr++]));
         }
         DIST_CHECK_MPI(MPI_Waitall(nr, rs_reqs, MPI_STATUSES_IGNORE));
         float *restrict o = out + c0;
@@ -261,6 +261,7 @@ void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes)
 void dist_irecv(const struct dist_group *g, float *buf, size_t count, int peer, int tag,
                 MPI_Request *req)
 {
+    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
     *req = MPI_REQUEST_NULL;
     if (count > 0)
         DIST_CHECK_MPI(MPI_Irecv(buf, dist_count(count), MPI_FLOAT, peer, tag, g->comm, req));
@@ -269,6 +270,7 @@ void dist_irecv(const struct dist_group *g, float *buf, size_t count, int peer, 
 void dist_isend(const struct dist_group *g, const float *buf, size_t count, int peer, int tag,
                 MPI_Request *req)
 {
+    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
     *req = MPI_REQUEST_NULL;
     if (count > 0)
         DIST_CHECK_MPI(MPI_Isend(buf, dist_count(count), MPI_FLOAT, peer, tag, g->comm, req));
@@ -276,11 +278,13 @@ void dist_isend(const struct dist_group *g, const float *buf, size_t count, int 
 
 void dist_notify(const struct dist_group *g, int peer, int tag, MPI_Request *req)
 {
+    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
     DIST_CHECK_MPI(MPI_Isend(NULL, 0, MPI_BYTE, peer, tag, g->comm, req));
 }
 
 void dist_expect_notice(const struct dist_group *g, int peer, int tag, MPI_Request *req)
 {
+    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
     DIST_CHECK_MPI(MPI_Irecv(NULL, 0, MPI_BYTE, peer, tag, g->comm, req));
 }
 

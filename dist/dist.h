@@ -76,8 +76,10 @@ void dist_iallreduce_sum(const struct dist_group *g, float *buf, size_t count,
 /* Waits for n requests started above; their time is charged to kind. */
 void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes);
 /* Point-to-point pieces of an exchange inside group g, completed with dist_wait_all:
- * count floats to or from group rank `peer`, `tag` telling apart the pieces one pair of
- * ranks exchanges. Nothing is posted for count 0 (*req = MPI_REQUEST_NULL). */
+ * count floats to or from group rank `peer`, `tag` (0 to DIST_TAG_MAX; dist's own messages
+ * use the tag above) telling apart the pieces one pair of ranks exchanges. Nothing is
+ * posted for count 0 (*req = MPI_REQUEST_NULL). */
+enum { DIST_TAG_MAX = 32766 }; /* MPI guarantees tags up to 32767 */
 void dist_irecv(const struct dist_group *g, float *buf, size_t count, int peer, int tag,
                 MPI_Request *req);
 void dist_isend(const struct dist_group *g, const float *buf, size_t count, int peer, int tag,

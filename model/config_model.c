@@ -53,6 +53,11 @@ int model_config_validate(const struct model_config *cfg)
               "model.num_key_value_heads = %d: num_attention_heads must be a multiple of "
               "num_key_value_heads",
               H, G);
+    /* the all-to-all dispatcher tells a rank pair's pieces apart by local expert (MPI tags
+     * are only guaranteed up to 32767) */
+    RETURN_IF(cfg->num_local_experts > MODEL_MAX_EXPERTS, VD_EINVAL,
+              "model.num_local_experts = %d: at most %d experts are supported",
+              cfg->num_local_experts, MODEL_MAX_EXPERTS);
     RETURN_IF(cfg->num_experts_per_tok > cfg->num_local_experts, VD_EINVAL,
               "model.num_experts_per_tok = %d is larger than model.num_local_experts = %d: "
               "each token needs 1 <= num_experts_per_tok <= num_local_experts",

@@ -63,6 +63,8 @@ void *vd_calloc(size_t count, size_t size);
 enum model_drop_policy { MODEL_DROP_POSITION = 0, MODEL_DROP_PROBS = 1 };
 enum model_dispatcher { MODEL_DISPATCH_ALLTOALL = 0, MODEL_DISPATCH_ALLGATHER = 1 };
 
+enum { MODEL_MAX_EXPERTS = 16384 }; /* model.num_local_experts, checked by validate */
+
 struct model_config {
     int vocab_size;        /* V */
     int hidden_size;       /* d */

@@ -341,6 +341,8 @@ static void test_cross_checks(void)
         {{{"model.num_experts_per_tok", "9"}},
          "model.num_experts_per_tok = 9 is larger than model.num_local_experts = 8",
          "1 <= num_experts_per_tok <= num_local_experts"},
+        {{{"model.num_local_experts", "20000"}}, "model.num_local_experts = 20000",
+         "at most 16384 experts"},
         {{{"train.global_batch", "6"}, {"train.micro_batch", "4"}},
          "train.global_batch = 6 is not divisible by train.micro_batch = 4",
          "multiple of micro_batch"},
