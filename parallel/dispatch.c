@@ -359,9 +359,8 @@ static void write_rows(const struct par_model *pm, const struct par_block_acts *
     size_t nbytes = 0;
     for (int s = s0; s < s1; s++) {
         const float *x = src + (size_t)(ba->send_slot[s] / k) * d;
-        const char *const end = n > 0 ? (const char *)piece[n - 1].iov_base + piece[n - 1].iov_len
-                                      : NULL;
-        if (end == (const char *)x) {
+        const struct iovec *last = n > 0 ? &piece[n - 1] : NULL;
+        if (last && (const char *)last->iov_base + last->iov_len == (const char *)x) {
             piece[n - 1].iov_len += row;
         } else {
             if (n == DIST_DIRECT_PIECES) {
@@ -379,11 +378,11 @@ static void write_rows(const struct par_model *pm, const struct par_block_acts *
 
 /* Moves this rank's send rows (row s: the src row of its token) into the expert blocks
  * `perm` of the experts' ranks. src NULL: the caller has already put the rows in place
- * (those of every other rank packed in xsend, its own in perm). With `remote` (every rank's
- * block, and src), the rows for ranks that take direct writes are written there straight
- * from src and a notice follows; the others travel as MPI messages of packed rows. The target block is free:
- * its rank entered this layer's counts exchange, so it is done with the block's last
- * contents. */
+ * (those of every other rank packed in xsend, its own in perm). With `remote` (every
+ * rank's block, and src), the rows for ranks that take direct writes are written there
+ * straight from src and a notice follows; the others travel as MPI messages of packed
+ * rows. The target block is free: its rank entered this layer's counts exchange, so it is
+ * done with the block's last contents. */
 static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
                          const struct a2a_plan *pl, const float *src, float *perm,
                          const uint64_t *remote)
