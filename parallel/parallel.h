@@ -68,7 +68,7 @@ struct par_block_acts {
     float *w_g;                    /* (Ng, k): gathered weights (all-gather dispatcher) */
     int *topk_g;                   /* (Ng, k) */
     unsigned char *kept_g;         /* (Ng, k) */
-    int *sorted_from;              /* (R): source of each expert row (gathered row or token) */
+    int *sorted_from;              /* (R): gathered token of each expert row (all-gather) */
     int *slot_of;                  /* (R): gathered slot of each expert row (all-gather) */
     int *row_of_slot;              /* (Ng, k): expert row of each gathered slot, or -1 */
     size_t *expert_off;            /* (E_local + 1): rows of each local expert */
