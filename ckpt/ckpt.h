@@ -58,6 +58,11 @@ int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, 
 /* mkdir -p: creates path and its missing parents; VD_EIO naming the directory that could
  * not be made, or when path exists and is not a directory. */
 int ckpt_make_dirs(const char *path);
+/* fsync of a directory (its entries reach the disk); VD_EIO naming it on failure. */
+int ckpt_sync_dir(const char *path);
+/* rm -rf: 0, or -1 with errno and no message (clean-up after another error keeps that
+ * one's message). */
+int ckpt_remove_tree_quiet(const char *path);
 
 /* ---------------------------------------------------------------- Hugging Face weights */
 

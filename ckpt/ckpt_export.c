@@ -9,7 +9,6 @@
  * multiple of 8 bytes. */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <jansson.h>
 #include <limits.h>
 #include <stdio.h>
@@ -46,26 +45,6 @@ static int export_join(char *out, size_t cap, const char *dir, const char *name)
     return 0;
 }
 
-
-static int export_remove_entry(const char *path, const struct stat *st, int flag,
-                               struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-static int export_sync_dir(const char *path)
-{
-    int const fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    RETURN_IF(fd < 0, VD_EIO, "cannot open %s to sync it: %s", path, strerror(errno));
-    int const rc = fsync(fd);
-    int const err = errno;
-    close(fd);
-    RETURN_IF(rc != 0, VD_EIO, "cannot sync %s: %s", path, strerror(err));
-    return 0;
-}
 
 /* One tensor of the export: its index in the reader, bytes, and shard. */
 struct export_tensor {
@@ -244,7 +223,7 @@ int ckpt_export_hf_sharded(const char *dir, const char *out_dir, size_t max_shar
         rc = vd_err_set(VD_EINVAL, __FILE__, __LINE__, "path %s is too long", out_dir);
     bool made = false;
     if (rc == 0) {
-        nftw(tmp, export_remove_entry, 16, FTW_DEPTH | FTW_PHYS); /* a leftover of this pid */
+        ckpt_remove_tree_quiet(tmp); /* a leftover of this pid */
         if (mkdir(tmp, 0777) != 0)
             rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create %s: %s", tmp,
                             strerror(errno));
@@ -262,8 +241,8 @@ int ckpt_export_hf_sharded(const char *dir, const char *out_dir, size_t max_shar
             rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot rename %s to %s: %s", from, to,
                             strerror(errno));
     }
-    if (rc == 0) rc = export_sync_dir(out_dir);
-    if (made) nftw(tmp, export_remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    if (rc == 0) rc = ckpt_sync_dir(out_dir);
+    if (made) ckpt_remove_tree_quiet(tmp);
     free(names);
     free(t);
     ckpt_reader_close(r);

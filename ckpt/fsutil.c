@@ -1,9 +1,12 @@
 /* File-system helpers shared by the checkpoint writers and the program. */
 #include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "ckpt/ckpt.h"
 
@@ -25,4 +28,28 @@ int ckpt_make_dirs(const char *path)
     RETURN_IF(stat(buf, &st) != 0 || !S_ISDIR(st.st_mode), VD_EIO,
               "%s is not a directory", buf);
     return 0;
+}
+
+int ckpt_sync_dir(const char *path)
+{
+    int const fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    RETURN_IF(fd < 0, VD_EIO, "cannot open %s to sync it: %s", path, strerror(errno));
+    int const rc = fsync(fd);
+    int const err = errno;
+    close(fd);
+    RETURN_IF(rc != 0, VD_EIO, "cannot sync %s: %s", path, strerror(err));
+    return 0;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+int ckpt_remove_tree_quiet(const char *path)
+{
+    return nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }

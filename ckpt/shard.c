@@ -49,7 +49,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <jansson.h>
 #include <limits.h>
 #include <omp.h>
@@ -197,36 +196,10 @@ static int read_at(int fd, void *buf, size_t nbytes, size_t offset, size_t *got)
     return 0;
 }
 
-static int fsync_path(const char *path)
-{
-    int const fd = open(path, O_RDONLY | O_DIRECTORY);
-    RETURN_IF(fd < 0, VD_EIO, "cannot open %s to sync it: %s", path, strerror(errno));
-    int const rc = fsync(fd);
-    int const err = errno;
-    close(fd);
-    RETURN_IF(rc != 0, VD_EIO, "cannot sync %s: %s", path, strerror(err));
-    return 0;
-}
-
-
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
-/* rm -rf: 0 or -1 with errno, no message (clean-up after another error keeps that one). */
-static int remove_tree_quiet(const char *path)
-{
-    return nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
 /* rm -rf; 0 or VD_EIO. */
 static int remove_tree(const char *path)
 {
-    RETURN_IF(remove_tree_quiet(path) != 0, VD_EIO, "cannot remove %s: %s", path, strerror(errno));
+    RETURN_IF(ckpt_remove_tree_quiet(path) != 0, VD_EIO, "cannot remove %s: %s", path, strerror(errno));
     return 0;
 }
 
@@ -252,7 +225,7 @@ static int write_file_atomic(const char *dir, const char *name, const char *text
         unlink(tmp);
         RETURN_ERR(VD_EIO, "cannot rename %s to %s: %s", tmp, path, strerror(e));
     }
-    FORWARD_IF(fsync_path(dir));
+    FORWARD_IF(ckpt_sync_dir(dir));
     return 0;
 }
 
@@ -1425,7 +1398,7 @@ static int publish(const char *tmp, const char *final, const char *root, const c
             old = aside;
         }
     }
-    if (fsync_path(root) != 0) fprintf(stderr, "vdist: warning: %s\n", vd_err_msg());
+    if (ckpt_sync_dir(root) != 0) fprintf(stderr, "vdist: warning: %s\n", vd_err_msg());
     /* an old checkpoint left behind is only disk space: its name is step_N.<suffix>, which
      * ckpt_prune removes */
     if (old && remove_tree(old) != 0) fprintf(stderr, "vdist: warning: %s\n", vd_err_msg());
@@ -1440,7 +1413,7 @@ static int commit_latest(const struct ckpt_pending *p)
     char text[64];
     snprintf(text, sizeof text, "%s\n", p->name);
     int const rc = write_file_atomic(p->root, SHARD_LATEST, text);
-    if (rc != 0 && rename(p->final, p->undo) == 0) remove_tree_quiet(p->undo);
+    if (rc != 0 && rename(p->final, p->undo) == 0) ckpt_remove_tree_quiet(p->undo);
     FORWARD_IF(rc);
     return 0;
 }
@@ -1507,7 +1480,7 @@ static int save_start(const struct par_model *pm, const char *root, const struct
     if (rc == 0) rc = writer_prepare(p, level);
     rc = dist_agree(world, rc);
     if (rc != 0) {
-        if (made) remove_tree_quiet(p->tmp);
+        if (made) ckpt_remove_tree_quiet(p->tmp);
         pending_free(p);
         FORWARD_IF(rc);
     }
@@ -1548,7 +1521,7 @@ int ckpt_save_finish(ckpt_pending *p)
             if (rc == 0) rc = commit_latest(p);
         }
     }
-    if (rc != 0 && world->rank == 0 && !published) remove_tree_quiet(p->tmp);
+    if (rc != 0 && world->rank == 0 && !published) ckpt_remove_tree_quiet(p->tmp);
     pending_free(p);
     FORWARD_IF(dist_agree(world, rc));
     return 0;
