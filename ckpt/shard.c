@@ -879,43 +879,6 @@ static int threads_for(size_t n)
 
 /* ---------------------------------------------------------------- who holds and writes what */
 
-/* Whether this rank's block of t is the copy its shard group contributes: a tensor
- * replicated over that group (norms, routers) only on the group's rank 0. */
-static bool shard_lead(const struct par_model *pm, const struct model_tensor *t)
-{
-    int const shard_rank = t->group == MODEL_GROUP_TP ? pm->groups.tp.rank : pm->groups.etp.rank;
-    return t->shard != MODEL_SHARD_NONE || shard_rank == 0;
-}
-
-/* Whether this rank writes the whole block of tensor i (parameters; moments without the
- * distributed optimizer): one replica per tensor, chosen by the tensor's index so the
- * replicas share the work. */
-static bool writes_block(const struct par_model *pm, int i)
-{
-    const struct model_tensor *t = &pm->tab.t[i];
-    const struct dist_group *rep = t->is_expert ? &pm->groups.edp : &pm->groups.dpcp;
-    return shard_lead(pm, t) && i % rep->size == rep->rank;
-}
-
-/* The moment elements of t this rank holds: block elements [*ea, *eb), element ea stored
- * at adam_m/adam_v + *at. False when it holds none. */
-static bool moment_span(const struct par_model *pm, const struct model_tensor *t, size_t *ea,
-                        size_t *eb, size_t *at)
-{
-    const struct par_range *r = t->is_expert ? &pm->expert : &pm->dense;
-    const struct dist_group *g = t->is_expert ? &pm->groups.edp : &pm->groups.dpcp;
-    size_t const lo =
-        r->begin + (pm->opt.distributed_optimizer ? (size_t)g->rank * r->shard_len : 0);
-    size_t const hi = lo + r->shard_len;
-    size_t const t0 = t->offset, t1 = t->offset + t->numel;
-    if (t1 <= lo || t0 >= hi) return false;
-    size_t const s0 = max_sz(t0, lo), s1 = min_sz(t1, hi);
-    *ea = s0 - t0;
-    *eb = s1 - t0;
-    *at = r->state_offset + (s0 - lo);
-    return true;
-}
-
 /* What this rank needs (load) of one kind of tensor t: block elements [ea, eb), element
  * ea at `at` in the kind's buffer. */
 struct need {
@@ -926,7 +889,7 @@ struct need {
 static struct need need_of(const struct par_model *pm, const struct model_tensor *t, int kind)
 {
     struct need n = {.any = true, .ea = 0, .eb = t->numel, .at = t->offset};
-    if (kind != SHARD_PARAM) n.any = moment_span(pm, t, &n.ea, &n.eb, &n.at);
+    if (kind != SHARD_PARAM) n.any = par_moment_span(pm, t, &n.ea, &n.eb, &n.at);
     return n;
 }
 
@@ -1065,16 +1028,16 @@ static void plan_pieces(struct ckpt_pending *p, const struct par_model *pm)
     size_t cap = 0;
     for (int i = 0; i < pm->tab.count; i++) {
         const struct model_tensor *t = &pm->tab.t[i];
-        if (writes_block(pm, i))
+        if (par_writes_block(pm, i))
             plan_range(p, &cap, SHARD_PARAM, i, pm->params + t->offset, 0, t->numel);
         for (int k = SHARD_M; k <= SHARD_V; k++) {
             if (!pm->opt.distributed_optimizer) {
-                if (writes_block(pm, i))
+                if (par_writes_block(pm, i))
                     plan_range(p, &cap, k, i, state[k] + t->offset, 0, t->numel);
                 continue;
             }
             size_t ea, eb, at;
-            if (shard_lead(pm, t) && moment_span(pm, t, &ea, &eb, &at))
+            if (par_shard_lead(pm, t) && par_moment_span(pm, t, &ea, &eb, &at))
                 plan_range(p, &cap, k, i, state[k] + at, ea, eb);
         }
     }

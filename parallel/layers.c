@@ -182,26 +182,6 @@ static void layout_buffers(struct par_model *pm, struct arena *acts, struct aren
     pm->aux_coef = arena_take(scr, E * f);
 }
 
-/* Pads the dense and expert ranges of the flat buffers to multiples of their replica
- * groups, so the distributed optimizer reduce-scatters equal shards. */
-static void plan_ranges(struct par_model *pm)
-{
-    size_t const pd = (size_t)pm->groups.dpcp.size, pe = (size_t)pm->groups.edp.size;
-    size_t const dense = pm->tab.numel_dense, expert = pm->tab.numel - pm->tab.numel_dense;
-    pm->dense = (struct par_range){.begin = 0, .len = (dense + pd - 1) / pd * pd};
-    pm->expert = (struct par_range){.begin = pm->dense.len, .len = (expert + pe - 1) / pe * pe};
-    size_t const shift = pm->dense.len - dense;
-    for (int i = 0; i < pm->tab.count; i++)
-        if (pm->tab.t[i].is_expert) pm->tab.t[i].offset += shift;
-    pm->tab.numel = pm->expert.begin + pm->expert.len;
-    bool const zero = pm->opt.distributed_optimizer;
-    pm->dense.shard_len = zero ? pm->dense.len / pd : pm->dense.len;
-    pm->expert.shard_len = zero ? pm->expert.len / pe : pm->expert.len;
-    pm->dense.state_offset = 0;
-    pm->expert.state_offset = pm->dense.shard_len;
-    pm->state_len = pm->dense.shard_len + pm->expert.shard_len;
-}
-
 /* Each layer's gradient buckets: the flat ranges of its dense and expert tensors (the table
  * keeps every layer's tensors together, so each is one contiguous range). */
 static void locate_buckets(struct par_model *pm)
@@ -266,7 +246,7 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
               "(sequence parallelism splits them evenly)", pm->shape.N, lay->tp);
     pm->shape.Ns = pm->shape.N / (size_t)lay->tp;
     FORWARD_IF(model_table_build(&pm->tab, cfg, lay));
-    plan_ranges(pm);
+    par_plan_ranges(pm);
 
     pm->params = vd_calloc(pm->tab.numel, sizeof(float));
     pm->grads = vd_calloc(pm->tab.numel, sizeof(float));

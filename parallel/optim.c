@@ -8,14 +8,6 @@
 
 #include "parallel/parallel_internal.h"
 
-/* Whether this rank's block of tensor t is the one copy counted (norm) or written (export):
- * a tensor replicated inside its shard group counts on that group's rank 0. */
-static bool owns_block(const struct par_model *pm, const struct model_tensor *t)
-{
-    int const shard_rank = t->group == MODEL_GROUP_TP ? pm->groups.tp.rank : pm->groups.etp.rank;
-    return t->shard != MODEL_SHARD_NONE || shard_rank == 0;
-}
-
 /* Norms, routers: replicated over tp, each rank holds the partial gradient of its rows. */
 static void reduce_tp_replicated(struct par_model *pm)
 {
@@ -59,35 +51,18 @@ static float *reduce_range(struct par_model *pm, const struct par_range *r,
     return pm->grads + r->begin;
 }
 
-/* First flat index of this rank's shard of range r. */
-static size_t shard_begin(const struct par_model *pm, const struct par_range *r,
-                          const struct dist_group *g)
-{
-    return r->begin + (pm->opt.distributed_optimizer ? (size_t)g->rank * r->shard_len : 0);
-}
-
-/* The part [a, b) of tensor t inside [lo, lo + len) of the flat buffers, relative to lo;
- * false when they do not overlap. */
-static bool tensor_piece(const struct model_tensor *t, size_t lo, size_t len, size_t *a,
-                         size_t *b)
-{
-    *a = t->offset > lo ? t->offset - lo : 0;
-    *b = t->offset + t->numel < lo + len ? t->offset + t->numel - lo : len;
-    return t->offset + t->numel > lo && *a < *b;
-}
-
 /* Sum of squares of the reduced gradient held here, each model element counted once:
  * shards are disjoint over replicas; without shards only replica rank 0 counts. */
 static double sq_norm_range(const struct par_model *pm, const struct par_range *r,
                             const struct dist_group *g, const float *vals)
 {
     if (!pm->opt.distributed_optimizer && g->rank != 0) return 0.0;
-    size_t const lo = shard_begin(pm, r, g);
+    size_t const lo = par_shard_begin(pm, r);
     double sum = 0.0;
     for (int i = 0; i < pm->tab.count; i++) {
         const struct model_tensor *t = &pm->tab.t[i];
         size_t a, b;
-        if (!tensor_piece(t, lo, r->shard_len, &a, &b) || !owns_block(pm, t)) continue;
+        if (!par_tensor_piece(t, lo, r->shard_len, &a, &b) || !par_shard_lead(pm, t)) continue;
         double s = 0.0;
 #pragma omp parallel for reduction(+ : s) schedule(static)
         for (size_t j = a; j < b; j++) s += (double)vals[j] * vals[j];
@@ -100,7 +75,7 @@ static void adamw_range(struct par_model *pm, const struct par_range *r,
                         const struct dist_group *g, const float *grad,
                         const struct model_adamw *hp, float scale)
 {
-    size_t const lo = shard_begin(pm, r, g);
+    size_t const lo = par_shard_begin(pm, r);
     float *p = pm->params + lo;
     float *m = pm->adam_m + r->state_offset, *v = pm->adam_v + r->state_offset;
     float *gs = (float *)grad;
@@ -111,7 +86,7 @@ static void adamw_range(struct par_model *pm, const struct par_range *r,
     for (int i = 0; i < pm->tab.count; i++) {
         const struct model_tensor *t = &pm->tab.t[i];
         size_t a, b;
-        if (tensor_piece(t, lo, r->shard_len, &a, &b))
+        if (par_tensor_piece(t, lo, r->shard_len, &a, &b))
             model_adamw_update(p + a, gs + a, m + a, v + a, b - a, hp, t->decay);
     }
     if (pm->opt.distributed_optimizer)
@@ -147,10 +122,4 @@ double par_optimizer_step(struct par_model *pm, const struct par_hparams *hp)
     adamw_range(pm, &pm->expert, ge, gexp, &a, scale);
     par_zero_grads(pm);
     return norm;
-}
-
-bool par_owns_block(const struct par_model *pm, const struct model_tensor *t)
-{
-    int const replica = t->is_expert ? pm->groups.edp.rank : pm->groups.dpcp.rank;
-    return replica == 0 && owns_block(pm, t);
 }

@@ -179,9 +179,21 @@ void par_backward(struct par_model *pm, float loss_scale);
  * it, before clipping), and takes one AdamW step with lr. Zeroes the gradients after. */
 double par_optimizer_step(struct par_model *pm, const struct par_hparams *hp);
 void par_zero_grads(struct par_model *pm);
+/* The optimizer's shard geometry (parallel/shards.c, its one owner; ckpt/ asks here). */
+/* Whether this rank's block of t is the copy its shard group contributes: a tensor
+ * replicated over the tensor group (norms, routers) only on that group's rank 0. */
+bool par_shard_lead(const struct par_model *pm, const struct model_tensor *t);
 /* Whether this rank's block of t is the one copy of it that the layout writes (exports,
- * checkpoints): replicas beyond rank 0 and tensor ranks of replicated tensors do not. */
+ * the gradient norm): replicas beyond rank 0 and tensor ranks of replicated tensors do not. */
 bool par_owns_block(const struct par_model *pm, const struct model_tensor *t);
+/* Whether this rank writes the whole block of tensor i in a checkpoint (parameters; moments
+ * without the distributed optimizer): one replica per tensor, chosen by the tensor's index
+ * so the replicas share the work. */
+bool par_writes_block(const struct par_model *pm, int i);
+/* The moment elements of t this rank holds: block elements [*ea, *eb), element ea stored at
+ * adam_m / adam_v + *at. False when it holds none. */
+bool par_moment_span(const struct par_model *pm, const struct model_tensor *t, size_t *ea,
+                     size_t *eb, size_t *at);
 
 /* The token dispatcher of one MoE layer (ba: that layer's activations, whose router
  * outputs rtopk, rtopk_w, rprobs and rows m_loc are set). */

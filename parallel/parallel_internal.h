@@ -20,4 +20,16 @@ void par_reduce_layer_start(struct par_model *pm, const struct par_layer *L);
  * global row max and sum in pm->rowmax, pm->rowsum. */
 double par_vocab_crossentropy(struct par_model *pm, int v_begin, size_t Vl);
 
+/* Pads the dense and expert ranges of the flat buffers to multiples of their replica groups
+ * (so the distributed optimizer reduce-scatters equal shards) and sizes the shards. */
+void par_plan_ranges(struct par_model *pm);
+/* The group a range is reduced over: dp x cp (dense) or edp (expert). */
+const struct dist_group *par_range_group(const struct par_model *pm, const struct par_range *r);
+/* First flat index of this rank's shard of range r. */
+size_t par_shard_begin(const struct par_model *pm, const struct par_range *r);
+/* The part [a, b) of tensor t inside [lo, lo + len) of the flat buffers, relative to lo;
+ * false when they do not overlap. */
+bool par_tensor_piece(const struct model_tensor *t, size_t lo, size_t len, size_t *a,
+                      size_t *b);
+
 #endif
