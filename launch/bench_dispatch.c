@@ -59,6 +59,7 @@ static double time_call(double (*fn)(void *), void *ctx, int iters)
 
 struct dispatch_ctx {
     struct par_model *pm;
+    struct par_block_acts *ba;
     float *out, *dout, *dm, *dtopk;
 };
 
@@ -66,7 +67,7 @@ struct dispatch_ctx {
 static double run_dispatch(void *p)
 {
     struct dispatch_ctx *c = p;
-    struct par_block_acts *ba = &c->pm->blocks[0];
+    struct par_block_acts *ba = c->ba;
     ba->dispatch_s = 0.0;
     par_moe_dispatch_forward(c->pm, ba, &c->pm->p.layers[0], c->out);
     return ba->dispatch_s;
@@ -76,7 +77,7 @@ static double run_dispatch(void *p)
 static double run_dispatch_backward(void *p)
 {
     struct dispatch_ctx *c = p;
-    struct par_block_acts *ba = &c->pm->blocks[0];
+    struct par_block_acts *ba = c->ba;
     ba->dispatch_s = 0.0;
     par_moe_dispatch_backward(c->pm, ba, &c->pm->p.layers[0], &c->pm->g.layers[0], c->dout,
                               c->dm, c->dtopk);
@@ -120,7 +121,9 @@ int launch_bench_dispatch(const struct launch_config *c)
         return rc;
     }
     pm.identity_experts = true;
-    struct par_block_acts *ba = &pm.blocks[0];
+    struct par_acts acts;
+    par_acts_init(&acts, &pm);
+    struct par_block_acts *ba = &acts.blocks[0];
     random_routing(&pm, ba);
     par_moe_decide(&pm, ba);
     size_t const d = (size_t)m.hidden_size;
@@ -130,7 +133,7 @@ int launch_bench_dispatch(const struct launch_config *c)
     float *dm = vd_calloc(pm.shape.Ns * d, sizeof(float));
     float *dtopk = vd_calloc(rows_k, sizeof(float));
     for (size_t i = 0; i < pm.shape.Ns * d; i++) dout[i] = (float)(i % 777) * 1e-3f;
-    struct dispatch_ctx dc = {&pm, out, dout, dm, dtopk};
+    struct dispatch_ctx dc = {&pm, ba, out, dout, dm, dtopk};
     int const iters = 10;
     double const t_disp = time_call(run_dispatch, &dc, iters);
     double const t_back = time_call(run_dispatch_backward, &dc, iters);
@@ -174,6 +177,7 @@ int launch_bench_dispatch(const struct launch_config *c)
     free(sbuf);
     free(rbuf);
     free(out);
+    par_acts_free(&acts);
     par_model_free(&pm);
     par_groups_free(&groups);
     return 0;

@@ -50,17 +50,18 @@ static void format_duration(char *out, size_t cap, double seconds)
 static double mib(size_t nbytes) { return (double)nbytes / (1024.0 * 1024.0); }
 
 /* Parameters, gradients, AdamW moments (whole or sharded), reduced-gradient shards,
- * activations and scratch of this rank. */
-static size_t plan_nbytes(const struct par_model *pm)
+ * the activation sets of the micro-batches in flight and scratch of this rank. */
+static size_t plan_nbytes(const struct par_model *pm, int nacts)
 {
     size_t const f = sizeof(float);
     size_t const shards = pm->opt.distributed_optimizer ? pm->state_len : 0;
-    return 2 * pm->tab.numel * f + (2 * pm->state_len + shards) * f + pm->act_nbytes +
-           pm->scratch_nbytes;
+    return 2 * pm->tab.numel * f + (2 * pm->state_len + shards) * f +
+           (size_t)nacts * pm->act_nbytes + pm->scratch_nbytes;
 }
 
 /* One line per number a user plans memory with. */
-static void print_plan(const struct launch_config *c, const struct par_model *pm, int threads,
+static void print_plan(const struct launch_config *c, const struct par_model *pm, int nacts,
+                       int threads,
                        double peak, bool peak_measured)
 {
     size_t total = 0, active = 0;
@@ -74,8 +75,8 @@ static void print_plan(const struct launch_config *c, const struct par_model *pm
            "reduced-gradient shards %.1f MiB, activations %.1f MiB, scratch %.1f MiB, total %.1f MiB\n",
            mib(pbytes), mib(pbytes), mib(2 * sbytes),
            pm->opt.distributed_optimizer ? " (sharded)" : "",
-           mib(pm->opt.distributed_optimizer ? sbytes : 0), mib(pm->act_nbytes),
-           mib(pm->scratch_nbytes), mib(plan_nbytes(pm)));
+           mib(pm->opt.distributed_optimizer ? sbytes : 0), mib((size_t)nacts * pm->act_nbytes),
+           mib(pm->scratch_nbytes), mib(plan_nbytes(pm, nacts)));
     if (pm->groups.etpep.size > 1 && c->model.moe_token_dispatcher_type == MODEL_DISPATCH_ALLTOALL)
         printf("dispatch: rank 0 writes directly to %d of its %d etp x ep peers (%s)\n",
                pm->direct.peers, pm->groups.etpep.size - 1,
@@ -86,98 +87,50 @@ static void print_plan(const struct launch_config *c, const struct par_model *pm
                          : "train.peak_gflops");
 }
 
-/* Per MoE layer over a step's micro-batches (all replicas). */
-struct layer_stats {
-    double tokens_max, tokens_mean, dropped_frac, dispatch_ms;
-    double margin; /* smallest decision margin over the step's micro-batches (-1: none) */
-};
-
+/* One step's figures: the schedule's losses and per-layer statistics, the gradient norm. */
 struct step_stats {
     double loss, lm, aux, z, grad_norm;
     int nlayers;
-    struct layer_stats *layers; /* [nlayers], owned by the caller */
+    const struct par_layer_stats *layers; /* (nlayers), owned by the schedule */
 };
 
-/* Folds one micro-batch's per-layer dispatch statistics into sums (dropped, kept) and
- * maxima over the step. */
-static void collect_layers(const struct par_model *pm, double *sums, float *maxima)
+/* Where a step's micro-batches come from: sequence (s GB + m mb + j) mod n_seq. */
+struct step_batches {
+    const launch_tokens *tok;
+    int step, global_batch, micro_batch, seq_len;
+};
+
+static void fill_micro_batch(void *ctx, int m, int *inputs, int *targets)
 {
-    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-    for (int l = 0; l < nl; l++) {
-        const struct par_block_acts *ba = &pm->blocks[l];
-        sums[2 * l] += (double)ba->dropped;
-        maxima[l] = fmaxf(maxima[l], (float)ba->tokens_max);
-        /* minima of margins travel as maxima of their negations */
-        maxima[nl + l] = fmaxf(maxima[nl + l], -ba->margin);
+    const struct step_batches *b = ctx;
+    size_t const nseq = launch_tokens_nseq(b->tok), T = (size_t)b->seq_len;
+    for (int j = 0; j < b->micro_batch; j++) {
+        size_t const seq = ((size_t)b->step * b->global_batch + (size_t)m * b->micro_batch + j) % nseq;
+        launch_tokens_sequence(b->tok, seq, inputs + (size_t)j * T, targets + (size_t)j * T);
     }
 }
 
-/* Per-layer statistics of the step: max over micro-batches and replicas of the most
- * tokens one expert kept, mean tokens per expert, dropped fraction, dispatch time. */
-static void finish_layers(struct par_model *pm, const struct launch_config *c, double *sums,
-                          float *maxima, struct step_stats *out)
+/* One optimizer step: the schedule runs the step's micro-batches, then the update. */
+static double train_step(struct par_model *pm, struct par_schedule *sched,
+                         const launch_tokens *tok, const struct launch_config *c, int step,
+                         float lr, struct step_stats *out)
 {
-    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-    int const n_micro = c->train.global_batch / c->train.micro_batch;
-    int const E = c->model.num_local_experts, k = c->model.num_experts_per_tok;
-    dist_allreduce_sum_f64(&pm->groups.dp, DIST_DP, sums, 2 * (size_t)nl);
-    dist_allreduce_max(&pm->groups.dp, DIST_DP, maxima, 2 * (size_t)nl);
-    double const assignments = (double)n_micro * c->train.micro_batch * c->train.seq_len * k;
-    for (int l = 0; l < nl; l++) {
-        struct layer_stats *ls = &out->layers[l];
-        ls->dropped_frac = sums[2 * l] / assignments;
-        ls->tokens_max = maxima[l];
-        ls->tokens_mean = (assignments - sums[2 * l]) / n_micro / E;
-        ls->dispatch_ms = pm->blocks[l].dispatch_s * 1e3;
-        ls->margin = isinf(maxima[nl + l]) ? -1.0 : -(double)maxima[nl + l];
-        pm->blocks[l].dispatch_s = 0.0;
-    }
-}
-
-/* One optimizer step: the step's micro-batches (this replica's share), then the update.
- * batch: 2 micro_batch seq_len ints for a micro-batch's inputs and targets. */
-static double train_step(struct par_model *pm, const launch_tokens *tok,
-                         const struct launch_config *c, int step, float lr, int *batch,
-                         struct step_stats *out)
-{
-    int const T = c->train.seq_len, mb = c->train.micro_batch, GB = c->train.global_batch;
-    int const n_micro = GB / mb;
-    size_t const nseq = launch_tokens_nseq(tok);
-    int *inputs = batch, *targets = batch + (size_t)mb * T;
-    double sums[3] = {0}; /* lm, aux, z */
-    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-    double *lsums = vd_calloc(2 * (size_t)nl + 1, sizeof *lsums);
-    float *lmax = vd_calloc(2 * (size_t)nl + 1, sizeof *lmax);
-    for (int l = 0; l < nl; l++) lmax[nl + l] = -INFINITY;
-    const struct dist_group *dp = &pm->groups.dp;
-    for (int m = dp->rank; m < n_micro; m += dp->size) {
-        for (int j = 0; j < mb; j++) {
-            size_t const seq = ((size_t)step * GB + (size_t)m * mb + j) % nseq;
-            launch_tokens_sequence(tok, seq, inputs + (size_t)j * T, targets + (size_t)j * T);
-        }
-        struct par_mb_stats st;
-        par_forward(pm, inputs, targets, &st);
-        /* the last micro-batch's backward overlaps the replicated gradient reduction */
-        pm->reduce_in_backward = !pm->opt.distributed_optimizer && m + dp->size >= n_micro;
-        par_backward(pm, 1.0f / (float)n_micro);
-        pm->reduce_in_backward = false;
-        collect_layers(pm, lsums, lmax);
-        sums[0] += st.lm_loss;
-        sums[1] += st.aux_loss;
-        sums[2] += st.z_loss;
-    }
-    dist_allreduce_sum_f64(dp, DIST_DP, sums, 3);
-    finish_layers(pm, c, lsums, lmax, out);
-    free(lsums);
-    free(lmax);
+    struct step_batches sb = {.tok = tok, .step = step, .global_batch = c->train.global_batch,
+                              .micro_batch = c->train.micro_batch, .seq_len = c->train.seq_len};
+    struct par_batches const batches = {.fill = fill_micro_batch, .ctx = &sb,
+                                        .n_micro = c->train.global_batch / c->train.micro_batch};
+    struct par_step_stats st;
+    par_schedule_step(sched, pm, &batches, &st);
     struct par_hparams const hp = {.lr = lr, .beta1 = (float)c->train.beta1,
                                    .beta2 = (float)c->train.beta2, .eps = (float)c->train.eps,
                                    .weight_decay = (float)c->train.weight_decay,
                                    .clip = (float)c->train.clip};
     out->grad_norm = par_optimizer_step(pm, &hp);
-    out->lm = sums[0] / n_micro;
-    out->aux = sums[1] / n_micro;
-    out->z = sums[2] / n_micro;
+    out->lm = st.lm;
+    out->aux = st.aux;
+    out->z = st.z;
+    out->nlayers = st.nlayers;
+    out->layers = st.layers;
     out->loss = out->lm + out->aux + out->z;
     return out->loss;
 }
@@ -202,7 +155,7 @@ static void write_metrics(FILE *f, int step, const struct step_stats *s, float l
                           "tokens_per_expert_mean", tmean);
     json_t *layers = json_array();
     for (int l = 0; l < s->nlayers; l++) {
-        const struct layer_stats *ls = &s->layers[l];
+        const struct par_layer_stats *ls = &s->layers[l];
         json_array_append_new(layers, json_pack("{s:i, s:f, s:f, s:f, s:f, s:f}", "layer", l,
                                                 "tokens_per_expert_max", ls->tokens_max,
                                                 "tokens_per_expert_mean", ls->tokens_mean,
@@ -486,7 +439,7 @@ static void print_layout(const struct dist_grid *grid)
     free(members);
 }
 
-static void print_bench(const struct par_model *pm, int steps_timed, double step_s,
+static void print_bench(const struct par_model *pm, int nacts, int steps_timed, double step_s,
                         double tps, double mfu)
 {
     struct rusage ru;
@@ -511,7 +464,7 @@ static void print_bench(const struct par_model *pm, int steps_timed, double step
     }
     printf("%s\n", any ? "" : " none");
     printf("bench: peak RSS %.1f MiB against a memory plan of %.1f MiB\n",
-           (double)ru.ru_maxrss / 1024.0, mib(plan_nbytes(pm)));
+           (double)ru.ru_maxrss / 1024.0, mib(plan_nbytes(pm, nacts)));
 }
 
 int launch_train_run(const struct launch_config *c, bool bench, struct launch_train_result *res)
@@ -539,6 +492,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         par_groups_free(&groups);
         return rc;
     }
+    struct par_schedule sched;
+    par_schedule_init(&sched, &pm);
     model_init_params(&pm.tab, pm.params, c->train.seed, c->model.num_hidden_layers);
     launch_tokens *tok = NULL;
     rc = open_inputs(c, &pm, &tok);
@@ -546,6 +501,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     if (rc == 0) rc = resume(c, &pm, &start);
     if (rc < 0) {
         launch_tokens_close(tok);
+        par_schedule_free(&sched);
         par_model_free(&pm);
         par_groups_free(&groups);
         return rc;
@@ -553,7 +509,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     bool const measured = c->train.peak_gflops <= 0.0;
     double const peak = measured ? launch_measure_sgemm_gflops() : c->train.peak_gflops;
     res->peak_gflops = peak;
-    if (root) print_plan(c, &pm, threads, peak, measured);
+    if (root) print_plan(c, &pm, sched.nacts, threads, peak, measured);
 
     FILE *metrics = NULL;
     if (root && c->log.metrics[0]) rc = open_metrics(c->log.metrics, start, &metrics);
@@ -562,18 +518,15 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     double const flops_per_step = 3.0 * model_flops_per_token(&c->model, c->train.seq_len) *
                                   tokens_per_step;
     double timed_s = 0.0, t_start = MPI_Wtime();
-    struct layer_stats *layer_stats =
-        vd_calloc((size_t)(lay.layer_end - lay.layer_begin) + 1, sizeof *layer_stats);
     struct ckpt_state cs = {0};
-    int *batch = vd_calloc(2 * (size_t)c->train.micro_batch * (size_t)c->train.seq_len, sizeof *batch);
     for (int s = (int)start; rc == 0 && s < c->train.steps; s++) {
         if (s == start + 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
         float const lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE,
                                      (float)c->train.lr, (float)c->train.lr_min,
                                      c->train.warmup, c->train.steps, s);
         double const t0 = MPI_Wtime();
-        struct step_stats st = {.nlayers = lay.layer_end - lay.layer_begin, .layers = layer_stats};
-        train_step(&pm, tok, c, s, lr, batch, &st);
+        struct step_stats st;
+        train_step(&pm, &sched, tok, c, s, lr, &st);
         double const dt = MPI_Wtime() - t0;
         if (s > start || c->train.steps == start + 1) timed_s += dt;
         double const tps = tokens_per_step / dt;
@@ -613,12 +566,11 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
                "save%s)\n", cs.saves, cs.blocked_s, 1e3 * cs.blocked_s / cs.saves,
                c->ckpt.async ? ", asynchronous" : "");
     if (metrics) fclose(metrics);
-    free(layer_stats);
-    free(batch);
     if (rc == 0 && bench && root)
-        print_bench(&pm, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
+        print_bench(&pm, sched.nacts, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
     if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);
     launch_tokens_close(tok);
+    par_schedule_free(&sched);
     par_model_free(&pm);
     par_groups_free(&groups);
     return rc;

@@ -33,7 +33,7 @@ void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
     size_t const Ns = pm->shape.Ns;
     /* [0, E): c_e, [E, 2E): sum_t p_te, [2E]: sum_t lse_t^2 */
-    double *sums = pm->router_sums;
+    double *sums = pm->scr.router_sums;
     memset(sums, 0, (size_t)(2 * E + 1) * sizeof *sums);
     for (size_t t = 0; t < Ns; t++) {
         for (int j = 0; j < k; j++) sums[ba->rtopk[t * k + j]] += 1.0;
@@ -86,7 +86,7 @@ static float decide_capacity(const struct par_model *pm, const int *topk, const 
         return margin;
     }
     size_t const C = (size_t)ceil(c->moe_capacity_factor * (double)pm->shape.N * k / E);
-    size_t *per_expert = pm->expert_counts, *fill = per_expert + E + 1;
+    size_t *per_expert = pm->scr.expert_counts, *fill = per_expert + E + 1;
     if (c->moe_drop_policy == MODEL_DROP_POSITION) {
         memset(per_expert, 0, (size_t)E * sizeof *per_expert);
         for (size_t s = 0; s < S; s++) kept[s] = per_expert[topk[s]]++ < C;
@@ -135,34 +135,35 @@ void par_moe_decide(struct par_model *pm, struct par_block_acts *ba)
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
     size_t const Ns = pm->shape.Ns, N = pm->shape.N, S = N * (size_t)k;
     const struct dist_group *g = &pm->groups.tpcp;
+    struct par_scratch *s = &pm->scr;
     /* Gathered in the group's rank order, then placed by token index. */
-    int *tok = pm->sort_scratch, *topk = (int *)pm->xgather;
-    float *probs = pm->xgather + S;
+    int *tok = pm->scr.gathered_token, *topk = pm->scr.gathered_topk;
+    float *probs = pm->scr.gathered_probs;
     dist_allgather_bytes(g, DIST_TPCP, tok, pm->row_token, Ns * sizeof(int));
     dist_allgather_bytes(g, DIST_TPCP, topk, ba->rtopk, Ns * (size_t)k * sizeof(int));
     dist_allgather(g, DIST_TPCP, probs, ba->rprobs, Ns * (size_t)E);
     for (size_t r = 0; r < N; r++) {
         size_t const t = (size_t)tok[r];
-        memcpy(pm->full_topk + t * k, topk + r * k, (size_t)k * sizeof(int));
-        memcpy(pm->full_probs + t * E, probs + r * E, (size_t)E * sizeof(float));
+        memcpy(s->full_topk + t * k, topk + r * k, (size_t)k * sizeof(int));
+        memcpy(s->full_probs + t * E, probs + r * E, (size_t)E * sizeof(float));
     }
     float const drop_margin =
-        decide_capacity(pm, pm->full_topk, pm->full_probs, pm->full_kept, pm->sort_scratch);
-    ba->margin = fminf(drop_margin, topk_margin(pm->full_topk, pm->full_probs, N, E, k));
+        decide_capacity(pm, s->full_topk, s->full_probs, s->full_kept, s->by_expert);
+    ba->margin = fminf(drop_margin, topk_margin(s->full_topk, s->full_probs, N, E, k));
 
-    size_t *kept_per_expert = pm->expert_counts;
+    size_t *kept_per_expert = s->expert_counts;
     memset(kept_per_expert, 0, (size_t)E * sizeof *kept_per_expert);
     long kept_total = 0;
-    for (size_t s = 0; s < S; s++) {
-        kept_per_expert[pm->full_topk[s]] += pm->full_kept[s];
-        kept_total += pm->full_kept[s];
+    for (size_t i = 0; i < S; i++) {
+        kept_per_expert[s->full_topk[i]] += s->full_kept[i];
+        kept_total += s->full_kept[i];
     }
     ba->tokens_max = 0;
     for (int e = 0; e < E; e++)
         if ((long)kept_per_expert[e] > ba->tokens_max) ba->tokens_max = (long)kept_per_expert[e];
     ba->dropped = (long)S - kept_total;
     for (size_t r = 0; r < Ns; r++)
-        memcpy(ba->kept + r * k, pm->full_kept + (size_t)pm->row_token[r] * k, (size_t)k);
+        memcpy(ba->kept + r * k, s->full_kept + (size_t)pm->row_token[r] * k, (size_t)k);
 }
 
 /* Dispatch time, for the step's split and the layer's metrics. */
@@ -212,15 +213,15 @@ static void experts_backward(struct par_model *pm, struct par_block_acts *ba,
     int const d = pm->cfg.hidden_size, Fl = pm->cfg.intermediate_size / pm->lay.etp;
     double const t0 = omp_get_wtime();
     if (pm->identity_experts) {
-        identity_rows(pm, pm->dx_perm, pm->dy_perm, ba->rows);
+        identity_rows(pm, pm->scr.dx_perm, pm->scr.dy_perm, ba->rows);
         return;
     }
     for (int el = 0; el < El; el++) {
         size_t const r0 = ba->expert_off[el], n = ba->expert_off[el + 1] - r0;
-        model_expert_backward(pm->dx_perm + r0 * d, gw->w1[el], gw->w3[el], gw->w2[el],
-                              pm->dy_perm + r0 * d, ba->h1 + r0 * Fl, ba->h3 + r0 * Fl,
+        model_expert_backward(pm->scr.dx_perm + r0 * d, gw->w1[el], gw->w3[el], gw->w2[el],
+                              pm->scr.dy_perm + r0 * d, ba->h1 + r0 * Fl, ba->h3 + r0 * Fl,
                               ba->act + r0 * Fl, ba->x_perm + r0 * d, w->w1[el], w->w3[el],
-                              w->w2[el], n, d, Fl, pm->exp_scratch);
+                              w->w2[el], n, d, Fl, pm->scr.expert_ws);
     }
     par_timers[PAR_T_EXPERTS] += omp_get_wtime() - t0;
 }
@@ -303,7 +304,7 @@ static void a2a_plan_make(struct par_model *pm, struct par_block_acts *ba, struc
 {
     int const E = pm->cfg.num_local_experts, q = pm->groups.etpep.size;
     int const El = E / pm->groups.ep.size, b = pm->lay.ep_rank;
-    int *start = pm->xplan, *chunk = pm->xplan + E + 1;
+    int *start = pm->scr.xplan, *chunk = pm->scr.xplan + E + 1;
     *pl = (struct a2a_plan){.q = q, .me = pm->groups.etpep.rank, .etp = pm->groups.etp.size,
                             .E = E, .El = El, .a = pm->lay.etp_rank, .b = b,
                             .M = ba->counts_matrix, .start = start, .chunk = chunk,
@@ -392,7 +393,7 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
     size_t const d = pl->d;
     VD_CHECK(remote == NULL || src, "direct writes copy from src");
     const bool *direct = pm->direct.ok;
-    MPI_Request *req = pm->xreqs;
+    MPI_Request *req = pm->scr.xreqs;
     int n = 0;
     size_t nbytes = 0;
     for (int i = 0; i < q; i++) {
@@ -410,14 +411,14 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
     /* Peers in turn from the next rank on (not all at rank 0 first). The rows of an ep
      * coordinate that MPI peers take are packed before its first MPI send, so that one
      * travels while the next coordinate is packed. */
-    bool *packed = pm->xpack;
+    bool *packed = pm->scr.xpack;
     if (src) memset(packed, 0, (size_t)ep * sizeof *packed);
     for (int j = 1; j < q; j++) {
         int const i = (pl->me + j) % q, bi = pm->etpep_ep[i];
         bool const by_mpi = !(remote && direct[i]);
         if (by_mpi && src && !packed[bi]) {
             int const s0 = pl->start[bi * El], s1 = pl->start[(bi + 1) * El];
-            take_rows(pm->xsend + (size_t)s0 * d, src, ba->send_slot + s0, (size_t)(s1 - s0),
+            take_rows(pm->scr.xsend + (size_t)s0 * d, src, ba->send_slot + s0, (size_t)(s1 - s0),
                       d, k);
             packed[bi] = true;
         }
@@ -426,7 +427,7 @@ static void a2a_dispatch(struct par_model *pm, const struct par_block_acts *ba,
             size_t const cnt = expert_rows(pl, e) * d;
             nbytes += cnt * sizeof(float);
             if (by_mpi) {
-                dist_isend(g, pm->xsend + (size_t)pl->start[e] * d, cnt, i, le, &req[n++]);
+                dist_isend(g, pm->scr.xsend + (size_t)pl->start[e] * d, cnt, i, le, &req[n++]);
             } else if (cnt > 0) {
                 float *to = (float *)(uintptr_t)remote[i] + chunk_at(pl, bi, le) * d;
                 write_rows(pm, ba, i, src, pl->start[e], pl->start[e + 1], to);
@@ -451,7 +452,7 @@ static void a2a_return(struct par_model *pm, const struct a2a_plan *pl, const fl
     const struct dist_group *g = &pm->groups.etpep;
     int const El = pl->El, q = pl->q;
     size_t const d = pl->d;
-    MPI_Request *req = pm->xreqs;
+    MPI_Request *req = pm->scr.xreqs;
     int n = 0;
     size_t nbytes = 0;
     for (int i = 0; i < q; i++)
@@ -516,7 +517,7 @@ static void a2a_forward(struct par_model *pm, struct par_block_acts *ba,
     int *cnt = ba->counts_matrix + (size_t)pm->groups.etpep.rank * E;
     memset(cnt, 0, (size_t)E * sizeof *cnt);
     for (size_t s = 0; s < Ns * (size_t)k; s++) cnt[ba->rtopk[s]] += ba->kept[s];
-    int *fill = pm->sort_scratch;
+    int *fill = pm->scr.send_fill;
     fill[0] = 0;
     for (int e = 0; e < E; e++) fill[e + 1] = fill[e] + cnt[e];
     ba->send_rows = (size_t)fill[E];
@@ -529,8 +530,7 @@ static void a2a_forward(struct par_model *pm, struct par_block_acts *ba,
                          (size_t)E * sizeof *cnt);
     struct a2a_plan pl;
     a2a_plan_make(pm, ba, &pl);
-    a2a_dispatch(pm, ba, &pl, ba->m_loc, ba->x_perm,
-                 pm->peer_xperm + (size_t)(ba - pm->blocks) * (size_t)pm->groups.etpep.size);
+    a2a_dispatch(pm, ba, &pl, ba->m_loc, ba->x_perm, ba->peer_x_perm);
     dispatch_time(ba, t0);
 
     experts_forward(pm, ba, w);
@@ -554,7 +554,7 @@ static void a2a_backward(struct par_model *pm, struct par_block_acts *ba,
      * from the forward), and dy = w dout into its send row, packed for MPI peers and in
      * place in the expert block for this rank's own experts. */
     int const El = pl.El, q = pl.q, ep = pm->groups.ep.size;
-    bool *pack = pm->xpack;
+    bool *pack = pm->scr.xpack;
     for (int b2 = 0; b2 < ep; b2++) pack[b2] = b2 != pl.b || pl.etp > 1; /* another rank's */
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < Ns; t++) {
@@ -566,9 +566,9 @@ static void a2a_backward(struct par_model *pm, struct par_block_acts *ba,
                 dtopk_w[slot] = 0.0f;
                 continue;
             }
-            float *packed = pack[e / El] ? pm->xsend + (size_t)s * d : NULL, *own = NULL;
+            float *packed = pack[e / El] ? pm->scr.xsend + (size_t)s * d : NULL, *own = NULL;
             if (e / El == pl.b)
-                own = pm->dy_perm +
+                own = pm->scr.dy_perm +
                       ((size_t)pl.chunk[(e % El) * q + pl.me] + (size_t)(s - pl.start[e])) * d;
             float *restrict dy = own ? own : packed;
             const float *restrict y = a2a_part(&pl, ba->y_perm, ba->y_ret, e, (size_t)s, 0);
@@ -588,14 +588,14 @@ static void a2a_backward(struct par_model *pm, struct par_block_acts *ba,
             dtopk_w[slot] = dot;
         }
     }
-    a2a_dispatch(pm, ba, &pl, NULL, pm->dy_perm, NULL);
+    a2a_dispatch(pm, ba, &pl, NULL, pm->scr.dy_perm, NULL);
     dispatch_time(ba, t0);
 
     experts_backward(pm, ba, w, gw);
 
     t0 = omp_get_wtime();
-    a2a_return(pm, &pl, pm->dx_perm, pm->xrecv);
-    a2a_combine(pm, ba, &pl, pm->dx_perm, pm->xrecv, NULL, dm);
+    a2a_return(pm, &pl, pm->scr.dx_perm, pm->scr.xrecv);
+    a2a_combine(pm, ba, &pl, pm->scr.dx_perm, pm->scr.xrecv, NULL, dm);
     dispatch_time(ba, t0);
 }
 
@@ -633,7 +633,7 @@ static void ag_forward(struct par_model *pm, struct par_block_acts *ba,
     const struct dist_group *g = &pm->groups.etpep;
     size_t const Ng = Ns * (size_t)g->size, S = Ng * (size_t)k;
     double t0 = omp_get_wtime();
-    float *m_g = pm->xgather;
+    float *m_g = pm->scr.xgather;
     dist_allgather(g, DIST_ETPEP, m_g, ba->m_loc, Ns * d);
     dist_allgather(g, DIST_ETPEP, ba->w_g, ba->rtopk_w, Ns * (size_t)k);
     dist_allgather_bytes(g, DIST_ETPEP, ba->topk_g, ba->rtopk, Ns * (size_t)k * sizeof(int));
@@ -657,7 +657,7 @@ static void ag_forward(struct par_model *pm, struct par_block_acts *ba,
     experts_forward(pm, ba, w);
 
     t0 = omp_get_wtime();
-    float *out_g = g->size > 1 ? pm->xgather : out;
+    float *out_g = g->size > 1 ? pm->scr.xgather : out;
     ag_combine(pm, ba, ba->y_perm, ba->w_g, out_g);
     dist_reduce_scatter(g, DIST_ETPEP, out, out_g, Ns * d);
     dispatch_time(ba, t0);
@@ -672,14 +672,14 @@ static void ag_backward(struct par_model *pm, struct par_block_acts *ba,
     const struct dist_group *g = &pm->groups.etpep;
     size_t const Ng = Ns * (size_t)g->size;
     double t0 = omp_get_wtime();
-    float *dout_g = pm->xgather, *dw_g = pm->xsend;
+    float *dout_g = pm->scr.xgather, *dw_g = pm->scr.xsend;
     dist_allgather(g, DIST_ETPEP, dout_g, dout, Ns * d);
     memset(dw_g, 0, Ng * (size_t)k * sizeof(float));
 #pragma omp parallel for schedule(static)
     for (size_t r = 0; r < ba->rows; r++) {
         const float *gr = dout_g + (size_t)ba->sorted_from[r] * d, *y = ba->y_perm + r * d;
         float const wt = ba->w_g[ba->slot_of[r]];
-        float *dy = pm->dy_perm + r * d;
+        float *dy = pm->scr.dy_perm + r * d;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (size_t i = 0; i < d; i++) {
@@ -695,8 +695,8 @@ static void ag_backward(struct par_model *pm, struct par_block_acts *ba,
     experts_backward(pm, ba, w, gw);
 
     t0 = omp_get_wtime();
-    float *dm_g = g->size > 1 ? pm->xgather : dm;
-    ag_combine(pm, ba, pm->dx_perm, NULL, dm_g);
+    float *dm_g = g->size > 1 ? pm->scr.xgather : dm;
+    ag_combine(pm, ba, pm->scr.dx_perm, NULL, dm_g);
     dist_reduce_scatter(g, DIST_ETPEP, dm, dm_g, Ns * d);
     dispatch_time(ba, t0);
 }

@@ -4,9 +4,31 @@
  * Gradients are summed, not averaged: every micro-batch's backward already carries the
  * factor 1 / (micro-batches of the global batch), so the sums are the step's mean. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "parallel/parallel_internal.h"
+
+void par_optim_init(struct par_model *pm)
+{
+    par_plan_ranges(pm);
+    pm->adam_m = vd_calloc(pm->state_len, sizeof(float));
+    pm->adam_v = vd_calloc(pm->state_len, sizeof(float));
+    pm->gshard = pm->opt.distributed_optimizer ? vd_calloc(pm->state_len, sizeof(float)) : NULL;
+}
+
+void par_optim_free(struct par_model *pm)
+{
+    free(pm->adam_m);
+    free(pm->adam_v);
+    free(pm->gshard);
+    pm->adam_m = pm->adam_v = pm->gshard = NULL;
+}
+
+void par_zero_grads(struct par_model *pm)
+{
+    memset(pm->grads, 0, pm->tab.numel * sizeof(float));
+}
 
 /* Norms, routers: replicated over tp, each rank holds the partial gradient of its rows. */
 static void reduce_tp_replicated(struct par_model *pm)

@@ -4,7 +4,9 @@
  *
  * The serial run is this code with every group of size one. A training step is driven
  * per micro-batch over an ordered list of layers (par_layer), so a pipeline schedule can
- * run any stage's slice of that list for any micro-batch.
+ * run any stage's slice of that list for any micro-batch. State is split three ways:
+ * persistent (par_model), per micro-batch in flight (par_acts), and scratch valid inside
+ * one stage call (par_scratch).
  *
  * Error rule: set-up functions that can fail on input return 0 or a negative VD_E* code
  * (model.h); per-step functions cannot fail on input and check programming errors only. */
@@ -74,17 +76,76 @@ struct par_block_acts {
     size_t *expert_off;            /* (E_local + 1): rows of each local expert */
     size_t rows, send_rows;        /* expert rows; all-to-all send rows */
     float *x_perm, *h1, *h3, *act, *y_perm; /* (R, d), (R, F_l) x3, (R, d) */
-    long dropped;                  /* assignments of the micro-batch dropped (last forward) */
-    long tokens_max;               /* most assignments kept by one expert (last forward) */
-    double dispatch_s;             /* dispatch time, forward and backward (caller resets) */
+    const uint64_t *peer_x_perm;   /* (etp ep): every rank's x_perm of this layer in the same
+                                      activation set (direct writes of the dispatch) */
+    /* routing and dispatch statistics of this micro-batch */
+    long dropped;                  /* assignments of the micro-batch dropped */
+    long tokens_max;               /* most assignments kept by one expert */
+    double dispatch_s;             /* dispatch time, forward and backward */
     float margin;                  /* smallest probability gap behind a routing or dropping
-                                      decision of the last forward (+inf: none) */
+                                      decision (+inf: none) */
 };
 
-/* Losses of one micro-batch's forward (each layer's dispatch statistics are in its
- * par_block_acts). */
+/* Losses of one micro-batch's forward over this stage's layers (each layer's dispatch
+ * statistics are in its par_block_acts). */
 struct par_mb_stats {
     double lm_loss, aux_loss, z_loss;
+};
+
+/* Everything one micro-batch keeps from its forward until its backward on this stage: a
+ * schedule allocates as many as it keeps micro-batches in flight. One allocation. */
+struct par_acts {
+    int *inputs, *targets, *pos;   /* (N) */
+    float *resid;                  /* (L_local + 1, Ns, d): block inputs and the last output */
+    struct par_block_acts *blocks; /* (L_local) */
+    float *hn_loc, *rstd_f, *hn, *logits, *rowmax, *rowsum; /* head (last stage only) */
+    struct par_mb_stats stats;     /* losses of the forward */
+    uint64_t *peer_x_perm;         /* (L_local, etp ep), behind blocks[l].peer_x_perm */
+    void *base;
+};
+
+/* Working memory of the layer calls, valid only inside one stage forward or backward call
+ * (nothing in it survives to the next call, so a schedule may run the forward of one
+ * micro-batch between the backwards of others). Each view has one use and one type. */
+struct par_scratch {
+    /* forward */
+    float *embed_rows;    /* (N, d): this tp rank's vocabulary slice of the embedding rows */
+    float *attn_proj;     /* (N, d): o_proj partial sums before the reduce-scatter */
+    float *router_logits; /* (Ns, E) */
+    float *moe_out;       /* (Ns, d): the weighted expert sum of the local rows */
+    float *ce_max, *ce_target; /* (N): this slice's softmax max and target logit */
+    /* backward */
+    float *dh;            /* (Ns, d): gradient of the residual stream at the current layer */
+    float *dnorm;         /* (Ns, d): gradient at a norm's output */
+    float *dgathered;     /* (N, d): a gradient gathered over tp */
+    float *da;            /* (N, d): gradient at the attention input */
+    float *dlogits;       /* (N, V_l) */
+    float *dq, *dk, *dv, *datt; /* (N, Hl hd), (N, Gl hd) x2, (N, Hl hd) */
+    float *drouter;       /* (Ns, E): gradient at the router logits */
+    float *dtopk_w;       /* (Ns, k) */
+    float *dx_perm, *dy_perm; /* (R, d) */
+    float *expert_ws;     /* (R, 2 F_l): model_expert_backward's workspace */
+    float *attn_ws;       /* model_attention_scratch_floats(T): attention backward's */
+    float *aux_coef;      /* (E): d aux / d p_te per expert */
+    /* the capacity decision over the micro-batch */
+    int *gathered_token;  /* (N): micro-batch token of each gathered row */
+    int *gathered_topk;   /* (N, k) in gathered row order */
+    float *gathered_probs;/* (N, E) in gathered row order */
+    int *full_topk;       /* (N, k) in token order */
+    float *full_probs;    /* (N, E) */
+    unsigned char *full_kept; /* (N k) */
+    int *by_expert;       /* (N k): assignments grouped by expert (probs drop policy) */
+    size_t *expert_counts;/* (2 (E + 1)) */
+    double *router_sums;  /* (2 E + 1) */
+    /* the dispatchers' exchanges */
+    float *xsend;         /* (Ns k, max(d, etp ep)): packed send rows; gathered dw */
+    float *xrecv;         /* (etp, Ns k, d): returned partial gradient rows */
+    float *xgather;       /* (Ng, d): rows gathered over etp x ep (all-gather dispatcher) */
+    int *send_fill;       /* (E + 1): next send row per expert */
+    int *xplan;           /* (E + 1 + E_local etp ep + 1) all-to-all plan */
+    MPI_Request *xreqs;   /* (2 E_local etp ep) all-to-all pieces */
+    bool *xpack;          /* (ep) all-to-all rows packed per ep coordinate */
+    void *base;
 };
 
 struct par_hparams {
@@ -105,7 +166,9 @@ struct par_range {
     size_t state_offset;      /* where this range's shard starts in the optimizer state */
 };
 
-/* The rank's share of the model: table, flat buffers, pointers, activations, scratch. */
+/* The rank's persistent share of the model (parallel/state.c): layout, groups, table,
+ * flat parameters, gradients and optimizer state, this stage's layer list, the scratch of
+ * the layer calls. Activations live in par_acts, one per micro-batch in flight. */
 struct par_model {
     struct model_config cfg;
     struct model_layout lay;
@@ -121,43 +184,22 @@ struct par_model {
     struct model_ptrs p, g;
     long adam_step;
 
+    struct par_layer *layers; /* the ordered list of this stage's layers */
+    int nlayers;
     int *row_token;           /* (Ns): index in the micro-batch (b T + position) of each row */
     int *etpep_ep, *etpep_etp;/* (etp ep): coordinates of each rank of the etp x ep group */
     int *etpep_of;            /* (etp ep): group rank at (etp coordinate a, ep b), a + etp b */
+    float *rope_cos, *rope_sin; /* (T, hd / 2) */
+    struct dist_direct direct;/* over etp x ep: which ranks take direct writes */
     bool identity_experts;    /* tests only: experts return their input (exact round trips) */
-    /* set by the caller for a step's last micro-batch: without the distributed optimizer,
-     * each layer's gradient buckets start reducing as soon as its backward is done */
-    bool reduce_in_backward;
-    MPI_Request *reqs;        /* (2 layers + 2) reductions in flight */
+    /* gradient reductions started during the backward, waited for by the optimizer step */
+    MPI_Request *reqs;        /* (2 layers + 2) */
     int nreqs;
     size_t req_nbytes;
-    struct par_layer *layers; /* the ordered list of this stage's layers */
-    int nlayers;
 
-    /* activations of one micro-batch */
-    int *inputs, *targets, *pos;   /* (N) */
-    float *resid;                  /* (L_local + 1, Ns, d): block inputs and the last output */
-    struct par_block_acts *blocks;
-    float *hn_loc, *rstd_f, *hn, *logits, *rowmax, *rowsum; /* head */
-    /* scratch */
-    float *dh, *dsmall, *dfull, *dtmp, *dq, *dk, *dv, *datt, *drl, *dtopk_w, *dx_perm,
-        *dy_perm, *exp_scratch, *att_scratch;
-    float *xsend, *xrecv, *xgather;     /* dispatcher exchange buffers */
-    int *full_topk, *full_token;        /* (N k), (N): the micro-batch's routing, gathered */
-    float *full_probs;                  /* (N, E) */
-    unsigned char *full_kept;           /* (N k) */
-    int *sort_scratch;                  /* (N k) */
-    int *xplan;                         /* (E + 1 + E_local etp ep + 1) all-to-all plan */
-    MPI_Request *xreqs;                 /* (2 E_local etp ep) all-to-all pieces */
-    bool *xpack;                        /* (ep) all-to-all rows packed per ep coordinate */
-    struct dist_direct direct;          /* over etp x ep: which ranks take direct writes */
-    uint64_t *peer_xperm;               /* (local layers, etp ep): every rank's x_perm */
-    float *rope_cos, *rope_sin;
-    double *router_sums;      /* (2 E + 1) */
-    size_t *expert_counts;    /* (3 (E + 1)) */
-    float *aux_coef;          /* (E) */
-    size_t act_nbytes, scratch_nbytes;
-    void *act_base, *scratch_base; /* the two allocations behind the pointers above */
+    struct par_scratch scr;
+    size_t act_nbytes;        /* one par_acts */
+    size_t scratch_nbytes;
 };
 
 /* Allocates the rank's share for micro-batches of B sequences of T positions. 0 or
@@ -167,18 +209,71 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
                    const struct par_options *opt, int B, int T);
 void par_model_free(struct par_model *pm);
 
-/* Forward of one micro-batch over the rank's layers: inputs and targets (B, T) of the
- * whole micro-batch (each rank takes its share). Fills st with losses of the micro-batch. */
-void par_forward(struct par_model *pm, const int *inputs, const int *targets,
-                 struct par_mb_stats *st);
-/* Backward of the micro-batch last run forward; gradients accumulate, scaled by
- * loss_scale (1 / number of micro-batches of the step). */
-void par_backward(struct par_model *pm, float loss_scale);
+/* One micro-batch's activation set. Collective over the etp x ep group (every rank learns
+ * where the others' expert blocks are), so every rank of a stage allocates its sets in the
+ * same order. */
+void par_acts_init(struct par_acts *a, const struct par_model *pm);
+void par_acts_free(struct par_acts *a);
+
+/* A stage's forward of one micro-batch over its layers. inputs and targets (B, T) of the
+ * whole micro-batch (each rank takes its share): the first stage embeds inputs, the last
+ * takes its loss against targets. h_in (Ns, d): the residual stream from the previous
+ * stage (NULL on the first); h_out (Ns, d): this stage's output for the next (NULL on the
+ * last). Losses of the stage's layers in a->stats. */
+void par_stage_forward(struct par_model *pm, struct par_acts *a, const int *inputs,
+                       const int *targets, const float *h_in, float *h_out);
+/* The backward of the micro-batch whose forward filled a: dh_out (Ns, d) the gradient of
+ * the stage's output (NULL on the last stage, which starts at its loss), dh_in (Ns, d) the
+ * gradient of its input (NULL on the first). Gradients accumulate, scaled by loss_scale
+ * (1 / micro-batches of the step). With reduce, each layer's gradient buckets start
+ * reducing as soon as its backward is done (the step's last micro-batch, no distributed
+ * optimizer). */
+void par_stage_backward(struct par_model *pm, struct par_acts *a, const float *dh_out,
+                        float *dh_in, float loss_scale, bool reduce);
+
+/* The micro-batches of one step as the schedule asks for them: fills inputs and targets
+ * (B, T) of micro-batch m of the step (0 <= m < n_micro, the global index). */
+struct par_batches {
+    void (*fill)(void *ctx, int m, int *inputs, int *targets);
+    void *ctx;
+    int n_micro; /* micro-batches of the global batch, over all replicas */
+};
+
+/* Per MoE layer over a step's micro-batches and replicas. */
+struct par_layer_stats {
+    double tokens_max, tokens_mean, dropped_frac, dispatch_ms;
+    double margin; /* smallest decision margin over the step's micro-batches (-1: none) */
+};
+
+/* What one step's forwards and backwards give back: losses (means over the global
+ * batch's micro-batches) and per-layer statistics of this stage's MoE layers. */
+struct par_step_stats {
+    double lm, aux, z;
+    int nlayers;
+    struct par_layer_stats *layers; /* (nlayers), owned by the schedule */
+};
+
+/* The schedule (parallel/schedule.c): runs the forwards and backwards of one step's
+ * micro-batches on this rank (its replica's share), accumulating gradients; the
+ * optimizer step follows. Holds the activation sets and the micro-batch buffers. */
+struct par_schedule {
+    struct par_acts *acts;
+    int nacts;
+    int *inputs, *targets;        /* (B, T) of the micro-batch being fed */
+    double *layer_sums;           /* (2 L_local + 1) */
+    float *layer_max;             /* (2 L_local + 1) */
+    struct par_layer_stats *layer_stats;
+};
+void par_schedule_init(struct par_schedule *s, const struct par_model *pm);
+void par_schedule_free(struct par_schedule *s);
+void par_schedule_step(struct par_schedule *s, struct par_model *pm,
+                       const struct par_batches *batches, struct par_step_stats *out);
 
 /* After the micro-batches of a step: reduces gradients, clips by the global norm (returns
  * it, before clipping), and takes one AdamW step with lr. Zeroes the gradients after. */
 double par_optimizer_step(struct par_model *pm, const struct par_hparams *hp);
 void par_zero_grads(struct par_model *pm);
+
 /* The optimizer's shard geometry (parallel/shards.c, its one owner; ckpt/ asks here). */
 /* Whether this rank's block of t is the copy its shard group contributes: a tensor
  * replicated over the tensor group (norms, routers) only on that group's rank 0. */

@@ -1,4 +1,7 @@
-/* Shared between the files of parallel/ only: the pieces the layers call. */
+/* Shared between the files of parallel/ only. Who calls whom, one way: schedule.c drives
+ * layers.c (the layer pairs and the stage entry points) and optim.c; layers.c calls
+ * attention.c, dispatch.c and tensor_par.c; state.c (the persistent model) calls optim.c to
+ * plan and allocate the optimizer state; optim.c and ckpt/ ask shards.c for the geometry. */
 #ifndef VDIST_PARALLEL_INTERNAL_H
 #define VDIST_PARALLEL_INTERNAL_H
 
@@ -7,18 +10,31 @@
 /* Rows of the permuted expert block this rank may receive in one micro-batch. */
 size_t par_moe_rows_max(const struct par_model *pm);
 
-/* Aux and z losses of one MoE layer from the router's output; c_e saved in ba->counts.
- * Statistics are summed over the ranks that hold the micro-batch's tokens. */
+/* Aux and z losses of one MoE layer from the router's output, added to st; c_e saved in
+ * ba->counts. Statistics are summed over the ranks that hold the micro-batch's tokens. */
 void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
                        struct par_mb_stats *st);
 /* Starts the gradient reduction of one layer's buckets (the step's last micro-batch, no
  * distributed optimizer); par_optimizer_step waits for them. */
 void par_reduce_layer_start(struct par_model *pm, const struct par_layer *L);
 
-/* Mean cross-entropy of pm->logits (N, V_l, this rank's vocabulary slice) against
- * pm->targets, with the softmax statistics combined over the tensor group; leaves the
- * global row max and sum in pm->rowmax, pm->rowsum. */
-double par_vocab_crossentropy(struct par_model *pm, int v_begin, size_t Vl);
+/* Mean cross-entropy of a->logits (N, V_l, this rank's vocabulary slice) against
+ * a->targets, with the softmax statistics combined over the tensor group; leaves the
+ * global row max and sum in a->rowmax, a->rowsum. */
+double par_vocab_crossentropy(struct par_model *pm, struct par_acts *a, int v_begin, size_t Vl);
+
+/* The attention seam: every block's core attention (after q/k/v and RoPE, before o_proj)
+ * goes through these, so context parallelism plugs in here (parallel/attention.c). */
+/* att (N, Hl hd) from q, k, v (post-RoPE) of ba; saves what the backward needs in ba. */
+void par_attention_forward(struct par_model *pm, struct par_block_acts *ba);
+/* dq, dk, dv (overwritten) from datt. */
+void par_attention_backward(struct par_model *pm, const struct par_block_acts *ba,
+                            const float *datt, float *dq, float *dk, float *dv);
+
+/* Plans the flat ranges and allocates the optimizer state (AdamW moments, reduced-gradient
+ * shards) of a model whose table is built; par_optim_free releases them. */
+void par_optim_init(struct par_model *pm);
+void par_optim_free(struct par_model *pm);
 
 /* Pads the dense and expert ranges of the flat buffers to multiples of their replica groups
  * (so the distributed optimizer reduce-scatters equal shards) and sizes the shards. */

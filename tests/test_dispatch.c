@@ -491,10 +491,10 @@ static void check_counts(const struct ctx *cx, const struct scenario *sc,
 }
 
 static void run_scenario(const struct ctx *cx, const struct scenario *sc,
-                         struct par_model *pm, struct bufs *bf, struct tally *ty)
+                         struct par_model *pm, struct par_block_acts *ba, struct bufs *bf,
+                         struct tally *ty)
 {
     int const k = sc->k, Ns = cx->Ns;
-    struct par_block_acts *ba = &pm->blocks[0];
     pm->cfg.moe_capacity_factor = sc->cf;
     pm->cfg.moe_drop_policy = sc->policy;
     for (int rep = 0; rep < cx->dp; rep++) micro_batch(cx, sc, rep, &bf->mbs[rep]);
@@ -664,6 +664,8 @@ static long long run_layout(const struct layout *l, int disp)
             continue;
         }
         pm.identity_experts = true;
+        struct par_acts acts;
+        par_acts_init(&acts, &pm);
         for (int si = 0; si < NSCEN; si++) {
             const struct scenario *sc = &scenarios[si];
             if (sc->k != kk) continue;
@@ -681,7 +683,7 @@ static long long run_layout(const struct layout *l, int disp)
             if (pm.direct.peers != want_direct)
                 wrong_at(&ty, C_COUNTS, "direct writes to %d of %d peers, expected %d",
                          pm.direct.peers, cx.nmembers - 1, want_direct);
-            run_scenario(&cx, sc, &pm, &bf, &ty);
+            run_scenario(&cx, sc, &pm, &acts.blocks[0], &bf, &ty);
             long long all[NCHECK];
             DIST_CHECK_MPI(MPI_Allreduce(ty.wrong, all, NCHECK, MPI_LONG_LONG, MPI_SUM,
                                          MPI_COMM_WORLD));
@@ -698,6 +700,7 @@ static long long run_layout(const struct layout *l, int disp)
                 printf("\n");
             }
         }
+        par_acts_free(&acts);
         par_model_free(&pm);
     }
     if (rank == 0) {

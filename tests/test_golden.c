@@ -79,6 +79,8 @@ static void check_case(const char *c)
     struct par_options const opt = {.distributed_optimizer = false};
     CU_ASSERT_FATAL(par_model_init(&pm, &m, &lay, &groups, &opt, 2, 16) == 0);
     CU_ASSERT_FATAL(ckpt_load_hf(&pm, GOLDEN_DIR "tiny_init.safetensors") == 0);
+    struct par_acts acts;
+    par_acts_init(&acts, &pm);
 
     size_t n;
     float *fin = golden_read("inputs", &n), *ftg = golden_read("targets", &n);
@@ -90,13 +92,13 @@ static void check_case(const char *c)
     }
     free(fin);
     free(ftg);
-    struct par_mb_stats st;
-    par_forward(&pm, in, tg, &st);
+    par_stage_forward(&pm, &acts, in, tg, NULL, NULL);
+    struct par_mb_stats const st = acts.stats;
     char name[160];
     snprintf(name, sizeof name, "%s.logits", c);
     float *logits = golden_read(name, &n);
     CU_ASSERT_EQUAL(n, (size_t)32 * 64);
-    double const e_logits = rel_err(pm.logits, logits, n);
+    double const e_logits = rel_err(acts.logits, logits, n);
     CU_ASSERT(e_logits < 2e-5);
     free(logits);
     struct { const char *key; double got; } const losses[] = {
@@ -111,11 +113,11 @@ static void check_case(const char *c)
     }
     snprintf(name, sizeof name, "%s.dropped", c);
     float *dropped = golden_read(name, &n);
-    for (int l = 0; l < m.num_hidden_layers; l++) CU_ASSERT_EQUAL(pm.blocks[l].dropped, (long)dropped[l]);
+    for (int l = 0; l < m.num_hidden_layers; l++) CU_ASSERT_EQUAL(acts.blocks[l].dropped, (long)dropped[l]);
     free(dropped);
 
     par_zero_grads(&pm);
-    par_backward(&pm, 1.0f);
+    par_stage_backward(&pm, &acts, NULL, NULL, 1.0f, false);
     double worst = 0.0;
     for (int i = 0; i < pm.tab.count; i++) {
         const struct model_tensor *t = &pm.tab.t[i];
@@ -129,6 +131,7 @@ static void check_case(const char *c)
         free(g);
     }
     printf("(logits %.2g, worst gradient %.2g) ", e_logits, worst);
+    par_acts_free(&acts);
     par_model_free(&pm);
 }
 

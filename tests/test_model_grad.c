@@ -2,7 +2,8 @@
  * configuration (V 16, d 8, H 2, G 1 (hd 4), F 6, L 2, E 4, k 2, B 2, T 5: 1,896 parameter
  * elements, every one of them checked): dropless, and with capacity dropping (factor 0.5,
  * C = 3 of ~5 assignments per expert) under both policies. The loss is
- * lm + aux + z of one micro-batch (par_forward's stats), the gradient par_backward(1) after
+ * lm + aux + z of one micro-batch (par_stage_forward's stats), the gradient
+ * par_stage_backward(1) after
  * par_zero_grads. The router loss coefficients are made large (alpha 0.5, beta 0.1) so the
  * aux and z terms carry a visible share of the gradient; a separate test isolates each of
  * them (the gradient at coefficient c minus the gradient at 0, against the finite difference
@@ -93,6 +94,9 @@ static struct model_config make_cfg(double cf, enum model_drop_policy pol, doubl
     return c;
 }
 
+/* The activation set of the model under test (one micro-batch in flight). */
+static struct par_acts acts;
+
 static void model_setup(struct par_model *pm, const struct model_config *cfg)
 {
     struct model_layout const lay = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
@@ -102,6 +106,7 @@ static void model_setup(struct par_model *pm, const struct model_config *cfg)
     par_groups_serial(&groups);
     CU_ASSERT_FATAL(model_config_validate(cfg) == 0);
     CU_ASSERT_FATAL(par_model_init(pm, cfg, &lay, &groups, &opt, B, T) == 0);
+    par_acts_init(&acts, pm);
     model_init_params(&pm->tab, pm->params, SEED, NL);
     for (int i = 0; i < pm->tab.count; i++) {
         const struct model_tensor *t = &pm->tab.t[i];
@@ -116,8 +121,8 @@ enum loss_part { LOSS_TOTAL, LOSS_AUX, LOSS_Z };
 
 static double forward_loss(struct par_model *pm, enum loss_part part)
 {
-    struct par_mb_stats st;
-    par_forward(pm, inputs, targets, &st);
+    par_stage_forward(pm, &acts, inputs, targets, NULL, NULL);
+    struct par_mb_stats const st = acts.stats;
     switch (part) {
     case LOSS_AUX: return st.aux_loss;
     case LOSS_Z: return st.z_loss;
@@ -132,20 +137,20 @@ struct routing {
     unsigned char kept[NL][N * TOPK];
 };
 
-static void routing_get(const struct par_model *pm, struct routing *r)
+static void routing_get(const struct par_acts *a, struct routing *r)
 {
     memset(r, 0, sizeof *r);
     for (int l = 0; l < NL; l++)
         for (int s = 0; s < N * TOPK; s++) {
-            r->topk[l][s] = pm->blocks[l].rtopk[s];
-            r->kept[l][s] = pm->blocks[l].kept[s];
+            r->topk[l][s] = a->blocks[l].rtopk[s];
+            r->kept[l][s] = a->blocks[l].kept[s];
         }
 }
 
-static bool routing_same(const struct par_model *pm, const struct routing *r)
+static bool routing_same(const struct par_acts *a, const struct routing *r)
 {
     struct routing now;
-    routing_get(pm, &now);
+    routing_get(a, &now);
     return memcmp(&now, r, sizeof now) == 0;
 }
 
@@ -159,9 +164,10 @@ static float *gradient(struct par_model *pm, struct par_mb_stats *st, double alp
     struct model_config const keep = pm->cfg;
     pm->cfg.router_aux_loss_coef = alpha;
     pm->cfg.router_z_loss_coef = beta;
-    par_forward(pm, inputs, targets, st);
+    par_stage_forward(pm, &acts, inputs, targets, NULL, NULL);
+    *st = acts.stats;
     par_zero_grads(pm);
-    par_backward(pm, 1.0f);
+    par_stage_backward(pm, &acts, NULL, NULL, 1.0f, false);
     pm->cfg = keep;
     float *g = vd_alloc(pm->tab.numel * sizeof(float));
     memcpy(g, pm->grads, pm->tab.numel * sizeof(float));
@@ -176,10 +182,10 @@ static bool central(struct par_model *pm, float *x, double h, enum loss_part par
     float const x0 = *x, xp = (float)(x0 + h), xn = (float)(x0 - h);
     *x = xp;
     double const lp = forward_loss(pm, part);
-    bool same = routing_same(pm, r0);
+    bool same = routing_same(&acts, r0);
     *x = xn;
     double const ln = forward_loss(pm, part);
-    same = same && routing_same(pm, r0);
+    same = same && routing_same(&acts, r0);
     *x = x0;
     *fd = (lp - ln) / ((double)xp - (double)xn);
     return same;
@@ -222,7 +228,7 @@ static struct fd_stats fd_check(struct par_model *pm, const float *grad, enum lo
     struct fd_stats s = {.first_fail = -1};
     struct routing r0;
     (void)forward_loss(pm, part);
-    routing_get(pm, &r0);
+    routing_get(&acts, &r0);
     printf("\n    %-52s %4s %4s %4s %9s %9s %7s", "tensor", "n", "red", "skip", "max|g|",
            "max|fd-g|", "err/tol");
     for (int i = 0; i < pm->tab.count; i++) {
@@ -278,31 +284,31 @@ static double tensor_max(const struct model_tensor *t, const float *g)
 
 /* Every expert of every layer keeps at least one assignment (so each tensor has a gradient
  * to check); capacity runs drop some, dropless runs none. */
-static void check_routing_coverage(const struct par_model *pm, bool expect_drops)
+static void check_routing_coverage(const struct par_acts *a, bool expect_drops)
 {
     for (int l = 0; l < NL; l++) {
         int cnt[NE] = {0};
         for (int s = 0; s < N * TOPK; s++)
-            if (pm->blocks[l].kept[s]) cnt[pm->blocks[l].rtopk[s]]++;
+            if (a->blocks[l].kept[s]) cnt[a->blocks[l].rtopk[s]]++;
         for (int e = 0; e < NE; e++) CU_ASSERT(cnt[e] > 0);
         if (expect_drops) {
-            CU_ASSERT(pm->blocks[l].dropped > 0);
+            CU_ASSERT(a->blocks[l].dropped > 0);
         } else {
-            CU_ASSERT_EQUAL(pm->blocks[l].dropped, 0);
+            CU_ASSERT_EQUAL(a->blocks[l].dropped, 0);
         }
     }
 }
 
 /* Kept flags the `position` policy would give for the routing of the last forward. */
-static bool probs_differs_from_position(const struct par_model *pm)
+static bool probs_differs_from_position(const struct par_acts *a)
 {
     int const C = (int)ceil(0.5 * N * TOPK / NE);
     bool differs = false;
     for (int l = 0; l < NL; l++) {
         int fill[NE] = {0};
         for (int s = 0; s < N * TOPK; s++) {
-            bool const pos_kept = fill[pm->blocks[l].rtopk[s]]++ < C;
-            differs |= pos_kept != (pm->blocks[l].kept[s]);
+            bool const pos_kept = fill[a->blocks[l].rtopk[s]]++ < C;
+            differs |= pos_kept != (a->blocks[l].kept[s]);
         }
     }
     return differs;
@@ -316,10 +322,10 @@ static void check_variant(double cf, enum model_drop_policy pol)
     struct par_mb_stats st;
     float *grad = gradient(&pm, &st, ALPHA, BETA);
     printf("\n    losses: lm %.5f aux %.5f z %.5f, dropped %ld + %ld", st.lm_loss, st.aux_loss,
-           st.z_loss, pm.blocks[0].dropped, pm.blocks[1].dropped);
+           st.z_loss, acts.blocks[0].dropped, acts.blocks[1].dropped);
     CU_ASSERT(isfinite(st.lm_loss) && st.aux_loss > 0.0 && st.z_loss > 0.0);
-    check_routing_coverage(&pm, cf > 0.0);
-    if (cf > 0.0 && pol == MODEL_DROP_PROBS) CU_ASSERT(probs_differs_from_position(&pm));
+    check_routing_coverage(&acts, cf > 0.0);
+    if (cf > 0.0 && pol == MODEL_DROP_PROBS) CU_ASSERT(probs_differs_from_position(&acts));
 
     /* Not all zero: every tensor, router included, gets a gradient. */
     for (int i = 0; i < pm.tab.count; i++) {
@@ -334,6 +340,7 @@ static void check_variant(double cf, enum model_drop_policy pol)
     CU_ASSERT(s.skipped < MAX_SKIP_FRAC * (double)pm.tab.numel);
     CU_ASSERT_EQUAL(s.failed, 0);
     free(grad);
+    par_acts_free(&acts);
     par_model_free(&pm);
 }
 
@@ -373,6 +380,7 @@ static void check_term(double cf, enum model_drop_policy pol, enum loss_part par
     free(g_all);
     free(g_without);
     free(g_term);
+    par_acts_free(&acts);
     par_model_free(&pm);
 }
 
@@ -423,6 +431,7 @@ static void test_checker_detects(void)
     CU_ASSERT_EQUAL(s.first_fail, (long)big);
     printf("\n  ");
     free(g);
+    par_acts_free(&acts);
     par_model_free(&pm);
 }
 
