@@ -1204,38 +1204,35 @@ static json_t *pieces_json(const struct ckpt_pending *p)
     return arr;
 }
 
-/* This rank's pieces as JSON text (malloc'd), gathered on rank 0 in rank order into one
- * array of every piece. */
+/* This rank's pieces as JSON text, gathered on rank 0 in rank order into one array of
+ * every piece. */
 static json_t *gather_pieces(const json_t *mine)
 {
     const struct dist_group *w = dist_world();
     char *text = json_dumps(mine, JSON_COMPACT);
     VD_CHECK(text != NULL, "out of memory serialising checkpoint pieces");
-    int const len = dist_count(strlen(text) + 1);
-    int *lens = w->rank == 0 ? vd_calloc((size_t)w->size, sizeof(int)) : NULL;
-    int *displs = w->rank == 0 ? vd_calloc((size_t)w->size, sizeof(int)) : NULL;
-    DIST_CHECK_MPI(MPI_Gather(&len, 1, MPI_INT, lens, 1, MPI_INT, 0, w->comm));
+    size_t const len = strlen(text) + 1;
+    size_t *lens = w->rank == 0 ? vd_calloc((size_t)w->size, sizeof *lens) : NULL;
+    dist_gather_nbytes(w, DIST_WORLD, len, lens, 0);
     size_t total = 0;
-    for (int r = 0; w->rank == 0 && r < w->size; r++) {
-        displs[r] = dist_count(total);
-        total += (size_t)lens[r];
-    }
+    for (int r = 0; w->rank == 0 && r < w->size; r++) total += lens[r];
     char *all = w->rank == 0 ? vd_alloc(total) : NULL;
-    DIST_CHECK_MPI(MPI_Gatherv(text, len, MPI_CHAR, all, lens, displs, MPI_CHAR, 0, w->comm));
+    dist_gatherv_bytes(w, DIST_WORLD, all, lens, text, len, 0);
     free(text);
     json_t *pieces = NULL;
     if (w->rank == 0) {
         pieces = json_array();
+        size_t at = 0;
         for (int r = 0; r < w->size; r++) {
-            json_t *part = json_loads(all + displs[r], 0, NULL);
+            json_t *part = json_loads(all + at, 0, NULL);
             VD_CHECK(part && json_array_extend(pieces, part) == 0,
                      "rank %d's checkpoint pieces do not parse", r);
             json_decref(part);
+            at += lens[r];
         }
     }
     free(all);
     free(lens);
-    free(displs);
     return pieces;
 }
 
