@@ -187,12 +187,19 @@ static int block_count(const struct par_model *pm, const struct model_tensor *t)
     return t->group == MODEL_GROUP_TP ? pm->lay.tp : pm->lay.etp;
 }
 
-/* Every owner of a block sends it to rank 0 (tag: the tensor's index in the full table);
- * rank 0 assembles whole tensors in `full` (NULL elsewhere). */
+/* The export's messages: one tag for all, since the tensor's index travels in the header
+ * (a model may have more tensors than MPI guarantees tags). */
+enum { EXPORT_TAG = 0 };
+
+/* Every owner of a block sends it to rank 0: a header (the tensor's index in the full
+ * table, the block's start and shape), then its values. Rank 0 takes the blocks in the
+ * order they come, each header's values next from the same sender, and assembles whole
+ * tensors in `full` (NULL elsewhere). */
 static void gather_to_root(const struct par_model *pm, const struct model_table *tab,
                            float *full, const size_t *full_off)
 {
     const struct dist_group *w = dist_world();
+    size_t remote = 0; /* blocks rank 0 does not own itself */
     for (int i = 0; i < tab->count; i++) {
         const struct model_tensor *ft = &tab->t[i];
         int const li = model_table_find(&pm->tab, ft->name);
@@ -202,27 +209,26 @@ static void gather_to_root(const struct par_model *pm, const struct model_table 
             place_block(full + full_off[i], ft->shape[1], t->local_start[0], t->local_start[1],
                         pm->params + t->offset, t->local_shape[0], t->local_shape[1]);
         } else if (mine) {
-            unsigned long long const hdr[4] = {t->local_start[0], t->local_start[1],
-                                               t->local_shape[0], t->local_shape[1]};
-            DIST_CHECK_MPI(MPI_Send(hdr, 4, MPI_UNSIGNED_LONG_LONG, 0, i, w->comm));
-            DIST_CHECK_MPI(MPI_Send(pm->params + t->offset, dist_count(t->numel), MPI_FLOAT, 0,
-                                    i, w->comm));
+            uint64_t const hdr[5] = {(uint64_t)i, t->local_start[0], t->local_start[1],
+                                     t->local_shape[0], t->local_shape[1]};
+            dist_send_bytes(w, DIST_WORLD, hdr, sizeof hdr, 0, EXPORT_TAG);
+            dist_send(w, DIST_WORLD, pm->params + t->offset, t->numel, 0, EXPORT_TAG);
         }
-        if (w->rank != 0) continue;
-        /* blocks of this tensor rank 0 does not own itself */
-        int const remote = block_count(pm, t ? t : ft) - (mine ? 1 : 0);
-        for (int b = 0; b < remote; b++) {
-            unsigned long long hdr[4];
-            MPI_Status st;
-            DIST_CHECK_MPI(MPI_Recv(hdr, 4, MPI_UNSIGNED_LONG_LONG, MPI_ANY_SOURCE, i, w->comm, &st));
-            size_t const n = (size_t)(hdr[2] * hdr[3]);
-            float *buf = vd_alloc(n * sizeof(float));
-            DIST_CHECK_MPI(MPI_Recv(buf, dist_count(n), MPI_FLOAT, st.MPI_SOURCE, i, w->comm,
-                                    MPI_STATUS_IGNORE));
-            place_block(full + full_off[i], ft->shape[1], (size_t)hdr[0], (size_t)hdr[1], buf,
-                        (size_t)hdr[2], (size_t)hdr[3]);
-            free(buf);
-        }
+        if (w->rank == 0) remote += (size_t)(block_count(pm, t ? t : ft) - (mine ? 1 : 0));
+    }
+    for (size_t b = 0; b < remote; b++) {
+        uint64_t hdr[5];
+        int const from = dist_recv_bytes(w, DIST_WORLD, hdr, sizeof hdr, DIST_ANY_SOURCE,
+                                         EXPORT_TAG);
+        VD_CHECK(hdr[0] < (uint64_t)tab->count, "rank %d sent a block of tensor %llu of %d",
+                 from, (unsigned long long)hdr[0], tab->count);
+        const struct model_tensor *ft = &tab->t[hdr[0]];
+        size_t const n = (size_t)(hdr[3] * hdr[4]);
+        float *buf = vd_alloc(n * sizeof(float));
+        dist_recv(w, DIST_WORLD, buf, n, from, EXPORT_TAG);
+        place_block(full + full_off[hdr[0]], ft->shape[1], (size_t)hdr[1], (size_t)hdr[2], buf,
+                    (size_t)hdr[3], (size_t)hdr[4]);
+        free(buf);
     }
 }
 

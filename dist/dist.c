@@ -258,10 +258,15 @@ void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes)
     account(kind, t0, nbytes);
 }
 
+static void check_tag(int tag)
+{
+    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
+}
+
 void dist_irecv(const struct dist_group *g, float *buf, size_t count, int peer, int tag,
                 MPI_Request *req)
 {
-    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
+    check_tag(tag);
     *req = MPI_REQUEST_NULL;
     if (count > 0)
         DIST_CHECK_MPI(MPI_Irecv(buf, dist_count(count), MPI_FLOAT, peer, tag, g->comm, req));
@@ -270,7 +275,7 @@ void dist_irecv(const struct dist_group *g, float *buf, size_t count, int peer, 
 void dist_isend(const struct dist_group *g, const float *buf, size_t count, int peer, int tag,
                 MPI_Request *req)
 {
-    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
+    check_tag(tag);
     *req = MPI_REQUEST_NULL;
     if (count > 0)
         DIST_CHECK_MPI(MPI_Isend(buf, dist_count(count), MPI_FLOAT, peer, tag, g->comm, req));
@@ -278,13 +283,13 @@ void dist_isend(const struct dist_group *g, const float *buf, size_t count, int 
 
 void dist_notify(const struct dist_group *g, int peer, int tag, MPI_Request *req)
 {
-    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
+    check_tag(tag);
     DIST_CHECK_MPI(MPI_Isend(NULL, 0, MPI_BYTE, peer, tag, g->comm, req));
 }
 
 void dist_expect_notice(const struct dist_group *g, int peer, int tag, MPI_Request *req)
 {
-    VD_CHECK(tag >= 0 && tag <= DIST_TAG_MAX, "tag %d outside [0, %d]", tag, DIST_TAG_MAX);
+    check_tag(tag);
     DIST_CHECK_MPI(MPI_Irecv(NULL, 0, MPI_BYTE, peer, tag, g->comm, req));
 }
 
@@ -295,6 +300,98 @@ void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size
     double const t0 = MPI_Wtime();
     DIST_CHECK_MPI(MPI_Bcast(buf, dist_count(nbytes), MPI_BYTE, root, g->comm));
     account(kind, t0, nbytes);
+}
+
+void dist_gather_nbytes(const struct dist_group *g, enum dist_kind kind, size_t nbytes,
+                        size_t *counts, int root)
+{
+    if (g->size == 1) {
+        counts[0] = nbytes;
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    int const mine = dist_count(nbytes);
+    int *all = g->rank == root ? vd_calloc((size_t)g->size, sizeof *all) : NULL;
+    DIST_CHECK_MPI(MPI_Gather(&mine, 1, MPI_INT, all, 1, MPI_INT, root, g->comm));
+    for (int r = 0; all && r < g->size; r++) counts[r] = (size_t)all[r];
+    free(all);
+    account(kind, t0, sizeof mine * (g->rank == root ? (size_t)g->size : 1));
+}
+
+void dist_gatherv_bytes(const struct dist_group *g, enum dist_kind kind, void *out,
+                        const size_t *counts, const void *in, size_t nbytes, int root)
+{
+    if (g->size == 1) {
+        if (out != in && nbytes > 0) memmove(out, in, nbytes);
+        return;
+    }
+    double const t0 = MPI_Wtime();
+    bool const is_root = g->rank == root;
+    /* MPI's counts and displacements are ints: each must fit, the last displacement too */
+    int *icounts = is_root ? vd_calloc((size_t)g->size, sizeof *icounts) : NULL;
+    int *displs = is_root ? vd_calloc((size_t)g->size, sizeof *displs) : NULL;
+    size_t total = 0;
+    for (int r = 0; is_root && r < g->size; r++) {
+        icounts[r] = dist_count(counts[r]);
+        displs[r] = dist_count(total);
+        total += counts[r];
+    }
+    DIST_CHECK_MPI(MPI_Gatherv(in, dist_count(nbytes), MPI_BYTE, out, icounts, displs,
+                               MPI_BYTE, root, g->comm));
+    free(icounts);
+    free(displs);
+    account(kind, t0, is_root ? total : nbytes);
+}
+
+/* dist_send and dist_send_bytes: count elements of type. */
+static void send_typed(const struct dist_group *g, enum dist_kind kind, const void *buf,
+                       size_t count, MPI_Datatype type, size_t elem_nbytes, int peer, int tag)
+{
+    check_tag(tag);
+    double const t0 = MPI_Wtime();
+    DIST_CHECK_MPI(MPI_Send(buf, dist_count(count), type, peer, tag, g->comm));
+    account(kind, t0, count * elem_nbytes);
+}
+
+/* dist_recv and dist_recv_bytes: count elements of type, exactly. */
+static int recv_typed(const struct dist_group *g, enum dist_kind kind, void *buf, size_t count,
+                      MPI_Datatype type, size_t elem_nbytes, int peer, int tag)
+{
+    check_tag(tag);
+    double const t0 = MPI_Wtime();
+    MPI_Status st;
+    int got = 0;
+    DIST_CHECK_MPI(MPI_Recv(buf, dist_count(count), type,
+                            peer == DIST_ANY_SOURCE ? MPI_ANY_SOURCE : peer, tag, g->comm, &st));
+    DIST_CHECK_MPI(MPI_Get_count(&st, type, &got));
+    VD_CHECK((size_t)got == count, "received %d elements from group rank %d (tag %d), expected "
+             "%zu", got, st.MPI_SOURCE, tag, count);
+    account(kind, t0, count * elem_nbytes);
+    return st.MPI_SOURCE;
+}
+
+void dist_send(const struct dist_group *g, enum dist_kind kind, const float *buf, size_t count,
+               int peer, int tag)
+{
+    send_typed(g, kind, buf, count, MPI_FLOAT, sizeof *buf, peer, tag);
+}
+
+void dist_send_bytes(const struct dist_group *g, enum dist_kind kind, const void *buf,
+                     size_t nbytes, int peer, int tag)
+{
+    send_typed(g, kind, buf, nbytes, MPI_BYTE, 1, peer, tag);
+}
+
+int dist_recv(const struct dist_group *g, enum dist_kind kind, float *buf, size_t count,
+              int peer, int tag)
+{
+    return recv_typed(g, kind, buf, count, MPI_FLOAT, sizeof *buf, peer, tag);
+}
+
+int dist_recv_bytes(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,
+                    int peer, int tag)
+{
+    return recv_typed(g, kind, buf, nbytes, MPI_BYTE, 1, peer, tag);
 }
 
 const struct dist_comm_stat *dist_comm_stats(enum dist_kind kind) { return &stats[kind]; }

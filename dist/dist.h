@@ -14,14 +14,14 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#include "model/model.h"
+#include "base/base.h"
 
 struct dist_group {
     MPI_Comm comm;
     int rank, size;
 };
 
-/* MPI_Init, MPI_ERRORS_RETURN on the world, the fatal hook of model.h set to print the
+/* MPI_Init, MPI_ERRORS_RETURN on the world, the fatal hook of base.h set to print the
  * rank and host and MPI_Abort. */
 void dist_init(int *argc, char ***argv);
 void dist_finalize(void);
@@ -110,6 +110,29 @@ void dist_direct_write(const struct dist_direct *dd, int peer, const struct iove
                        void *remote);
 void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,
                 int root);
+/* Gathers on root the size each rank passes: counts (root: g->size entries, rank order;
+ * may be NULL elsewhere). The first half of a gather of pieces whose sizes differ. */
+void dist_gather_nbytes(const struct dist_group *g, enum dist_kind kind, size_t nbytes,
+                        size_t *counts, int root);
+/* The second half: every rank's nbytes of in, back to back in rank order, into out on root
+ * (the sum of counts bytes), counts as dist_gather_nbytes gave them (root only; out and
+ * counts may be NULL elsewhere). */
+void dist_gatherv_bytes(const struct dist_group *g, enum dist_kind kind, void *out,
+                        const size_t *counts, const void *in, size_t nbytes, int root);
+/* Blocking point-to-point inside group g, timed per kind: count floats (nbytes of any data)
+ * to group rank peer with tag (0 to DIST_TAG_MAX), which tells apart what one pair of ranks
+ * sends. A receive takes from peer, or from any rank with DIST_ANY_SOURCE, a message of
+ * exactly the size asked for (another size is a programming error), and returns the
+ * sender's group rank. */
+enum { DIST_ANY_SOURCE = -1 };
+void dist_send(const struct dist_group *g, enum dist_kind kind, const float *buf, size_t count,
+               int peer, int tag);
+void dist_send_bytes(const struct dist_group *g, enum dist_kind kind, const void *buf,
+                     size_t nbytes, int peer, int tag);
+int dist_recv(const struct dist_group *g, enum dist_kind kind, float *buf, size_t count,
+              int peer, int tag);
+int dist_recv_bytes(const struct dist_group *g, enum dist_kind kind, void *buf, size_t nbytes,
+                    int peer, int tag);
 /* Converts an element count to MPI's int, aborting when it does not fit. */
 int dist_count(size_t count);
 

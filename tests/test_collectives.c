@@ -216,6 +216,74 @@ static long long check_pieces(const struct dist_group *g, struct bufs *s, size_t
     return wrong;
 }
 
+/* Pieces of uneven size to one root, as the checkpoint gathers its piece lists and the
+ * export its blocks: group rank j's piece is piece_count(j, seed % 3, 0, m) elements (some
+ * zero), element k being ival(seed, j, k). */
+static size_t uneven(int j, unsigned seed, size_t m)
+{
+    return piece_count(j, (int)(seed % 3), 0, m);
+}
+
+/* dist_gather_nbytes then dist_gatherv_bytes: the sizes and the pieces, back to back in
+ * rank order, on root (seed % size). */
+static long long check_gatherv(const struct dist_group *g, enum dist_kind kind,
+                               struct bufs *s, size_t m, unsigned seed)
+{
+    int const root = (int)(seed % (unsigned)g->size);
+    bool const is_root = g->rank == root;
+    size_t const mine = uneven(g->rank, seed, m);
+    for (size_t k = 0; k < mine; k++) s->a[k] = (float)ival(seed, g->rank, k);
+    size_t *nbytes = is_root ? calloc((size_t)g->size, sizeof *nbytes) : NULL;
+    VD_CHECK(!is_root || nbytes, "out of memory");
+    dist_gather_nbytes(g, kind, mine * sizeof *s->a, nbytes, root);
+    long long wrong = 0;
+    size_t total = 0;
+    for (int j = 0; is_root && j < g->size; j++) {
+        wrong += nbytes[j] != uneven(j, seed, m) * sizeof *s->a;
+        total += nbytes[j];
+    }
+    VD_CHECK(total <= s->cap * sizeof *s->b, "gather buffers too small");
+    if (is_root) tu_fill_nan(s->b, total / sizeof *s->b);
+    dist_gatherv_bytes(g, kind, s->b, nbytes, s->a, mine * sizeof *s->a, root);
+    size_t at = 0;
+    for (int j = 0; is_root && !wrong && j < g->size; at += uneven(j, seed, m), j++)
+        for (size_t k = 0; k < uneven(j, seed, m); k++)
+            wrong += tu_exact_differs(s->b[at + k], ival(seed, j, k));
+    free(nbytes);
+    return wrong;
+}
+
+/* dist_send_bytes and dist_send to root (seed % size), received with DIST_ANY_SOURCE in
+ * arrival order, each header's values next from the same sender (as the export does): every
+ * other rank sends its group rank and element count, then its uneven piece. */
+static long long check_send_recv(const struct dist_group *g, enum dist_kind kind,
+                                 struct bufs *s, size_t m, unsigned seed)
+{
+    int const root = (int)(seed % (unsigned)g->size), tag = (int)(seed % 7);
+    long long wrong = 0;
+    if (g->rank != root) {
+        uint64_t const hdr[2] = {(uint64_t)g->rank, uneven(g->rank, seed, m)};
+        for (size_t k = 0; k < hdr[1]; k++) s->a[k] = (float)ival(seed, g->rank, k);
+        dist_send_bytes(g, kind, hdr, sizeof hdr, root, tag);
+        dist_send(g, kind, s->a, hdr[1], root, tag);
+        return 0;
+    }
+    int seen = 0;
+    for (int b = 1; b < g->size; b++) {
+        uint64_t hdr[2];
+        int const from = dist_recv_bytes(g, kind, hdr, sizeof hdr, DIST_ANY_SOURCE, tag);
+        if (hdr[0] != (uint64_t)from || hdr[1] != uneven(from, seed, m) || hdr[1] > s->cap) {
+            wrong++;
+            continue;
+        }
+        tu_fill_nan(s->b, hdr[1]);
+        wrong += dist_recv(g, kind, s->b, hdr[1], from, tag) != from;
+        for (size_t k = 0; k < hdr[1]; k++) wrong += tu_exact_differs(s->b[k], ival(seed, from, k));
+        seen++;
+    }
+    return wrong + (seen != g->size - 1);
+}
+
 /* The communicator holds exactly the grid's members, in the grid's order. */
 static long long check_members(const struct dist_grid *grid, const struct dist_group *g,
                                enum dist_kind kind, struct bufs *s)
@@ -234,7 +302,7 @@ static long long check_members(const struct dist_grid *grid, const struct dist_g
  * segmented (ring, pipelined) algorithms, and one over two and a half of
  * dist_reduce_scatter's rounds (2^18 floats); none divisible by the group sizes. */
 static const size_t counts[] = {1, 1003, 65541, 655363};
-enum { NCOUNTS = sizeof counts / sizeof counts[0], CHECKS_PER_COUNT = 6 };
+enum { NCOUNTS = sizeof counts / sizeof counts[0], CHECKS_PER_COUNT = 8 };
 
 /* Runs every check on every group kind of one layout; returns this rank's wrong count and
  * adds the checks run to *checks. A layout the grid refuses counts as one wrong element. */
@@ -261,6 +329,8 @@ static long long run_layout(const struct layout *l, struct bufs *s, long *checks
             wrong += check_reduce_scatter(&g, (enum dist_kind)kind, s, m, seed++);
             wrong += check_bcast(&g, (enum dist_kind)kind, s, m, seed++);
             wrong += check_pieces(&g, s, m, seed++);
+            wrong += check_gatherv(&g, (enum dist_kind)kind, s, m, seed++);
+            wrong += check_send_recv(&g, (enum dist_kind)kind, s, m, seed++);
             *checks += CHECKS_PER_COUNT;
         }
         dist_group_free(&g);
