@@ -498,6 +498,70 @@ static void test_interleaved_micro_batches(void)
     par_model_free(&pm);
 }
 
+/* The model cut into two stages on one rank (layer 0 with the embedding; layer 1 with the
+ * head), run through the stage entry points: the first stage's output feeds the second,
+ * the second's input gradient feeds the first's backward. Losses, the residual stream
+ * between them and every tensor's gradient equal the whole model's on this rank exactly:
+ * the same operations in the same order. */
+static void test_two_stages(void)
+{
+    struct model_config const cfg = make_cfg(0.5, MODEL_DROP_POSITION, ALPHA, BETA);
+    struct par_model whole;
+    model_setup(&whole, &cfg);
+    par_zero_grads(&whole);
+    par_stage_forward(&whole, &acts, inputs, targets, NULL, NULL);
+    par_stage_backward(&whole, &acts, NULL, NULL, 1.0f, false);
+    struct par_mb_stats const want = acts.stats;
+
+    struct par_groups groups;
+    par_groups_serial(&groups);
+    struct par_options const opt = {0};
+    struct model_layout const lay[2] = {
+        {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0, .layer_end = 1, .has_embed = true},
+        {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 1, .layer_end = NL, .has_head = true}};
+    struct par_model st[2];
+    struct par_acts sa[2];
+    for (int i = 0; i < 2; i++) {
+        CU_ASSERT_FATAL(par_model_init(&st[i], &cfg, &lay[i], &groups, &opt, B, T) == 0);
+        par_acts_init(&sa[i], &st[i]);
+        for (int j = 0; j < st[i].tab.count; j++) { /* the whole model's weights */
+            const struct model_tensor *t = &st[i].tab.t[j];
+            int const w = model_table_find(&whole.tab, t->name);
+            CU_ASSERT_FATAL(w >= 0);
+            memcpy(st[i].params + t->offset, whole.params + whole.tab.t[w].offset,
+                   t->numel * sizeof(float));
+        }
+        par_zero_grads(&st[i]);
+    }
+    float h[N * D], dh[N * D];
+    par_stage_forward(&st[0], &sa[0], inputs, NULL, NULL, h);
+    par_stage_forward(&st[1], &sa[1], NULL, targets, h, NULL);
+    CU_ASSERT(memcmp(h, acts.resid + (size_t)N * D, sizeof h) == 0);
+    CU_ASSERT_EQUAL(sa[0].stats.lm_loss, 0.0);
+    CU_ASSERT_EQUAL(sa[1].stats.lm_loss, want.lm_loss);
+    CU_ASSERT_EQUAL(sa[0].stats.aux_loss + sa[1].stats.aux_loss, want.aux_loss);
+    CU_ASSERT_EQUAL(sa[0].stats.z_loss + sa[1].stats.z_loss, want.z_loss);
+    par_stage_backward(&st[1], &sa[1], NULL, dh, 1.0f, false);
+    par_stage_backward(&st[0], &sa[0], dh, NULL, 1.0f, false);
+    size_t differ = 0, checked = 0;
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < st[i].tab.count; j++) {
+            const struct model_tensor *t = &st[i].tab.t[j];
+            const float *g = whole.grads + whole.tab.t[model_table_find(&whole.tab, t->name)].offset;
+            differ += count_differing(st[i].grads + t->offset, g, t->numel);
+            checked += t->numel;
+        }
+    printf("\n    %zu of %zu gradient elements differ from the whole model's ", differ, checked);
+    CU_ASSERT_EQUAL(checked, whole.tab.numel);
+    CU_ASSERT_EQUAL(differ, 0);
+    for (int i = 0; i < 2; i++) {
+        par_acts_free(&sa[i]);
+        par_model_free(&st[i]);
+    }
+    par_acts_free(&acts);
+    par_model_free(&whole);
+}
+
 int main(int argc, char **argv)
 {
     dist_init(&argc, &argv);
@@ -519,6 +583,8 @@ int main(int argc, char **argv)
     CU_add_test(s, "the checker catches wrong gradients", test_checker_detects);
     CU_add_test(s, "two micro-batches in flight: same losses and gradients",
                 test_interleaved_micro_batches);
+    CU_add_test(s, "two stages through the stage entry points: the whole model's numbers",
+                test_two_stages);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned const failures = CU_get_number_of_failures();
