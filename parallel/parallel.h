@@ -1,15 +1,17 @@
 /* parallel/: where compute meets communication. The rank's share of the model (its
  * parameter table and flat buffers), the transformer's layers as forward/backward pairs
- * over process groups, the token dispatcher, gradient reduction and the optimizer step.
+ * over process groups, the token dispatcher, the attention seam, the schedule of a step,
+ * gradient reduction and the optimizer step.
  *
- * The serial run is this code with every group of size one. A training step is driven
- * per micro-batch over an ordered list of layers (par_layer), so a pipeline schedule can
- * run any stage's slice of that list for any micro-batch. State is split three ways:
- * persistent (par_model), per micro-batch in flight (par_acts), and scratch valid inside
- * one stage call (par_scratch).
+ * The serial run is this code with every group of size one. A stage runs its slice of an
+ * ordered list of layers (par_layer) for one micro-batch at a time, forward or backward,
+ * and a schedule decides the order. State is split by lifetime: persistent (par_model),
+ * per micro-batch in flight (par_acts), and scratch valid inside one stage call
+ * (par_scratch).
  *
  * Error rule: set-up functions that can fail on input return 0 or a negative VD_E* code
- * (model.h); per-step functions cannot fail on input and check programming errors only. */
+ * (base/base.h); per-step functions cannot fail on input and check programming errors
+ * only. */
 #ifndef VDIST_PARALLEL_H
 #define VDIST_PARALLEL_H
 
