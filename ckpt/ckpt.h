@@ -1,5 +1,7 @@
-/* ckpt/: files that hold tensors. For now: safetensors read (validated like the reference
- * parser) and write; later: sharded zstd checkpoints, their manifest, resharding.
+/* ckpt/: files that hold tensors. Safetensors read (validated like the reference parser)
+ * and write; Hugging Face weights in (each rank its blocks) and out (whole, or sharded
+ * with an index); sharded zstd checkpoints with their manifest, which load into any layout
+ * (resharding), and the directory that holds them.
  *
  * Error rule: every function that touches a file returns 0 or a negative VD_E* code with
  * a message (base.h's vd_err_*) naming the file and, where one is at fault, the tensor.
@@ -84,9 +86,11 @@ int ckpt_export_hf(const struct par_model *pm, const char *path);
  * shards. Pieces are recorded by tensor name and global coordinates, so a checkpoint loads
  * into any valid layout, each rank reading only the pieces that meet its blocks. */
 
-/* ckpt/shard.c. Each piece is one contiguous element range (at most 2^22 elements) of one
- * tensor block (row-major) of one kind (param, m, v): an independent zstd frame with its
- * content checksum, in rank_RRRRR.zst; manifest.json (format "vdist-sharded-checkpoint",
+/* ckpt/manifest.c (reading, verify, inspect), ckpt_save.c, ckpt_load.c (and the whole
+ * tensors below), ckpt_dir.c (latest, previous, prune, cleanup). Each piece is one
+ * contiguous element range (at most 2^22 elements) of one tensor block (row-major) of one
+ * kind (param, m, v): an independent zstd frame with its content checksum, in
+ * rank_RRRRR.zst; manifest.json (format "vdist-sharded-checkpoint",
  * version 2; version 1 still loads) lists the tensors' global shapes and dtype ("F32"),
  * the training state, and every piece with its block, range, file, offset, compressed and
  * raw sizes and checksum (the frame's last 4 bytes, 8 hex digits). Saving and loading run

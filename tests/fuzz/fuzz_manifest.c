@@ -1,4 +1,4 @@
-/* libFuzzer harness for the sharded checkpoint's manifest parser (ckpt/shard.c), reached
+/* libFuzzer harness for the sharded checkpoint's manifest parser (ckpt/manifest.c), reached
  * through ckpt_verify and ckpt_latest.
  *
  * Once per process: a temporary ROOT/step_00000001/ holding the shard files of
