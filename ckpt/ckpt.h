@@ -57,10 +57,6 @@ struct ckpt_st_write_tensor {
 int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, int n,
                   const char *const *meta_keys, const char *const *meta_values, int n_meta);
 
-/* The file helpers are base's (vd_make_dirs, vd_sync_dir, vd_remove_tree_quiet in
- * base/base.h); this old name stays only until launch/train.c calls vd_make_dirs. */
-static inline int ckpt_make_dirs(const char *path) { return vd_make_dirs(path); }
-
 /* ---------------------------------------------------------------- Hugging Face weights */
 
 /* Loads this rank's block of every tensor from Mixtral-named safetensors (F32 or BF16):

@@ -213,7 +213,7 @@ static int open_inputs(const struct launch_config *c, struct par_model *pm, laun
 /* The export directory exists (made with its parents) and is writable. */
 static int make_export_dir(const char *dir)
 {
-    FORWARD_IF(ckpt_make_dirs(dir));
+    FORWARD_IF(vd_make_dirs(dir));
     RETURN_IF(access(dir, W_OK) != 0, VD_EIO, "train.export_to = %s is not writable: %s", dir,
               strerror(errno));
     return 0;
