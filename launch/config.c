@@ -708,7 +708,8 @@ static int config_check(const struct launch_config *c, struct cfg_err *e)
                         "train.lr_min = %g is larger than train.lr = %g: lr_min must be <= lr",
                         t->lr_min, t->lr);
 
-    /* Layout checks that do not need the world size; dist/ checks the rest. */
+    /* Layout checks that do not need the world size; once it is known, dist_grid_init and
+     * launch_layout_make check the rest. */
     if (m->num_attention_heads % p->tp != 0 || m->num_key_value_heads % p->tp != 0)
         return cfg_fail(e, VD_EINVAL,
                         "model.num_attention_heads = %d and model.num_key_value_heads = %d "
