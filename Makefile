@@ -25,7 +25,7 @@ LDLIBS     = $(shell pkg-config --libs $(PKGS) 2>/dev/null) \
              -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -fopenmp -lm
 LDFLAGS   ?=
 
-LIB_DIRS  := dist model parallel ckpt launch
+LIB_DIRS  := base dist model parallel ckpt launch
 LIB_SRC   := $(filter-out launch/main.c,$(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c)))
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/%.o)
 TEST_SRC  := $(wildcard tests/test_*.c)

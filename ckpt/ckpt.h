@@ -2,7 +2,7 @@
  * parser) and write; later: sharded zstd checkpoints, their manifest, resharding.
  *
  * Error rule: every function that touches a file returns 0 or a negative VD_E* code with
- * a message (model.h's vd_err_*) naming the file and, where one is at fault, the tensor.
+ * a message (base.h's vd_err_*) naming the file and, where one is at fault, the tensor.
  * Writers never leave a half-written file under the final name (temporary + rename). */
 #ifndef VDIST_CKPT_H
 #define VDIST_CKPT_H
@@ -55,14 +55,9 @@ struct ckpt_st_write_tensor {
 int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, int n,
                   const char *const *meta_keys, const char *const *meta_values, int n_meta);
 
-/* mkdir -p: creates path and its missing parents; VD_EIO naming the directory that could
- * not be made, or when path exists and is not a directory. */
-int ckpt_make_dirs(const char *path);
-/* fsync of a directory (its entries reach the disk); VD_EIO naming it on failure. */
-int ckpt_sync_dir(const char *path);
-/* rm -rf: 0, or -1 with errno and no message (clean-up after another error keeps that
- * one's message). */
-int ckpt_remove_tree_quiet(const char *path);
+/* The file helpers are base's (vd_make_dirs, vd_sync_dir, vd_remove_tree_quiet in
+ * base/base.h); this old name stays only until launch/train.c calls vd_make_dirs. */
+static inline int ckpt_make_dirs(const char *path) { return vd_make_dirs(path); }
 
 /* ---------------------------------------------------------------- Hugging Face weights */
 

@@ -22,30 +22,6 @@
 #define EXPORT_SHARD_NBYTES_DEFAULT ((size_t)2000000000)
 #define EXPORT_INDEX "model.safetensors.index.json"
 
-static int export_write_all(int fd, const char *path, const void *buf, size_t nbytes)
-{
-    const char *p = buf;
-    while (nbytes > 0) {
-        size_t const chunk = nbytes < ((size_t)1 << 30) ? nbytes : (size_t)1 << 30;
-        ssize_t const w = write(fd, p, chunk);
-        if (w < 0 && errno == EINTR) continue;
-        RETURN_IF(w <= 0, VD_EIO, "%s: cannot write: %s", path,
-                  w < 0 ? strerror(errno) : "no progress");
-        p += w;
-        nbytes -= (size_t)w;
-    }
-    return 0;
-}
-
-/* Joins dir and name into out; VD_EINVAL when it does not fit. */
-static int export_join(char *out, size_t cap, const char *dir, const char *name)
-{
-    int const n = snprintf(out, cap, "%s/%s", dir, name);
-    RETURN_IF(n < 0 || (size_t)n >= cap, VD_EINVAL, "path %s/%s is too long", dir, name);
-    return 0;
-}
-
-
 /* One tensor of the export: its index in the reader, bytes, and shard. */
 struct export_tensor {
     int index;
@@ -89,9 +65,6 @@ static int shard_header(const ckpt_reader *r, const struct export_tensor *t, int
     return 0;
 }
 
-/* Writes tensors t[0..n) to path (new file), fsynced. buf/buf_cap: the tensor buffer, grown
- * as needed and kept for the next shard. */
-
 /* fsync and close fd after a write that returned rc; the first error wins. */
 static int finish_file(int fd, const char *path, int rc)
 {
@@ -104,6 +77,8 @@ static int finish_file(int fd, const char *path, int rc)
     return rc;
 }
 
+/* Writes tensors t[0..n) to path (new file), fsynced. buf/buf_cap: the tensor buffer, grown
+ * as needed and kept for the next shard. */
 static int write_shard(ckpt_reader *r, const struct export_tensor *t, int n, const char *path,
                        float **buf, size_t *buf_cap)
 {
@@ -117,8 +92,8 @@ static int write_shard(ckpt_reader *r, const struct export_tensor *t, int n, con
     }
     unsigned char len[8];
     for (int b = 0; b < 8; b++) len[b] = (unsigned char)((uint64_t)header_nbytes >> (8 * b));
-    int rc = export_write_all(fd, path, len, sizeof len);
-    if (rc == 0) rc = export_write_all(fd, path, header, header_nbytes);
+    int rc = vd_write_all(fd, path, len, sizeof len);
+    if (rc == 0) rc = vd_write_all(fd, path, header, header_nbytes);
     free(header);
     for (int i = 0; rc == 0 && i < n; i++) {
         if (t[i].nbytes > *buf_cap) {
@@ -127,7 +102,7 @@ static int write_shard(ckpt_reader *r, const struct export_tensor *t, int n, con
             *buf = vd_alloc(*buf_cap);
         }
         rc = ckpt_reader_read(r, t[i].index, CKPT_KIND_PARAM, *buf);
-        if (rc == 0) rc = export_write_all(fd, path, *buf, t[i].nbytes);
+        if (rc == 0) rc = vd_write_all(fd, path, *buf, t[i].nbytes);
     }
     FORWARD_IF(finish_file(fd, path, rc));
     return 0;
@@ -137,7 +112,7 @@ static int write_text(const char *path, const char *text)
 {
     int const fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     RETURN_IF(fd < 0, VD_EIO, "%s: cannot create: %s", path, strerror(errno));
-    int rc = export_write_all(fd, path, text, strlen(text));
+    int rc = vd_write_all(fd, path, text, strlen(text));
     FORWARD_IF(finish_file(fd, path, rc));
     return 0;
 }
@@ -156,7 +131,7 @@ static int export_into(ckpt_reader *r, struct export_tensor *t, int n, int nshar
         while (last < n && t[last].shard == s) last++;
         snprintf(names[s], sizeof names[s], "model-%05d-of-%05d.safetensors", s + 1, nshards);
         char path[PATH_MAX];
-        rc = export_join(path, sizeof path, tmp, names[s]);
+        rc = vd_path_join(path, sizeof path, tmp, names[s]);
         if (rc == 0) rc = write_shard(r, t + first, last - first, path, &buf, &buf_cap);
         for (int i = first; rc == 0 && i < last; i++) {
             json_object_set_new(weight_map, ckpt_reader_tensor(r, t[i].index, NULL, NULL),
@@ -179,7 +154,7 @@ static int export_into(ckpt_reader *r, struct export_tensor *t, int n, int nshar
         memcpy(line, text, len);
         memcpy(line + len, "\n", 2);
         free(text);
-        rc = export_join(path, sizeof path, tmp, EXPORT_INDEX);
+        rc = vd_path_join(path, sizeof path, tmp, EXPORT_INDEX);
         if (rc == 0) rc = write_text(path, line);
         free(line);
     }
@@ -216,14 +191,14 @@ int ckpt_export_hf_sharded(const char *dir, const char *out_dir, size_t max_shar
                         "exporting %s would take %d files of at most %zu bytes; at most 99999 "
                         "are allowed: raise the shard size", dir, nshards, max_shard_bytes);
     char tmp[PATH_MAX];
-    if (rc == 0) rc = ckpt_make_dirs(out_dir);
+    if (rc == 0) rc = vd_make_dirs(out_dir);
     if (rc == 0 &&
         snprintf(tmp, sizeof tmp, "%s/.vdist-export.%ld", out_dir, (long)getpid()) >=
             (int)sizeof tmp)
         rc = vd_err_set(VD_EINVAL, __FILE__, __LINE__, "path %s is too long", out_dir);
     bool made = false;
     if (rc == 0) {
-        ckpt_remove_tree_quiet(tmp); /* a leftover of this pid */
+        vd_remove_tree_quiet(tmp); /* a leftover of this pid */
         if (mkdir(tmp, 0777) != 0)
             rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create %s: %s", tmp,
                             strerror(errno));
@@ -231,18 +206,17 @@ int ckpt_export_hf_sharded(const char *dir, const char *out_dir, size_t max_shar
     }
     char (*names)[64] = vd_calloc((size_t)nshards + 1, sizeof *names);
     if (rc == 0) rc = export_into(r, t, n, nshards, tmp, names);
-    /* into place, the index last: a reader of the index never sees a shard missing */
+    /* into place (the files are synced already), the index last: a reader of the index
+     * never sees a shard missing */
     for (int s = 0; rc == 0 && s <= nshards; s++) {
         const char *name = s < nshards ? names[s] : EXPORT_INDEX;
         char from[PATH_MAX], to[PATH_MAX];
-        rc = export_join(from, sizeof from, tmp, name);
-        if (rc == 0) rc = export_join(to, sizeof to, out_dir, name);
-        if (rc == 0 && rename(from, to) != 0)
-            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot rename %s to %s: %s", from, to,
-                            strerror(errno));
+        enum vd_replace_step failed;
+        rc = vd_path_join(from, sizeof from, tmp, name);
+        if (rc == 0) rc = vd_path_join(to, sizeof to, out_dir, name);
+        if (rc == 0) rc = vd_replace_fd(-1, from, to, &failed);
     }
-    if (rc == 0) rc = ckpt_sync_dir(out_dir);
-    if (made) ckpt_remove_tree_quiet(tmp);
+    if (made) vd_remove_tree_quiet(tmp);
     free(names);
     free(t);
     ckpt_reader_close(r);

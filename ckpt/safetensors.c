@@ -608,21 +608,7 @@ static int st_header_build(char **text, size_t *nbytes, const char *path,
     return 0;
 }
 
-static int st_write_all(int fd, const char *tmp, const void *buf, size_t nbytes)
-{
-    const unsigned char *p = buf;
-    while (nbytes > 0) {
-        size_t const chunk = nbytes < ((size_t)1 << 30) ? nbytes : (size_t)1 << 30;
-        ssize_t const written = write(fd, p, chunk);
-        if (written < 0 && errno == EINTR) continue;
-        RETURN_IF(written <= 0, VD_EIO, "%s: cannot write: %s", tmp,
-                  written < 0 ? strerror(errno) : "no progress");
-        p += written;
-        nbytes -= (size_t)written;
-    }
-    return 0;
-}
-
+/* Writes the whole file through fd (tmp names it in errors); vd_replace_fd syncs it. */
 static int st_write_contents(int fd, const char *tmp, const char *header,
                              size_t header_nbytes, const struct ckpt_st_write_tensor *tensors,
                              int n)
@@ -630,45 +616,45 @@ static int st_write_contents(int fd, const char *tmp, const char *header,
     unsigned char len_bytes[ST_LEN_NBYTES];
     for (int b = 0; b < ST_LEN_NBYTES; b++)
         len_bytes[b] = (unsigned char)((uint64_t)header_nbytes >> (8 * b));
-    FORWARD_IF(st_write_all(fd, tmp, len_bytes, sizeof len_bytes));
-    FORWARD_IF(st_write_all(fd, tmp, header, header_nbytes));
+    FORWARD_IF(vd_write_all(fd, tmp, len_bytes, sizeof len_bytes));
+    FORWARD_IF(vd_write_all(fd, tmp, header, header_nbytes));
     for (int i = 0; i < n; i++) {
         size_t numel = 1; /* cannot overflow: the header's construction checked it */
         for (int d = 0; d < tensors[i].ndim; d++) numel *= tensors[i].shape[d];
-        FORWARD_IF(st_write_all(fd, tmp, tensors[i].data, numel * sizeof(float)));
+        FORWARD_IF(vd_write_all(fd, tmp, tensors[i].data, numel * sizeof(float)));
     }
-    RETURN_IF(fsync(fd) != 0, VD_EIO, "%s: cannot flush to disk: %s", tmp, strerror(errno));
     return 0;
 }
 
-/* Writes the whole file under tmp and closes it; the caller removes tmp on error. */
-static int st_write_tmp(const char *tmp, const char *header, size_t header_nbytes,
-                        const struct ckpt_st_write_tensor *tensors, int n)
+/* Writes the whole file under tmp and commits it as path (vd_replace_fd); on error nothing
+ * is left under either name. Syncing the directory after the rename is best effort: the new
+ * file is complete and in place by then, and reporting an error would tell the caller it
+ * is not. */
+static int st_write_replace(const char *tmp, const char *path, const char *header,
+                            size_t header_nbytes, const struct ckpt_st_write_tensor *tensors,
+                            int n)
 {
     int const fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     RETURN_IF(fd < 0, VD_EIO, "%s: cannot create: %s", tmp, strerror(errno));
     int const err = st_write_contents(fd, tmp, header, header_nbytes, tensors, n);
     if (err < 0) {
         close(fd);
+        unlink(tmp);
         return vd_err_forward(err, __FILE__, __LINE__);
     }
-    RETURN_IF(close(fd) != 0, VD_EIO, "%s: cannot close: %s", tmp, strerror(errno));
-    return 0;
-}
-
-/* Makes the rename itself durable. Best effort: the new file is complete and in place by
- * now, and reporting an error would tell the caller it is not. */
-static void st_sync_dir(const char *path)
-{
-    const char *const slash = strrchr(path, '/');
-    char *const dir = slash ? st_strdup(path) : st_strdup(".");
-    if (slash) dir[slash == path ? 1 : slash - path] = '\0';
-    int const fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        (void)fsync(fd);
-        close(fd);
+    enum vd_replace_step failed;
+    if (vd_replace_fd(fd, tmp, path, &failed) == 0) return 0;
+    switch (failed) {
+    case VD_REPLACE_OPEN_DIR:
+    case VD_REPLACE_SYNC_DIR:
+        return 0;
+    case VD_REPLACE_RENAME:
+        RETURN_ERR(VD_EIO, "%s: cannot rename %s to it: %s", path, tmp, strerror(errno));
+    case VD_REPLACE_CLOSE:
+        RETURN_ERR(VD_EIO, "%s: cannot close: %s", tmp, strerror(errno));
+    default:
+        RETURN_ERR(VD_EIO, "%s: cannot flush to disk: %s", tmp, strerror(errno));
     }
-    free(dir);
 }
 
 int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, int n,
@@ -681,17 +667,10 @@ int ckpt_st_write(const char *path, const struct ckpt_st_write_tensor *tensors, 
     size_t header_nbytes = 0;
     FORWARD_IF(st_header_build(&header, &header_nbytes, path, tensors, n, meta_keys,
                                meta_values, n_meta));
-    size_t const tmp_nbytes = strlen(path) + 32;
+    size_t const tmp_nbytes = strlen(path) + 32; /* room for any pid: never too long */
     char *const tmp = vd_alloc(tmp_nbytes);
-    snprintf(tmp, tmp_nbytes, "%s.tmp.%ld", path, (long)getpid());
-    int err = st_write_tmp(tmp, header, header_nbytes, tensors, n);
-    if (err == 0 && rename(tmp, path) != 0)
-        err = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: cannot rename %s to it: %s", path,
-                         tmp, strerror(errno));
-    if (err < 0)
-        unlink(tmp);
-    else
-        st_sync_dir(path);
+    int err = vd_tmp_name(tmp, tmp_nbytes, path);
+    if (err == 0) err = st_write_replace(tmp, path, header, header_nbytes, tensors, n);
     free(tmp);
     free(header);
     FORWARD_IF(err);

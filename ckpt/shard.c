@@ -142,28 +142,6 @@ static int bg_raise(const struct bg_error *e)
 
 /* ---------------------------------------------------------------- files */
 
-/* Joins dir and name into out; VD_EINVAL when it does not fit. */
-static int path_join(char *out, size_t cap, const char *dir, const char *name)
-{
-    int const n = snprintf(out, cap, "%s/%s", dir, name);
-    RETURN_IF(n < 0 || (size_t)n >= cap, VD_EINVAL, "path %s/%s is too long", dir, name);
-    return 0;
-}
-
-static int write_all(int fd, const void *buf, size_t nbytes)
-{
-    const char *p = buf;
-    while (nbytes > 0) {
-        ssize_t const w = write(fd, p, min_sz(nbytes, (size_t)1 << 30));
-        if (w < 0 && errno == EINTR) continue;
-        if (w == 0) errno = EIO;
-        if (w <= 0) return -1;
-        p += w;
-        nbytes -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Writes all nbytes at offset; 0 or -1 with errno. */
 static int write_at(int fd, const void *buf, size_t nbytes, size_t offset)
 {
@@ -199,33 +177,25 @@ static int read_at(int fd, void *buf, size_t nbytes, size_t offset, size_t *got)
 /* rm -rf; 0 or VD_EIO. */
 static int remove_tree(const char *path)
 {
-    RETURN_IF(ckpt_remove_tree_quiet(path) != 0, VD_EIO, "cannot remove %s: %s", path, strerror(errno));
+    RETURN_IF(vd_remove_tree_quiet(path) != 0, VD_EIO, "cannot remove %s: %s", path, strerror(errno));
     return 0;
 }
 
-/* Writes text to dir/name durably and atomically: a temporary file, fsync, rename, fsync of
- * dir. */
+/* Writes text to dir/name durably and atomically (vd_replace_fd). */
 static int write_file_atomic(const char *dir, const char *name, const char *text)
 {
-    char path[PATH_MAX], tmp_name[128], tmp[PATH_MAX];
-    snprintf(tmp_name, sizeof tmp_name, "%s.tmp.%ld", name, (long)getpid());
-    FORWARD_IF(path_join(path, sizeof path, dir, name));
-    FORWARD_IF(path_join(tmp, sizeof tmp, dir, tmp_name));
+    char path[PATH_MAX], tmp[PATH_MAX];
+    FORWARD_IF(vd_path_join(path, sizeof path, dir, name));
+    FORWARD_IF(vd_tmp_name(tmp, sizeof tmp, path));
     int const fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    int rc = fd < 0 ? -1 : write_all(fd, text, strlen(text));
-    if (rc == 0) rc = fsync(fd);
-    int const err = errno;
-    if (fd >= 0 && close(fd) != 0 && rc == 0) rc = -1;
-    if (rc != 0) {
+    if (fd < 0 || vd_write_all(fd, tmp, text, strlen(text)) != 0) {
+        int const err = errno;
+        if (fd >= 0) close(fd);
         unlink(tmp);
-        RETURN_ERR(VD_EIO, "cannot write %s: %s", tmp, strerror(err ? err : errno));
+        RETURN_ERR(VD_EIO, "cannot write %s: %s", tmp, strerror(err));
     }
-    if (rename(tmp, path) != 0) {
-        int const e = errno;
-        unlink(tmp);
-        RETURN_ERR(VD_EIO, "cannot rename %s to %s: %s", tmp, path, strerror(e));
-    }
-    FORWARD_IF(ckpt_sync_dir(dir));
+    enum vd_replace_step failed;
+    FORWARD_IF(vd_replace_fd(fd, tmp, path, &failed));
     return 0;
 }
 
@@ -469,7 +439,7 @@ static int parse_piece(struct manifest *m, size_t i, const json_t *o)
 static int manifest_open(struct manifest *m, const char *dir)
 {
     memset(m, 0, sizeof *m);
-    FORWARD_IF(path_join(m->path, sizeof m->path, dir, SHARD_MANIFEST));
+    FORWARD_IF(vd_path_join(m->path, sizeof m->path, dir, SHARD_MANIFEST));
     snprintf(m->dir, sizeof m->dir, "%s", dir);
     json_error_t jerr;
     m->root = json_load_file(m->path, JSON_REJECT_DUPLICATES, &jerr);
@@ -569,7 +539,7 @@ static int manifest_check_files(const struct manifest *m)
         const struct mpiece *first = &m->pieces[order[j]];
         char path[PATH_MAX];
         struct stat st;
-        rc = path_join(path, sizeof path, m->dir, first->file);
+        rc = vd_path_join(path, sizeof path, m->dir, first->file);
         if (rc == 0 && stat(path, &st) != 0)
             rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "%s: %s", path, strerror(errno));
         size_t end = 0;
@@ -1361,7 +1331,7 @@ static int publish(const char *tmp, const char *final, const char *root, const c
             old = aside;
         }
     }
-    if (ckpt_sync_dir(root) != 0) fprintf(stderr, "vdist: warning: %s\n", vd_err_msg());
+    if (vd_sync_dir(root) != 0) fprintf(stderr, "vdist: warning: %s\n", vd_err_msg());
     /* an old checkpoint left behind is only disk space: its name is step_N.<suffix>, which
      * ckpt_prune removes */
     if (old && remove_tree(old) != 0) fprintf(stderr, "vdist: warning: %s\n", vd_err_msg());
@@ -1376,7 +1346,7 @@ static int commit_latest(const struct ckpt_pending *p)
     char text[64];
     snprintf(text, sizeof text, "%s\n", p->name);
     int const rc = write_file_atomic(p->root, SHARD_LATEST, text);
-    if (rc != 0 && rename(p->final, p->undo) == 0) ckpt_remove_tree_quiet(p->undo);
+    if (rc != 0 && rename(p->final, p->undo) == 0) vd_remove_tree_quiet(p->undo);
     FORWARD_IF(rc);
     return 0;
 }
@@ -1406,15 +1376,15 @@ static int save_start(const struct par_model *pm, const char *root, const struct
     if (snprintf(p->root, sizeof p->root, "%s", root) >= (int)sizeof p->root)
         rc = vd_err_set(VD_EINVAL, __FILE__, __LINE__, "path %s is too long", root);
     snprintf(p->name, sizeof p->name, "step_%08ld", meta->step);
-    if (rc == 0) rc = path_join(p->final, sizeof p->final, root, p->name);
+    if (rc == 0) rc = vd_path_join(p->final, sizeof p->final, root, p->name);
     snprintf(name, sizeof name, "step_%08ld.tmp.%s", meta->step, suffix);
-    if (rc == 0) rc = path_join(p->tmp, sizeof p->tmp, root, name);
+    if (rc == 0) rc = vd_path_join(p->tmp, sizeof p->tmp, root, name);
     snprintf(name, sizeof name, "step_%08ld.old.%s", meta->step, suffix);
-    if (rc == 0) rc = path_join(p->aside, sizeof p->aside, root, name);
+    if (rc == 0) rc = vd_path_join(p->aside, sizeof p->aside, root, name);
     snprintf(name, sizeof name, "step_%08ld.del.%s", meta->step, suffix);
-    if (rc == 0) rc = path_join(p->undo, sizeof p->undo, root, name);
+    if (rc == 0) rc = vd_path_join(p->undo, sizeof p->undo, root, name);
     snprintf(p->file, sizeof p->file, "rank_%05d.zst", world->rank);
-    if (rc == 0) rc = path_join(p->shard, sizeof p->shard, p->tmp, p->file);
+    if (rc == 0) rc = vd_path_join(p->shard, sizeof p->shard, p->tmp, p->file);
     p->cfg = pm->cfg;
     p->meta = *meta;
     p->config = meta->config ? strdup(meta->config) : NULL;
@@ -1433,7 +1403,7 @@ static int save_start(const struct par_model *pm, const char *root, const struct
 
     bool made = false;
     if (rc == 0 && world->rank == 0) {
-        rc = ckpt_make_dirs(root);
+        rc = vd_make_dirs(root);
         if (rc == 0 && mkdir(p->tmp, 0777) != 0)
             rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot create checkpoint directory %s: %s",
                             p->tmp, strerror(errno));
@@ -1443,7 +1413,7 @@ static int save_start(const struct par_model *pm, const char *root, const struct
     if (rc == 0) rc = writer_prepare(p, level);
     rc = dist_agree(world, rc);
     if (rc != 0) {
-        if (made) ckpt_remove_tree_quiet(p->tmp);
+        if (made) vd_remove_tree_quiet(p->tmp);
         pending_free(p);
         FORWARD_IF(rc);
     }
@@ -1484,7 +1454,7 @@ int ckpt_save_finish(ckpt_pending *p)
             if (rc == 0) rc = commit_latest(p);
         }
     }
-    if (rc != 0 && world->rank == 0 && !published) ckpt_remove_tree_quiet(p->tmp);
+    if (rc != 0 && world->rank == 0 && !published) vd_remove_tree_quiet(p->tmp);
     pending_free(p);
     FORWARD_IF(dist_agree(world, rc));
     return 0;
@@ -1767,7 +1737,7 @@ int ckpt_train_state(const char *dir, char **state_json)
 static bool is_complete(const char *root, const char *name, long step)
 {
     char dir[PATH_MAX];
-    if (path_join(dir, sizeof dir, root, name) != 0) return false;
+    if (vd_path_join(dir, sizeof dir, root, name) != 0) return false;
     struct manifest m;
     bool const ok = manifest_read(&m, dir) == 0 && m.step == step && manifest_check_files(&m) == 0;
     manifest_free(&m);
@@ -1779,8 +1749,8 @@ static bool is_complete(const char *root, const char *name, long step)
 static bool is_partial(const char *root, const char *name)
 {
     char dir[PATH_MAX], path[PATH_MAX];
-    if (path_join(dir, sizeof dir, root, name) != 0 ||
-        path_join(path, sizeof path, dir, SHARD_MANIFEST) != 0)
+    if (vd_path_join(dir, sizeof dir, root, name) != 0 ||
+        vd_path_join(path, sizeof path, dir, SHARD_MANIFEST) != 0)
         return false;
     int const fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return errno == ENOENT;
@@ -1824,7 +1794,7 @@ static int list_steps(const char *root, bool judge, struct step_entry **out, siz
         struct stat st;
         if (!parse_step_name(e->d_name, &step, &exact) ||
             strlen(e->d_name) >= sizeof(*out)->name ||
-            path_join(path, sizeof path, root, e->d_name) != 0 || lstat(path, &st) != 0 ||
+            vd_path_join(path, sizeof path, root, e->d_name) != 0 || lstat(path, &st) != 0 ||
             !S_ISDIR(st.st_mode))
             continue;
         if (*n == cap) {
@@ -1848,7 +1818,7 @@ static int list_steps(const char *root, bool judge, struct step_entry **out, siz
 static int latest_read(const char *root, char *name, size_t cap, long *step)
 {
     char path[PATH_MAX];
-    if (path_join(path, sizeof path, root, SHARD_LATEST) != 0) return -1;
+    if (vd_path_join(path, sizeof path, root, SHARD_LATEST) != 0) return -1;
     int const fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return errno == ENOENT ? 0 : -1;
     char buf[64];
@@ -1884,13 +1854,13 @@ int ckpt_latest_ex(const char *root, char *out, size_t cap, bool *fell_back)
     int const pointer = latest_read(root, name, sizeof name, &step);
     int rc = 0;
     if (pointer == 1 && is_complete(root, name, step)) {
-        rc = path_join(out, cap, root, name);
+        rc = vd_path_join(out, cap, root, name);
     } else {
         struct step_entry *s;
         size_t n;
         FORWARD_IF(list_steps(root, true, &s, &n));
         const struct step_entry *best = newest_complete(s, n, LONG_MAX);
-        if (best) rc = path_join(out, cap, root, best->name);
+        if (best) rc = vd_path_join(out, cap, root, best->name);
         if (fell_back) *fell_back = pointer != 0 || best != NULL;
         free(s);
     }
@@ -1913,7 +1883,7 @@ int ckpt_previous(const char *root, long before_step, char *out, size_t cap)
     size_t n;
     FORWARD_IF(list_steps(root, true, &s, &n));
     const struct step_entry *best = newest_complete(s, n, before_step);
-    int const rc = best ? path_join(out, cap, root, best->name) : 0;
+    int const rc = best ? vd_path_join(out, cap, root, best->name) : 0;
     if (rc != 0) out[0] = '\0';
     free(s);
     FORWARD_IF(rc);
@@ -1931,9 +1901,9 @@ static int cmp_step_desc(const void *x, const void *y)
 static int remove_checkpoint(const char *root, const char *name, long step)
 {
     char path[PATH_MAX], gone[PATH_MAX], gone_name[96];
-    FORWARD_IF(path_join(path, sizeof path, root, name));
+    FORWARD_IF(vd_path_join(path, sizeof path, root, name));
     snprintf(gone_name, sizeof gone_name, "step_%08ld.del.%ld", step, (long)getpid());
-    FORWARD_IF(path_join(gone, sizeof gone, root, gone_name));
+    FORWARD_IF(vd_path_join(gone, sizeof gone, root, gone_name));
     RETURN_IF(rename(path, gone) != 0, VD_EIO, "cannot rename %s to %s: %s", path, gone,
               strerror(errno));
     FORWARD_IF(remove_tree(gone));
@@ -1961,7 +1931,7 @@ int ckpt_prune(const char *root, int keep)
             if (keep == 0 || kept++ < keep || strcmp(s[i].name, latest) == 0) continue;
             rc = remove_checkpoint(root, s[i].name, s[i].step);
         } else if (s[i].step < newest) {
-            rc = path_join(path, sizeof path, root, s[i].name);
+            rc = vd_path_join(path, sizeof path, root, s[i].name);
             if (rc == 0) rc = remove_tree(path);
         }
     }
@@ -1980,7 +1950,7 @@ int ckpt_cleanup(const char *root)
         char path[PATH_MAX];
         int r = 0;
         if (!s[i].exact) {
-            r = path_join(path, sizeof path, root, s[i].name);
+            r = vd_path_join(path, sizeof path, root, s[i].name);
             if (r == 0) r = remove_tree(path);
         } else if (is_partial(root, s[i].name)) {
             r = remove_checkpoint(root, s[i].name, s[i].step);
@@ -1994,7 +1964,7 @@ int ckpt_cleanup(const char *root)
     while (d && (e = readdir(d)) != NULL) {
         char path[PATH_MAX];
         if (strncmp(e->d_name, SHARD_LATEST ".tmp.", strlen(SHARD_LATEST ".tmp.")) != 0 ||
-            path_join(path, sizeof path, root, e->d_name) != 0)
+            vd_path_join(path, sizeof path, root, e->d_name) != 0)
             continue;
         if (unlink(path) != 0 && rc == 0)
             rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot remove %s: %s", path,

@@ -14,14 +14,14 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#include "model/model.h"
+#include "base/base.h"
 
 struct dist_group {
     MPI_Comm comm;
     int rank, size;
 };
 
-/* MPI_Init, MPI_ERRORS_RETURN on the world, the fatal hook of model.h set to print the
+/* MPI_Init, MPI_ERRORS_RETURN on the world, the fatal hook of base.h set to print the
  * rank and host and MPI_Abort. */
 void dist_init(int *argc, char ***argv);
 void dist_finalize(void);

@@ -1020,8 +1020,7 @@ int launch_config_write_hf(const struct model_config *m, const char *path)
         if (shortest_digits(reals[i]) > digits) digits = shortest_digits(reals[i]);
 
     char tmp[LAUNCH_PATH_MAX + 32];
-    int const n = snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    if (n < 0 || (size_t)n >= sizeof tmp) {
+    if (vd_tmp_name(tmp, sizeof tmp, path) != 0) {
         json_decref(root);
         RETURN_ERR(VD_EINVAL, "cannot write '%s': the path is too long", path);
     }
@@ -1033,21 +1032,20 @@ int launch_config_write_hf(const struct model_config *m, const char *path)
     }
     bool ok = json_dumpf(root, f, JSON_INDENT(2) | JSON_REAL_PRECISION(digits)) == 0;
     json_decref(root);
-    ok = ok && fputc('\n', f) != EOF && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = ok && fputc('\n', f) != EOF;
     int err = errno;
-    if (fclose(f) != 0 && ok) {
-        ok = false;
+    if (ok) {
+        enum vd_replace_step failed;
+        /* the directory's sync is best effort: the file is complete and in place by then */
+        if (vd_replace_stream(f, false, tmp, path, &failed) == 0 ||
+            failed >= VD_REPLACE_OPEN_DIR)
+            return 0;
         err = errno;
+    } else {
+        fclose(f);
     }
-    if (ok && rename(tmp, path) != 0) {
-        ok = false;
-        err = errno;
-    }
-    if (!ok) {
-        unlink(tmp);
-        RETURN_ERR(VD_EIO, "cannot write Hugging Face config '%s': %s", path, strerror(err));
-    }
-    return 0;
+    unlink(tmp);
+    RETURN_ERR(VD_EIO, "cannot write Hugging Face config '%s': %s", path, strerror(err));
 }
 
 /* ---------------------------------------------------------------- loading */

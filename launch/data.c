@@ -297,12 +297,16 @@ static int writer_finish(struct tok_writer *w)
     for (int k = 0; k < 3; k++)
         for (int b = 0; b < 4; b++) header[4 * k + b] = (unsigned char)(fields[k] >> (8 * b));
     if (!w->err && (fseek(w->f, 0, SEEK_SET) != 0 ||
-                    fwrite(header, 1, sizeof header, w->f) != sizeof header ||
-                    fflush(w->f) != 0 || fsync(fileno(w->f)) != 0))
+                    fwrite(header, 1, sizeof header, w->f) != sizeof header))
         w->err = errno ? errno : EIO;
-    if (fclose(w->f) != 0 && !w->err) w->err = errno ? errno : EIO;
+    /* syncing the directory is best effort: the file is complete and in place by then */
+    enum vd_replace_step failed;
+    if (w->err)
+        fclose(w->f);
+    else if (vd_replace_stream(w->f, false, w->tmp, w->path, &failed) != 0 &&
+             failed < VD_REPLACE_OPEN_DIR)
+        w->err = errno ? errno : EIO;
     w->f = NULL;
-    if (!w->err && rename(w->tmp, w->path) != 0) w->err = errno ? errno : EIO;
     int const e = w->err;
     free(w->buf);
     w->buf = NULL;

@@ -421,7 +421,7 @@ static int open_metrics(const char *path, long start, FILE **out)
         return 0;
     }
     char tmp[LAUNCH_PATH_MAX + 32];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    FORWARD_IF(vd_tmp_name(tmp, sizeof tmp, path));
     FILE *old = fopen(path, "r"), *f = fopen(tmp, "w");
     if (!f) {
         if (old) fclose(old);
@@ -435,11 +435,11 @@ static int open_metrics(const char *path, long start, FILE **out)
         if (step >= 1 && step <= start) fputs(line, f);
     }
     if (old) fclose(old);
-    if (fflush(f) != 0 || rename(tmp, path) != 0) {
-        fclose(f);
-        unlink(tmp);
-        RETURN_ERR(VD_EIO, "cannot write log.metrics file %s: %s", path, strerror(errno));
-    }
+    /* the stream stays open, appending to path; the directory's sync is best effort */
+    enum vd_replace_step failed;
+    RETURN_IF(vd_replace_stream(f, true, tmp, path, &failed) != 0 &&
+                  failed < VD_REPLACE_OPEN_DIR,
+              VD_EIO, "cannot write log.metrics file %s: %s", path, strerror(errno));
     *out = f;
     return 0;
 }

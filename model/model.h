@@ -1,8 +1,7 @@
 /* model/: pure compute, no MPI. The exact model of shared/docs/model.md on one rank's
- * shards: kernels, router, experts, parameter table, initialisation, AdamW, and the error
- * values every other folder uses.
+ * shards: kernels, router, experts, parameter table, initialisation, AdamW.
  *
- * Error rule: functions that can fail on input (a file, a config, a checkpoint) return 0
+ * Error rule (base.h's): functions that can fail on input (a config, a layout) return 0
  * or a negative VD_E* code and record a message (vd_err_msg). Kernels cannot fail on
  * input: their preconditions are programming errors, checked with VD_CHECK, which aborts.
  * Kernels and layers never allocate: callers pass outputs and scratch.
@@ -14,49 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* ---------------------------------------------------------------- errors */
-
-enum {
-    VD_OK = 0,
-    VD_EINVAL = -1,  /* bad value: config, option, layout */
-    VD_EIO = -2,     /* a file could not be opened, read or written */
-    VD_EFORMAT = -3, /* a file's content is malformed */
-    VD_ENOMEM = -4,
-    VD_EMPI = -5,
-};
-
-/* Records `code` with "file:line: message" and returns code; the latest error wins. */
-int vd_err_set(int code, const char *file, int line, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-/* Appends " (via file:line)" to the recorded message and returns code unchanged. */
-int vd_err_forward(int code, const char *file, int line);
-const char *vd_err_msg(void);
-void vd_err_clear(void);
-
-#define RETURN_ERR(code, ...) return vd_err_set((code), __FILE__, __LINE__, __VA_ARGS__)
-#define RETURN_IF(cond, code, ...)                                                   \
-    do {                                                                             \
-        if (cond) RETURN_ERR((code), __VA_ARGS__);                                   \
-    } while (0)
-#define FORWARD_IF(expr)                                                             \
-    do {                                                                             \
-        int const fwd_err_ = (expr);                                                 \
-        if (fwd_err_ < 0) return vd_err_forward(fwd_err_, __FILE__, __LINE__);       \
-    } while (0)
-
-/* Programming errors: always on. Prints "[prefix] file:line: message" and calls the abort
- * hook (abort() by default; dist/ installs one that calls MPI_Abort with the rank). */
-_Noreturn void vd_fatal(const char *file, int line, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-void vd_set_fatal_hook(const char *prefix, void (*hook)(void));
-#define VD_CHECK(cond, ...)                                                          \
-    do {                                                                             \
-        if (!(cond)) vd_fatal(__FILE__, __LINE__, __VA_ARGS__);                      \
-    } while (0)
-
-/* Allocation that aborts on failure: only used at set-up time, never per step. */
-void *vd_alloc(size_t nbytes);
-void *vd_calloc(size_t count, size_t size);
+#include "base/base.h"
 
 /* ---------------------------------------------------------------- model config */
 

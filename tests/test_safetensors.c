@@ -4,7 +4,6 @@
  * when it fails. Files live in a mkdtemp directory under /tmp, removed at the end. */
 #include <CUnit/Basic.h>
 #include <dirent.h>
-#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -796,12 +795,6 @@ struct test_entry {
     void (*fn)(void);
 };
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 static bool add_suite(const char *name, const struct test_entry *tests, size_t n)
 {
     CU_pSuite const suite = CU_add_suite(name, NULL, NULL);
@@ -875,6 +868,6 @@ int main(void)
         fprintf(stderr, "CUnit set-up failed: %s\n", CU_get_error_msg());
     }
     CU_cleanup_registry();
-    nftw(tmp_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    vd_remove_tree_quiet(tmp_dir);
     return status;
 }

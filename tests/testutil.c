@@ -2,7 +2,6 @@
 #include "tests/testutil.h"
 
 #include <errno.h>
-#include <ftw.h>
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -282,17 +281,9 @@ bool tu_tmpdir_create(char *dir, size_t cap, const char *prefix, const char *who
     return false;
 }
 
-static int remove_one(const char *path, const struct stat *sb, int type, struct FTW *ftw)
-{
-    (void)sb;
-    (void)type;
-    (void)ftw;
-    return remove(path);
-}
-
 void tu_tmpdir_remove(const char *dir)
 {
-    if (dir[0]) nftw(dir, remove_one, 16, FTW_DEPTH | FTW_PHYS);
+    if (dir[0]) vd_remove_tree_quiet(dir);
 }
 
 /* ---------------------------------------------------------------- metrics files */

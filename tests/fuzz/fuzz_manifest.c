@@ -17,7 +17,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -86,17 +85,9 @@ static int copy_shards(const char *dir)
     return copied;
 }
 
-static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static void remove_root(void)
 {
-    nftw(root_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    vd_remove_tree_quiet(root_dir);
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)

@@ -1,10 +1,12 @@
-/* Error values and fatal checks shared by every folder (see model.h's error rule). */
+/* Error values, fatal checks and allocation shared by every folder (see base.h's error
+ * rule). */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/model.h"
+#include "base/base.h"
 
 static char err_msg[4096];
 static char fatal_prefix[256] = "vdist";
@@ -12,20 +14,24 @@ static void (*fatal_hook)(void);
 
 int vd_err_set(int code, const char *file, int line, const char *fmt, ...)
 {
+    int const saved_errno = errno;
     char body[3072];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(body, sizeof body, fmt, ap);
     va_end(ap);
     snprintf(err_msg, sizeof err_msg, "%s (at %s:%d)", body, file, line);
+    errno = saved_errno;
     return code;
 }
 
 int vd_err_forward(int code, const char *file, int line)
 {
+    int const saved_errno = errno;
     size_t const used = strlen(err_msg);
     if (used + 64 < sizeof err_msg)
         snprintf(err_msg + used, sizeof err_msg - used, " (via %s:%d)", file, line);
+    errno = saved_errno;
     return code;
 }
 
