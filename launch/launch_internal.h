@@ -22,4 +22,19 @@ int launch_bench_ckpt(const struct launch_config *c);
 /* `vdist ckpt ...`: argv[0] is "ckpt". Returns the process exit code. */
 int launch_ckpt_main(int argc, char **argv);
 
+/* ---------------------------------------------------------------- config*.c */
+
+/* A message for the user, written where a problem is found; the public entry points record
+ * it (vd_err_set), prefixed with where the text came from. */
+struct launch_cfg_err {
+    char msg[2048];
+};
+/* Writes the printf-style message into e and returns code. */
+__attribute__((format(printf, 3, 4))) int launch_cfg_fail(struct launch_cfg_err *e, int code,
+                                                          const char *fmt, ...);
+/* launch_config_read_hf that leaves its message in e instead of recording it, and gives the
+ * file's sliding window (-1 when absent or null) for the loader, which knows seq_len. */
+int launch_config_read_hf_ex(struct model_config *m, const char *path,
+                             long long *sliding_window, struct launch_cfg_err *e);
+
 #endif
