@@ -1,12 +1,13 @@
 /* Configuration: one table of keys drives defaults, parsing, range checks, the help text,
- * the INI loader, command-line overrides and the Hugging Face config.json bridge.
+ * the INI loader, command-line overrides and which model keys model.config fills (the
+ * Hugging Face config.json itself is read and written in config_hf.c).
  *
  * Values arrive as text (INI file, `--section.key=value`) and are checked completely
  * before anything is stored: a key either takes its new value or keeps its old one.
- * Internal functions write their message into a struct cfg_err and return a VD_E* code;
- * the public entry points record it with vd_err_set, prefixed with where the text came
- * from (file and line, or the command line), so the user sees one sentence that names
- * the key, the value and what is allowed. */
+ * Internal functions write their message into a struct launch_cfg_err and return a VD_E*
+ * code; the public entry points record it with vd_err_set, prefixed with where the text
+ * came from (file and line, or the command line), so the user sees one sentence that
+ * names the key, the value and what is allowed. */
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -16,12 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <unistd.h>
 
 #include <ini.h>
 #include <jansson.h>
 
-#include "launch/launch.h"
+#include "launch/launch_internal.h"
 
 /* ---------------------------------------------------------------- the key table */
 
@@ -214,12 +214,7 @@ static const char *const section_names[] = {"model", "train", "data", "parallel"
 
 /* ---------------------------------------------------------------- messages */
 
-struct cfg_err {
-    char msg[2048];
-};
-
-__attribute__((format(printf, 3, 4))) static int cfg_fail(struct cfg_err *e, int code,
-                                                          const char *fmt, ...)
+int launch_cfg_fail(struct launch_cfg_err *e, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -375,12 +370,12 @@ static const struct key_def *key_suggest(const char *name)
 }
 
 /* "unknown key ..." with the closest key, else the section's keys, else the sections. */
-static int unknown_key(struct cfg_err *e, const char *name)
+static int unknown_key(struct launch_cfg_err *e, const char *name)
 {
     const struct key_def *const near = key_suggest(name);
     if (near)
-        return cfg_fail(e, VD_EINVAL, "unknown key '%s' (did you mean '%s'?)", name,
-                        near->name);
+        return launch_cfg_fail(e, VD_EINVAL, "unknown key '%s' (did you mean '%s'?)", name,
+                               near->name);
     size_t const sec = section_len(name);
     char list[1024] = "";
     for (size_t i = 0; sec && i < KEY_COUNT; i++)
@@ -388,13 +383,13 @@ static int unknown_key(struct cfg_err *e, const char *name)
             strncmp(key_table[i].name, name, sec) == 0)
             buf_add(list, sizeof list, "%s%s", list[0] ? ", " : "", key_table[i].name + sec + 1);
     if (list[0])
-        return cfg_fail(e, VD_EINVAL, "unknown key '%s': the keys of [%.*s] are %s", name,
-                        (int)sec, name, list);
+        return launch_cfg_fail(e, VD_EINVAL, "unknown key '%s': the keys of [%.*s] are %s", name,
+                               (int)sec, name, list);
     for (size_t i = 0; i < SECTION_COUNT; i++)
         buf_add(list, sizeof list, "%s%s", i ? ", " : "", section_names[i]);
-    return cfg_fail(e, VD_EINVAL,
-                    "unknown key '%s': keys are written section.key, with the sections %s",
-                    name, list);
+    return launch_cfg_fail(e, VD_EINVAL,
+                           "unknown key '%s': keys are written section.key, with the sections %s",
+                           name, list);
 }
 
 /* ---------------------------------------------------------------- parsing one value */
@@ -451,7 +446,7 @@ static bool parse_bool(const char *s, bool *out)
 
 /* Parses `s` (already trimmed) for key k into *out; the message quotes the value. */
 static int key_parse(const struct key_def *k, const char *s, union key_value *out,
-                     struct cfg_err *e)
+                     struct launch_cfg_err *e)
 {
     char expect[256];
     key_expect(k, expect, sizeof expect);
@@ -461,14 +456,14 @@ static int key_parse(const struct key_def *k, const char *s, union key_value *ou
         errno = 0;
         long long const v = strtoll(s, &end, 10);
         if (end == s || *end != '\0')
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
         if (errno == ERANGE || v < INT_MIN || v > INT_MAX)
-            return cfg_fail(e, VD_EINVAL,
-                            "%s = '%.200s': expected %s (the value does not fit in a "
-                            "32-bit int)",
-                            k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL,
+                                   "%s = '%.200s': expected %s (the value does not fit in a "
+                                   "32-bit int)",
+                                   k->name, s, expect);
         if (!range_ok(k, (double)v))
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
         out->i = (int)v;
         return 0;
     }
@@ -477,10 +472,10 @@ static int key_parse(const struct key_def *k, const char *s, union key_value *ou
         unsigned long long const v = strtoull(s, &end, 10);
         /* strtoull accepts "-1" and wraps it; a seed never is negative. */
         if (end == s || *end != '\0' || strchr(s, '-'))
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
         if (errno == ERANGE)
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s (the value overflows)",
-                            k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s (the value overflows)",
+                                   k->name, s, expect);
         out->u = (uint64_t)v;
         return 0;
     }
@@ -492,32 +487,34 @@ static int key_parse(const struct key_def *k, const char *s, union key_value *ou
         errno = 0;
         double const v = strtod(s, &end);
         if (end == s || *end != '\0')
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
         if (errno == ERANGE || !isfinite(v))
-            return cfg_fail(e, VD_EINVAL,
-                            "%s = '%.200s': expected %s (the value is out of a double's "
-                            "range or not finite)",
-                            k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL,
+                                   "%s = '%.200s': expected %s (the value is out of a double's "
+                                   "range or not finite)",
+                                   k->name, s, expect);
         if (!range_ok(k, v))
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
         out->d = v;
         return 0;
     }
     case KEY_BOOL:
         if (!parse_bool(s, &out->b))
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected a boolean (true or false)",
-                            k->name, s);
+            return launch_cfg_fail(e, VD_EINVAL,
+                                   "%s = '%.200s': expected a boolean (true or false)", k->name,
+                                   s);
         if ((k->flags & KF_ONLY_FALSE) && out->b)
-            return cfg_fail(e, VD_EINVAL,
-                            "%s = '%.200s': tying the input embedding and lm_head weights "
-                            "is not supported; only false is allowed",
-                            k->name, s);
+            return launch_cfg_fail(e, VD_EINVAL,
+                                   "%s = '%.200s': tying the input embedding and lm_head weights "
+                                   "is not supported; only false is allowed",
+                                   k->name, s);
         return 0;
     case KEY_STRING:
         if (strlen(s) >= k->size)
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s...': expected %s", k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s...': expected %s", k->name, s,
+                                   expect);
         if ((k->flags & KF_ORDER) && !order_ok(s))
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
         return 0; /* the caller copies the text */
     case KEY_ENUM:
         for (int i = 0; k->values[i]; i++)
@@ -529,16 +526,16 @@ static int key_parse(const struct key_def *k, const char *s, union key_value *ou
             char list[256] = "";
             for (int i = 0; k->values[i]; i++)
                 buf_add(list, sizeof list, "%s%s", i ? ", " : "", k->values[i]);
-            return cfg_fail(e, VD_EINVAL, "%s = '%.200s': allowed values are %s", k->name, s,
-                            list);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': allowed values are %s", k->name, s,
+                                   list);
         }
     }
-    return cfg_fail(e, VD_EINVAL, "%s: unknown key type", k->name);
+    return launch_cfg_fail(e, VD_EINVAL, "%s: unknown key type", k->name);
 }
 
 /* Sets key `name` from text. *index (may be NULL) receives the key's table index. */
 static int key_set(struct launch_config *c, const char *name, const char *text, size_t *index,
-                   struct cfg_err *e)
+                   struct launch_cfg_err *e)
 {
     const struct key_def *const k = key_find(name);
     if (!k) return unknown_key(e, name);
@@ -603,7 +600,7 @@ void launch_config_defaults(struct launch_config *c)
 {
     memset(c, 0, sizeof *c);
     for (size_t i = 0; i < KEY_COUNT; i++) {
-        struct cfg_err e;
+        struct launch_cfg_err e;
         int const rc = key_set(c, key_table[i].name, key_table[i].def, NULL, &e);
         VD_CHECK(rc == 0, "default of %s does not parse: %s", key_table[i].name, e.msg);
     }
@@ -611,7 +608,7 @@ void launch_config_defaults(struct launch_config *c)
 
 int launch_config_set(struct launch_config *c, const char *key, const char *value)
 {
-    struct cfg_err e;
+    struct launch_cfg_err e;
     int const rc = key_set(c, key, value, NULL, &e);
     if (rc < 0) RETURN_ERR(rc, "%s", e.msg);
     return 0;
@@ -641,7 +638,7 @@ void launch_config_help(FILE *out)
 
 /* Range of a stored value against the table: catches values set in code, not text. */
 static int key_check_stored(const struct launch_config *c, const struct key_def *k,
-                            struct cfg_err *e)
+                            struct launch_cfg_err *e)
 {
     if (k->offset == NO_FIELD) return 0;
     const char *const src = (const char *)c + k->offset;
@@ -652,7 +649,7 @@ static int key_check_stored(const struct launch_config *c, const struct key_def 
         int v;
         memcpy(&v, src, sizeof v);
         if (!range_ok(k, v))
-            return cfg_fail(e, VD_EINVAL, "%s = %d: expected %s", k->name, v, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = %d: expected %s", k->name, v, expect);
         return 0;
     }
     case KEY_ENUM: {
@@ -660,7 +657,7 @@ static int key_check_stored(const struct launch_config *c, const struct key_def 
         memcpy(&v, src, sizeof v);
         while (k->values[n]) n++;
         if (v < 0 || v >= n)
-            return cfg_fail(e, VD_EINVAL, "%s = %d: expected %s", k->name, v, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = %d: expected %s", k->name, v, expect);
         return 0;
     }
     case KEY_DOUBLE: {
@@ -668,14 +665,14 @@ static int key_check_stored(const struct launch_config *c, const struct key_def 
         memcpy(&v, src, sizeof v);
         if ((k->flags & KF_EMPTY_ZERO) && v == 0.0) return 0;
         if (!isfinite(v) || !range_ok(k, v))
-            return cfg_fail(e, VD_EINVAL, "%s = %g: expected %s", k->name, v, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = %g: expected %s", k->name, v, expect);
         return 0;
     }
     case KEY_STRING:
         if (!memchr(src, '\0', k->size))
-            return cfg_fail(e, VD_EINVAL, "%s: the string is not terminated", k->name);
+            return launch_cfg_fail(e, VD_EINVAL, "%s: the string is not terminated", k->name);
         if ((k->flags & KF_ORDER) && !order_ok(src))
-            return cfg_fail(e, VD_EINVAL, "%s = '%s': expected %s", k->name, src, expect);
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%s': expected %s", k->name, src, expect);
         return 0;
     case KEY_U64:
     case KEY_BOOL: return 0;
@@ -683,7 +680,7 @@ static int key_check_stored(const struct launch_config *c, const struct key_def 
     return 0;
 }
 
-static int config_check(const struct launch_config *c, struct cfg_err *e)
+static int config_check(const struct launch_config *c, struct launch_cfg_err *e)
 {
     for (size_t i = 0; i < KEY_COUNT; i++) {
         int const rc = key_check_stored(c, &key_table[i], e);
@@ -694,357 +691,71 @@ static int config_check(const struct launch_config *c, struct cfg_err *e)
     const struct launch_parallel *const p = &c->parallel;
 
     if (t->global_batch % t->micro_batch != 0)
-        return cfg_fail(e, VD_EINVAL,
-                        "train.global_batch = %d is not divisible by train.micro_batch = %d: "
-                        "global_batch must be a multiple of micro_batch",
-                        t->global_batch, t->micro_batch);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "train.global_batch = %d is not divisible by train.micro_batch = "
+                               "%d: global_batch must be a multiple of micro_batch",
+                               t->global_batch, t->micro_batch);
     if (t->lr_schedule == LAUNCH_LR_COSINE && t->warmup >= t->steps)
-        return cfg_fail(e, VD_EINVAL,
-                        "train.warmup = %d is not smaller than train.steps = %d: with "
-                        "train.lr_schedule = cosine, warmup must be < steps",
-                        t->warmup, t->steps);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "train.warmup = %d is not smaller than train.steps = %d: with "
+                               "train.lr_schedule = cosine, warmup must be < steps",
+                               t->warmup, t->steps);
     if (t->lr_min > t->lr)
-        return cfg_fail(e, VD_EINVAL,
-                        "train.lr_min = %g is larger than train.lr = %g: lr_min must be <= lr",
-                        t->lr_min, t->lr);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "train.lr_min = %g is larger than train.lr = %g: lr_min must be "
+                               "<= lr",
+                               t->lr_min, t->lr);
 
-    /* Layout checks that do not need the world size; dist/ checks the rest. */
+    /* Layout checks that do not need the world size; once it is known, dist_grid_init and
+     * launch_layout_make check the rest. */
     if (m->num_attention_heads % p->tp != 0 || m->num_key_value_heads % p->tp != 0)
-        return cfg_fail(e, VD_EINVAL,
-                        "model.num_attention_heads = %d and model.num_key_value_heads = %d "
-                        "must both be divisible by parallel.tp = %d: tensor parallelism "
-                        "splits the heads evenly",
-                        m->num_attention_heads, m->num_key_value_heads, p->tp);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "model.num_attention_heads = %d and model.num_key_value_heads = %d "
+                               "must both be divisible by parallel.tp = %d: tensor parallelism "
+                               "splits the heads evenly",
+                               m->num_attention_heads, m->num_key_value_heads, p->tp);
     if (m->vocab_size % p->tp != 0)
-        return cfg_fail(e, VD_EINVAL,
-                        "model.vocab_size = %d is not divisible by parallel.tp = %d: the "
-                        "embedding and lm_head are split evenly over the vocabulary",
-                        m->vocab_size, p->tp);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "model.vocab_size = %d is not divisible by parallel.tp = %d: the "
+                               "embedding and lm_head are split evenly over the vocabulary",
+                               m->vocab_size, p->tp);
     if (m->num_local_experts % p->ep != 0)
-        return cfg_fail(e, VD_EINVAL,
-                        "model.num_local_experts = %d is not divisible by parallel.ep = %d: "
-                        "every expert-parallel rank holds the same number of experts",
-                        m->num_local_experts, p->ep);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "model.num_local_experts = %d is not divisible by parallel.ep = %d: "
+                               "every expert-parallel rank holds the same number of experts",
+                               m->num_local_experts, p->ep);
     int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
     if (m->intermediate_size % etp != 0)
-        return cfg_fail(e, VD_EINVAL,
-                        "model.intermediate_size = %d is not divisible by parallel.etp = %d: "
-                        "expert tensor parallelism splits each expert's FFN width evenly",
-                        m->intermediate_size, etp);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "model.intermediate_size = %d is not divisible by parallel.etp = "
+                               "%d: expert tensor parallelism splits each expert's FFN width "
+                               "evenly",
+                               m->intermediate_size, etp);
     if (p->cp > 1 && t->seq_len % (2 * p->cp) != 0)
-        return cfg_fail(e, VD_EINVAL,
-                        "train.seq_len = %d is not divisible by 2 * parallel.cp = %d: context "
-                        "parallelism cuts each sequence into 2 * cp equal chunks",
-                        t->seq_len, 2 * p->cp);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "train.seq_len = %d is not divisible by 2 * parallel.cp = %d: "
+                               "context parallelism cuts each sequence into 2 * cp equal chunks",
+                               t->seq_len, 2 * p->cp);
     if (p->vpp > 1 && p->pp == 1)
-        return cfg_fail(e, VD_EINVAL,
-                        "parallel.vpp = %d with parallel.pp = 1: virtual stages interleave a "
-                        "pipeline, so vpp > 1 needs pp > 1",
-                        p->vpp);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "parallel.vpp = %d with parallel.pp = 1: virtual stages "
+                               "interleave a pipeline, so vpp > 1 needs pp > 1",
+                               p->vpp);
     if ((long long)p->pp * p->vpp > m->num_hidden_layers)
-        return cfg_fail(e, VD_EINVAL,
-                        "parallel.pp = %d times parallel.vpp = %d stages exceed "
-                        "model.num_hidden_layers = %d: every (virtual) stage needs a layer",
-                        p->pp, p->vpp, m->num_hidden_layers);
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "parallel.pp = %d times parallel.vpp = %d stages exceed "
+                               "model.num_hidden_layers = %d: every (virtual) stage needs a layer",
+                               p->pp, p->vpp, m->num_hidden_layers);
     return 0;
 }
 
 int launch_config_validate(const struct launch_config *c)
 {
     FORWARD_IF(model_config_validate(&c->model));
-    struct cfg_err e;
+    struct launch_cfg_err e;
     int const rc = config_check(c, &e);
     if (rc < 0) RETURN_ERR(rc, "%s", e.msg);
     return 0;
-}
-
-/* ---------------------------------------------------------------- Hugging Face config.json */
-
-static const struct {
-    const char *name;
-    size_t offset;
-} hf_ints[] = {
-    {"vocab_size", offsetof(struct model_config, vocab_size)},
-    {"hidden_size", offsetof(struct model_config, hidden_size)},
-    {"intermediate_size", offsetof(struct model_config, intermediate_size)},
-    {"num_hidden_layers", offsetof(struct model_config, num_hidden_layers)},
-    {"num_attention_heads", offsetof(struct model_config, num_attention_heads)},
-    {"num_key_value_heads", offsetof(struct model_config, num_key_value_heads)},
-    {"num_local_experts", offsetof(struct model_config, num_local_experts)},
-    {"num_experts_per_tok", offsetof(struct model_config, num_experts_per_tok)},
-};
-
-/* vdist's training-only keys are written too (Hugging Face keeps unknown keys as
- * attributes), so an exported model trains on with the same losses. */
-static const struct {
-    const char *name;
-    size_t offset;
-} hf_reals[] = {
-    {"rope_theta", offsetof(struct model_config, rope_theta)},
-    {"rms_norm_eps", offsetof(struct model_config, rms_norm_eps)},
-    {"router_aux_loss_coef", offsetof(struct model_config, router_aux_loss_coef)},
-    {"router_z_loss_coef", offsetof(struct model_config, router_z_loss_coef)},
-};
-
-static const char *json_type_name(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
-    }
-    return "unknown";
-}
-
-static int hf_wrong_type(struct cfg_err *e, const char *path, const char *key, const json_t *v,
-                         const char *expected)
-{
-    char *const text = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
-    int const rc = cfg_fail(e, VD_EINVAL, "%s: key '%s' = %.100s is %s; expected %s", path, key,
-                            text ? text : "?", json_type_name(v), expected);
-    free(text);
-    return rc;
-}
-
-static int hf_get_int(struct cfg_err *e, const char *path, const json_t *root, const char *key,
-                      int *out)
-{
-    const json_t *const v = json_object_get(root, key);
-    if (!v) return 0;
-    if (!json_is_integer(v)) return hf_wrong_type(e, path, key, v, "an integer");
-    json_int_t const x = json_integer_value(v);
-    if (x < INT_MIN || x > INT_MAX)
-        return cfg_fail(e, VD_EINVAL, "%s: key '%s' = %lld does not fit in a 32-bit int", path,
-                        key, (long long)x);
-    *out = (int)x;
-    return 0;
-}
-
-/* Reads the model keys into *m (keys absent from the file leave m's value), and the
- * sliding window (-1 when absent or null) for the caller to check against seq_len. */
-static int hf_read(struct model_config *m, const char *path, long long *sliding_window,
-                   struct cfg_err *e)
-{
-    FILE *const f = fopen(path, "rb");
-    if (!f)
-        return cfg_fail(e, VD_EIO, "cannot open Hugging Face config '%s': %s", path,
-                        strerror(errno));
-    json_error_t jerr;
-    json_t *const root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
-    fclose(f);
-    if (!root)
-        return cfg_fail(e, VD_EFORMAT, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
-                        jerr.column, jerr.text);
-    int rc = 0;
-    struct model_config r = *m;
-    *sliding_window = -1;
-    if (!json_is_object(root)) {
-        rc = cfg_fail(e, VD_EFORMAT, "%s: expected a JSON object at the top level, found %s",
-                      path, json_type_name(root));
-        goto done;
-    }
-
-    for (size_t i = 0; i < sizeof hf_ints / sizeof hf_ints[0]; i++) {
-        int *const dst = (int *)((char *)&r + hf_ints[i].offset);
-        /* Hugging Face reads a null num_key_value_heads as num_attention_heads. */
-        if (strcmp(hf_ints[i].name, "num_key_value_heads") == 0 &&
-            json_is_null(json_object_get(root, hf_ints[i].name))) {
-            *dst = r.num_attention_heads;
-            continue;
-        }
-        if ((rc = hf_get_int(e, path, root, hf_ints[i].name, dst)) < 0) goto done;
-    }
-    for (size_t i = 0; i < sizeof hf_reals / sizeof hf_reals[0]; i++) {
-        const json_t *const v = json_object_get(root, hf_reals[i].name);
-        if (!v) continue;
-        if (!json_is_number(v)) {
-            rc = hf_wrong_type(e, path, hf_reals[i].name, v, "a number");
-            goto done;
-        }
-        *(double *)((char *)&r + hf_reals[i].offset) = json_number_value(v);
-    }
-
-    const json_t *v = json_object_get(root, "moe_capacity_factor");
-    if (v && !json_is_null(v)) {
-        if (!json_is_number(v)) {
-            rc = hf_wrong_type(e, path, "moe_capacity_factor", v, "a number or null");
-            goto done;
-        }
-        r.moe_capacity_factor = json_number_value(v);
-    } else if (v) {
-        r.moe_capacity_factor = 0.0;
-    }
-    if ((v = json_object_get(root, "moe_drop_policy"))) {
-        if (!json_is_string(v)) {
-            rc = hf_wrong_type(e, path, "moe_drop_policy", v, "\"position\" or \"probs\"");
-            goto done;
-        }
-        const char *const s = json_string_value(v);
-        if (strcmp(s, "position") == 0) r.moe_drop_policy = MODEL_DROP_POSITION;
-        else if (strcmp(s, "probs") == 0) r.moe_drop_policy = MODEL_DROP_PROBS;
-        else {
-            rc = cfg_fail(e, VD_EINVAL,
-                          "%s: key 'moe_drop_policy' = \"%.100s\": allowed values are "
-                          "position, probs",
-                          path, s);
-            goto done;
-        }
-    }
-
-    /* Keys that would make the checkpoint a different model than model.md's are refused
-     * rather than ignored. */
-    if ((v = json_object_get(root, "tie_word_embeddings"))) {
-        if (!json_is_boolean(v)) {
-            rc = hf_wrong_type(e, path, "tie_word_embeddings", v, "a boolean");
-            goto done;
-        }
-        if (json_is_true(v)) {
-            rc = cfg_fail(e, VD_EINVAL,
-                          "%s: tie_word_embeddings = true: tying the input embedding and "
-                          "lm_head weights is not supported; only false is allowed",
-                          path);
-            goto done;
-        }
-    }
-    if ((v = json_object_get(root, "sliding_window")) && !json_is_null(v)) {
-        if (!json_is_integer(v)) {
-            rc = hf_wrong_type(e, path, "sliding_window", v, "an integer or null");
-            goto done;
-        }
-        *sliding_window = json_integer_value(v);
-        if (*sliding_window < 0) *sliding_window = 0;
-    }
-    if ((v = json_object_get(root, "hidden_act"))) {
-        if (!json_is_string(v)) {
-            rc = hf_wrong_type(e, path, "hidden_act", v, "a string");
-            goto done;
-        }
-        if (strcmp(json_string_value(v), "silu") != 0) {
-            rc = cfg_fail(e, VD_EINVAL,
-                          "%s: hidden_act = \"%.100s\" is not supported: the experts use "
-                          "SwiGLU, hidden_act must be \"silu\"",
-                          path, json_string_value(v));
-            goto done;
-        }
-    }
-    if ((v = json_object_get(root, "rope_scaling")) && !json_is_null(v)) {
-        rc = cfg_fail(e, VD_EINVAL,
-                      "%s: rope_scaling is set: RoPE scaling is not supported, it must be "
-                      "null or absent",
-                      path);
-        goto done;
-    }
-    if ((v = json_object_get(root, "head_dim")) && !json_is_null(v)) {
-        int hd = 0;
-        if ((rc = hf_get_int(e, path, root, "head_dim", &hd)) < 0) goto done;
-        if (r.num_attention_heads < 1 || hd * r.num_attention_heads != r.hidden_size) {
-            rc = cfg_fail(e, VD_EINVAL,
-                          "%s: head_dim = %d differs from hidden_size = %d / "
-                          "num_attention_heads = %d: head_dim must be hidden_size / "
-                          "num_attention_heads",
-                          path, hd, r.hidden_size, r.num_attention_heads);
-            goto done;
-        }
-    }
-    *m = r;
-done:
-    json_decref(root);
-    return rc;
-}
-
-int launch_config_read_hf(struct model_config *m, const char *path)
-{
-    /* The sliding window is checked by launch_config_load, which knows seq_len. */
-    long long sliding_window;
-    struct cfg_err e;
-    int const rc = hf_read(m, path, &sliding_window, &e);
-    if (rc < 0) RETURN_ERR(rc, "%s", e.msg);
-    return 0;
-}
-
-/* Fewest significant digits that read back as exactly v, so 1e-05 stays 1e-05. */
-static int shortest_digits(double v)
-{
-    for (int p = 1; p < 17; p++) {
-        char buf[40];
-        snprintf(buf, sizeof buf, "%.*g", p, v);
-        if (strtod(buf, NULL) == v) return p;
-    }
-    return 17;
-}
-
-int launch_config_write_hf(const struct model_config *m, const char *path)
-{
-    FORWARD_IF(model_config_validate(m));
-    json_t *const root = json_object();
-    json_t *const arch = json_array();
-    json_array_append_new(arch, json_string("MixtralForCausalLM"));
-    json_object_set_new(root, "architectures", arch);
-    json_object_set_new(root, "model_type", json_string("mixtral"));
-    for (size_t i = 0; i < sizeof hf_ints / sizeof hf_ints[0]; i++)
-        json_object_set_new(root, hf_ints[i].name,
-                            json_integer(*(const int *)((const char *)m + hf_ints[i].offset)));
-    json_object_set_new(root, "hidden_act", json_string("silu"));
-    json_object_set_new(root, "max_position_embeddings", json_integer(4096));
-    json_object_set_new(root, "rope_theta", json_real(m->rope_theta));
-    json_object_set_new(root, "rms_norm_eps", json_real(m->rms_norm_eps));
-    json_object_set_new(root, "tie_word_embeddings", json_false());
-    json_object_set_new(root, "sliding_window", json_null());
-    json_object_set_new(root, "attention_dropout", json_real(0.0));
-    json_object_set_new(root, "initializer_range", json_real(0.02));
-    json_object_set_new(root, "router_aux_loss_coef", json_real(m->router_aux_loss_coef));
-    json_object_set_new(root, "router_jitter_noise", json_real(0.0));
-    json_object_set_new(root, "output_router_logits", json_false());
-    json_object_set_new(root, "use_cache", json_true());
-    json_object_set_new(root, "torch_dtype", json_string("float32"));
-    json_object_set_new(root, "router_z_loss_coef", json_real(m->router_z_loss_coef));
-    json_object_set_new(root, "moe_capacity_factor", m->moe_capacity_factor > 0
-                                                         ? json_real(m->moe_capacity_factor)
-                                                         : json_null());
-    json_object_set_new(root, "moe_drop_policy",
-                        json_string(m->moe_drop_policy == MODEL_DROP_PROBS ? "probs"
-                                                                           : "position"));
-
-    /* Jansson prints every real with one precision: take the fewest digits that keep each
-     * value exact, and at least 7 so that numbers like 10000.0 print without exponent. */
-    double const reals[] = {m->rope_theta, m->rms_norm_eps, m->router_aux_loss_coef,
-                            m->router_z_loss_coef, m->moe_capacity_factor, 0.02};
-    int digits = 7;
-    for (size_t i = 0; i < sizeof reals / sizeof reals[0]; i++)
-        if (shortest_digits(reals[i]) > digits) digits = shortest_digits(reals[i]);
-
-    char tmp[LAUNCH_PATH_MAX + 32];
-    if (vd_tmp_name(tmp, sizeof tmp, path) != 0) {
-        json_decref(root);
-        RETURN_ERR(VD_EINVAL, "cannot write '%s': the path is too long", path);
-    }
-    FILE *const f = fopen(tmp, "w");
-    if (!f) {
-        int const err = errno;
-        json_decref(root);
-        RETURN_ERR(VD_EIO, "cannot create '%s': %s", tmp, strerror(err));
-    }
-    bool ok = json_dumpf(root, f, JSON_INDENT(2) | JSON_REAL_PRECISION(digits)) == 0;
-    json_decref(root);
-    ok = ok && fputc('\n', f) != EOF;
-    int err = errno;
-    if (ok) {
-        enum vd_replace_step failed;
-        /* the directory's sync is best effort: the file is complete and in place by then */
-        if (vd_replace_stream(f, false, tmp, path, &failed) == 0 ||
-            failed >= VD_REPLACE_OPEN_DIR)
-            return 0;
-        err = errno;
-    } else {
-        fclose(f);
-    }
-    unlink(tmp);
-    RETURN_ERR(VD_EIO, "cannot write Hugging Face config '%s': %s", path, strerror(err));
 }
 
 /* ---------------------------------------------------------------- loading */
@@ -1056,7 +767,7 @@ struct ini_ctx {
     int line;     /* the line inih is processing */
     int err_line; /* first line we failed on, 0 when none */
     int err_code;
-    struct cfg_err err;
+    struct launch_cfg_err err;
 };
 
 /* fgets for inih that counts lines (so messages can name them), strips leading blanks
@@ -1075,10 +786,10 @@ static char *ini_read_line(char *str, int num, void *stream)
             if (!x->err_line) {
                 x->err_line = x->line;
                 x->err_code = VD_EFORMAT;
-                cfg_fail(&x->err, VD_EFORMAT,
-                         "the line is longer than %d characters; give long values on the "
-                         "command line instead",
-                         num - 2);
+                launch_cfg_fail(&x->err, VD_EFORMAT,
+                                "the line is longer than %d characters; give long values on the "
+                                "command line instead",
+                                num - 2);
             }
             snprintf(str, (size_t)num, "!\n"); /* a syntax error on this line for inih */
             return str;
@@ -1105,12 +816,12 @@ static int ini_on_value(void *user, const char *section, const char *name, const
     size_t idx = 0;
     char key[256];
     if (section[0] == '\0') {
-        rc = cfg_fail(&x->err, VD_EINVAL,
-                      "key '%s' is outside any section: put it under [model], [train], "
-                      "[data], [parallel], [ckpt] or [log]",
-                      name);
+        rc = launch_cfg_fail(&x->err, VD_EINVAL,
+                             "key '%s' is outside any section: put it under [model], [train], "
+                             "[data], [parallel], [ckpt] or [log]",
+                             name);
     } else if ((size_t)snprintf(key, sizeof key, "%s.%s", section, name) >= sizeof key) {
-        rc = cfg_fail(&x->err, VD_EINVAL, "unknown key '%.100s.%.100s'", section, name);
+        rc = launch_cfg_fail(&x->err, VD_EINVAL, "unknown key '%.100s.%.100s'", section, name);
     } else {
         rc = key_set(x->c, key, value, &idx, &x->err);
     }
@@ -1175,7 +886,7 @@ static int apply_overrides(struct launch_config *c, int argc, char *const *argv,
                        "--section.key=value",
                        arg);
         }
-        struct cfg_err e;
+        struct launch_cfg_err e;
         size_t idx = 0;
         int const rc = key_set(c, name, value, &idx, &e);
         if (rc < 0) RETURN_ERR(rc, "command line: %s", e.msg);
@@ -1189,8 +900,8 @@ static int apply_hf(struct launch_config *c, const bool *explicit_keys)
 {
     struct model_config hf = c->model;
     long long sliding_window;
-    struct cfg_err e;
-    int const rc = hf_read(&hf, c->model_config_path, &sliding_window, &e);
+    struct launch_cfg_err e;
+    int const rc = launch_config_read_hf_ex(&hf, c->model_config_path, &sliding_window, &e);
     if (rc < 0) RETURN_ERR(rc, "model.config: %s", e.msg);
     RETURN_IF(sliding_window >= 0 && sliding_window < c->train.seq_len, VD_EINVAL,
               "model.config: %s: sliding_window = %lld is smaller than train.seq_len = %d: "

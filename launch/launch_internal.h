@@ -22,4 +22,64 @@ int launch_bench_ckpt(const struct launch_config *c);
 /* `vdist ckpt ...`: argv[0] is "ckpt". Returns the process exit code. */
 int launch_ckpt_main(int argc, char **argv);
 
+/* ---------------------------------------------------------------- config*.c */
+
+/* A message for the user, written where a problem is found; the public entry points record
+ * it (vd_err_set), prefixed with where the text came from. */
+struct launch_cfg_err {
+    char msg[2048];
+};
+/* Writes the printf-style message into e and returns code. */
+__attribute__((format(printf, 3, 4))) int launch_cfg_fail(struct launch_cfg_err *e, int code,
+                                                          const char *fmt, ...);
+/* launch_config_read_hf that leaves its message in e instead of recording it, and gives the
+ * file's sliding window (-1 when absent or null) for the loader, which knows seq_len. */
+int launch_config_read_hf_ex(struct model_config *m, const char *path,
+                             long long *sliding_window, struct launch_cfg_err *e);
+
+/* ---------------------------------------------------------------- data*.c */
+
+/* The llm.c header holds the token count as an int32. */
+#define LAUNCH_DATA_MAX_TOKENS ((size_t)INT32_MAX)
+#define LAUNCH_SYNTH_MAX_STATES (1 << 20)
+
+struct launch_tokens {
+    char path[LAUNCH_PATH_MAX];
+    void *map;          /* NULL for an empty file */
+    size_t map_nbytes;
+    const unsigned char *tok; /* first token */
+    size_t count;
+    size_t elem_nbytes; /* 2 or 4 */
+    int version;        /* llm.c version, 0 for a raw file */
+    size_t nseq;
+    int seq_len;
+};
+/* Maps the file and reads its header (launch_tokens_close it); checks only the format, not
+ * the ids, and sets neither seq_len nor nseq. */
+int launch_tokens_map(launch_tokens **out, const char *path, enum launch_dtype raw_dtype);
+/* Largest id, and the first position whose id >= limit (count when none). */
+uint32_t launch_tokens_scan(const launch_tokens *t, uint64_t limit, size_t *first_bad);
+/* "uint16" or "uint32" for 2 or 4 bytes a token. */
+const char *launch_tokens_dtype_name(size_t elem_nbytes);
+
+/* Writes an llm.c uint16 token file to "<path>.tmp.<pid>" and renames it over path only
+ * when everything was written and synced, so path never holds a half-written file. Open
+ * (which refuses a path too long or a temporary it cannot create), put every token, then
+ * finish, which reports any write that failed on the way. */
+struct launch_tok_writer {
+    FILE *f;
+    const char *path;
+    char tmp[LAUNCH_PATH_MAX + 32];
+    unsigned char *buf;
+    size_t fill;  /* tokens in buf */
+    size_t count; /* tokens so far */
+    int err;      /* first errno of a failed write, 0 while all is well */
+};
+int launch_tok_writer_open(struct launch_tok_writer *w, const char *path);
+void launch_tok_writer_put(struct launch_tok_writer *w, uint16_t id);
+int launch_tok_writer_finish(struct launch_tok_writer *w);
+
+/* 0, or VD_EINVAL with a sentence naming the parameter of s that is out of range. */
+int launch_synth_validate(const struct launch_synth *s);
+
 #endif

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Runs every CUnit suite binary under BUILD/tests; suites named test_mpi_* run under mpirun
-# with the rank counts they ask for in their first line of `--ranks`. Prints one closing
-# line "N passed, N failed" over all suites and fails if any suite failed.
+# Runs every CUnit suite binary BUILD/tests/test_* (BUILD defaults to build), one after
+# the other; run it from the repository root, as `make test` does. Each runs as a plain
+# program: a suite that needs several ranks starts mpirun itself (on its own executable
+# or on vdist), so the environment set here is what those mpiruns need (Open MPI as root,
+# oversubscription, OMP_NUM_THREADS=1 unless set), and VDIST=BUILD/vdist is the program
+# the suites run. Shows each suite's output and then "(name: P passed, F failed, Ts)",
+# read from CUnit's run summary; a suite that exits non-zero or prints no summary counts
+# as failed. Closes with "failed suites: ..." when any failed and "tests: N passed, N
+# failed" over all suites, and exits non-zero when any failed.
 set -u
 build=${1:-build}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1

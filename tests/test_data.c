@@ -1,4 +1,4 @@
-/* launch/data.c: token files (llm.c and raw, both widths) read back in model.md's data
+/* launch/data*.c: token files (llm.c and raw, both widths) read back in model.md's data
  * order, every file error with its message, the synthetic dataset (determinism, id range,
  * its entropy floor against an independent re-simulation), text tokens, `vdist data`. */
 #include <CUnit/Basic.h>

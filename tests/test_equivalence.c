@@ -67,9 +67,9 @@
  * weights, bit for bit).
  *
  * Every child runs with OMP_NUM_THREADS=1 inside one fresh /tmp/vdist_eq_XXXXXX (removed
- * at the end), with data.path empty: the first 1-rank run makes the embedded synthetic
- * dataset runs/synth-v64.bin there, and every later run, on any number of ranks, reads
- * that same file. Multi-rank children run under
+ * at the end unless VDIST_EQ_KEEP is set), with data.path empty: the first 1-rank run
+ * makes the embedded synthetic dataset runs/synth-v64.bin there, and every later run, on
+ * any number of ranks, reads that same file. Multi-rank children run under
  *   mpirun --allow-run-as-root --oversubscribe --bind-to none -np N
  * (8 ranks on a 2-core machine are oversubscribed, which costs time, not correctness).
  * A mismatch prints the layout, the step, the field, both values and the full command
@@ -79,26 +79,17 @@
  * change of the margin in the layout, max relative loss difference, max absolute and
  * relative parameter difference, max relative grad_norm difference, seconds) is printed
  * at the end, with the coverage figures. */
-#include <errno.h>
-#include <ftw.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
-#include <CUnit/Basic.h>
 #include <CUnit/CUnit.h>
 #include <jansson.h>
 
-#include "launch/launch.h"
 #include "tests/testutil.h"
 
 /* A child that runs longer than this is killed (exit status 124 or 137): a hang fails the
@@ -201,31 +192,13 @@ static double g_margin_min = MARGIN_MIN;
 #define MIN_CASE_STEPS 3
 #define MIN_FULL_CAPACITY 5
 
-static char g_tmp[64];         /* the shared working directory of every child */
-static char g_vdist[PATH_MAX]; /* absolute path of the program */
-static char g_root[1024];      /* repository root (for configs/) */
-static char g_cmd[16384];       /* the last command, as a user would type it */
-static char *g_out;            /* its stdout + stderr */
-static int g_rc;               /* its exit status */
+static struct tu_env g_env; /* g_env.tmp is the shared working directory of every child */
+static struct tu_run g_run; /* the last command, as a user would type it, and its output */
 
 /* ---------------------------------------------------------------- helpers */
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* g_tmp/name in a rotating static buffer (four live at once). */
-static const char *tp(const char *name)
-{
-    static char buf[4][512];
-    static int which;
-    which = (which + 1) % 4;
-    snprintf(buf[which], sizeof buf[which], "%s/%.400s", g_tmp, name);
-    return buf[which];
-}
+/* g_env.tmp/name in a rotating static buffer (eight live at once). */
+static const char *tp(const char *name) { return tu_path(g_env.tmp, name); }
 
 #define EXPECT TU_EXPECT
 
@@ -237,9 +210,9 @@ static const char *tail(const char *s, size_t n)
 }
 
 /* Runs `vdist ARGS` on `ranks` ranks (1: directly, as a user runs one rank; more: under
- * mpirun) inside g_tmp with stdout and stderr captured; returns the exit status (128 +
- * signal when it died of one, 124/137 after the timeout). g_cmd holds a command line that
- * reproduces the run from a shell. */
+ * mpirun) inside g_env.tmp with stdout and stderr captured; returns the exit status (128 +
+ * signal when it died of one, 124/137 after the timeout). g_run.cmd holds a command line
+ * that reproduces the run from a shell. */
 static int run_vdist(int ranks, const char *args)
 {
     char launcher[256] = "";
@@ -247,22 +220,11 @@ static int run_vdist(int ranks, const char *args)
         snprintf(launcher, sizeof launcher,
                  "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d "
                  "-x OMP_NUM_THREADS ", ranks);
-    snprintf(g_cmd, sizeof g_cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_tmp, launcher,
-             g_vdist, args);
-    char shell[20480];
-    snprintf(shell, sizeof shell,
-             "cd '%s' && OMP_NUM_THREADS=1 timeout -k 5 %d %s'%s' %s > '%s/.captured' 2>&1",
-             g_tmp, CHILD_TIMEOUT_S, launcher, g_vdist, args, g_tmp);
-    int const st = system(shell);
-    if (st == -1) g_rc = -1;
-    else if (WIFEXITED(st)) g_rc = WEXITSTATUS(st);
-    else if (WIFSIGNALED(st)) g_rc = 128 + WTERMSIG(st);
-    else g_rc = -1;
-    free(g_out);
-    g_out = tu_file_read(tp(".captured"), NULL);
-    if (!g_out) g_out = strdup("");
-    unlink(tp(".captured"));
-    return g_rc;
+    snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_env.tmp,
+             launcher, g_env.vdist, args);
+    char command[20480];
+    snprintf(command, sizeof command, "%s'%s' %s", launcher, g_env.vdist, args);
+    return tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
 }
 
 /* ---------------------------------------------------------------- one training run */
@@ -277,7 +239,7 @@ static const char *const field_names[F_COUNT] = {"loss",   "lm_loss",      "aux_
 /* What a run left behind: its metrics per step and where its export lies. */
 struct run {
     bool ok;                /* exit 0, layout as asked, STEPS complete metrics lines, export */
-    char dir[64];           /* under g_tmp: metrics.jsonl, model.safetensors */
+    char dir[64];           /* under g_env.tmp: metrics.jsonl, model.safetensors */
     char label[160];        /* the layout in words (failure messages) */
     char cmd[16384];        /* the command line that made it */
     double m[STEPS][F_COUNT];
@@ -399,7 +361,7 @@ static int lay_edp(const struct layout *l) { return lay_ranks(l) / (lay_etp(l) *
 
 static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false, false};
 
-/* Trains tiny.ini for STEPS steps in the given layout, exporting to g_tmp/dir.
+/* Trains tiny.ini for STEPS steps in the given layout, exporting to g_env.tmp/dir.
  * `dispatcher`: model.moe_token_dispatcher_type, or NULL for the default (not passed).
  * `extra`: further options (may be ""). Checks the program ran the layout it was asked for
  * (both grids of its "layout:" line), on the embedded synthetic data, to the end. */
@@ -427,20 +389,20 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
              "--train.micro_batch=%d --parallel.tp=%d%s --parallel.distributed_optimizer=%s "
              "--train.peak_gflops=1 --log.interval=%d%s%s --log.metrics=%s/metrics.jsonl "
              "--train.export_to=%s",
-             g_root, STEPS, gb, mb, lay->tp, par, dopt ? "true" : "false", STEPS,
+             g_env.root, STEPS, gb, mb, lay->tp, par, dopt ? "true" : "false", STEPS,
              extra[0] ? " " : "", extra, dir, dir);
-    double const t0 = now_s();
+    double const t0 = tu_now_s();
     run_vdist(lay_ranks(lay), args);
-    r->seconds = now_s() - t0;
-    snprintf(r->cmd, sizeof r->cmd, "%s", g_cmd);
-    if (!EXPECT(g_rc == 0, "%s: `%s` must succeed, got exit status %d; the end of its "
-                "output:\n%s", r->label, r->cmd, g_rc, tail(g_out, 3000)))
+    r->seconds = tu_now_s() - t0;
+    snprintf(r->cmd, sizeof r->cmd, "%s", g_run.cmd);
+    if (!EXPECT(g_run.rc == 0, "%s: `%s` must succeed, got exit status %d; the end of its "
+                "output:\n%s", r->label, r->cmd, g_run.rc, tail(g_run.out, 3000)))
         return;
     /* The program prints "layout: N ranks, attention tp T x cp C x dp D x pp P, MoE etp
      * ET x ep EP x edp ED x pp P, order O". */
     int ranks = 0, t = 0, c = 0, d = 0, pp = 0, et = 0, ep = 0, ed = 0, mpp = 0;
     char order[64] = "";
-    const char *p = strstr(g_out, "layout: ");
+    const char *p = strstr(g_run.out, "layout: ");
     bool const parsed =
         p && sscanf(p, "layout: %d ranks, attention tp %d x cp %d x dp %d x pp %d, MoE etp %d "
                        "x ep %d x edp %d x pp %d, order %63s", &ranks, &t, &c, &d, &pp, &et,
@@ -454,9 +416,9 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
                 r->cmd, lay_ranks(lay), lay->tp, lay->dp, lay_etp(lay), lay_ep(lay),
                 lay_edp(lay), want_order, p ? p : "(no \"layout:\" line)"))
         return;
-    if (!EXPECT(strstr(g_out, "runs/synth-v64.bin"),
+    if (!EXPECT(strstr(g_run.out, "runs/synth-v64.bin"),
                 "%s: `%s` must train on the embedded synthetic dataset runs/synth-v64.bin "
-                "(shared by every run in %s)", r->label, r->cmd, g_tmp))
+                "(shared by every run in %s)", r->label, r->cmd, g_env.tmp))
         return;
     char st[128];
     snprintf(st, sizeof st, "%s/model.safetensors", dir);
@@ -898,7 +860,7 @@ static const char *margins_list(const struct run *ref)
     return buf;
 }
 
-/* Every child shares g_tmp: the first 1-rank run writes runs/synth-v64.bin there, before
+/* Every child shares g_env.tmp: the first 1-rank run writes runs/synth-v64.bin there, before
  * any layout runs (so no two jobs race to make it). */
 static void test_first_reference(void)
 {
@@ -1009,11 +971,11 @@ static bool initial_weights(void)
     char args[2048];
     snprintf(args, sizeof args, "train --config %s/configs/tiny.ini --train.steps=1 "
              "--train.lr=0 --train.weight_decay=0 --train.peak_gflops=1 --train.seed=%d "
-             "--train.export_to=calib_init", g_root, g_seed);
+             "--train.export_to=calib_init", g_env.root, g_seed);
     run_vdist(1, args);
-    return EXPECT(g_rc == 0 && tu_file_exists(tp("calib_init/model.safetensors")),
-                  "`%s` must export the initial weights, got exit status %d:\n%s", g_cmd, g_rc,
-                  tail(g_out, 3000));
+    return EXPECT(g_run.rc == 0 && tu_file_exists(tp("calib_init/model.safetensors")),
+                  "`%s` must export the initial weights, got exit status %d:\n%s", g_run.cmd, g_run.rc,
+                  tail(g_run.out, 3000));
 }
 
 /* Writes calib_init/perturbed.safetensors (once): the initial weights, each perturbed by
@@ -1115,7 +1077,7 @@ static void test_case(void)
     for (int i = 0; i < g_ncases && !c; i++)
         if (t && strcmp(t->pName, g_cases[i].name) == 0) c = &g_cases[i];
     CU_ASSERT_FATAL(c != NULL);
-    double const t0 = now_s();
+    double const t0 = tu_now_s();
     const struct run *ref = reference(c->mb, c->gb, c->extra);
     if (!EXPECT(ref && ref->ok, "the 1-rank reference for %s must train", c->name)) return;
     unsigned const failures_before = CU_get_number_of_failures();
@@ -1148,7 +1110,7 @@ static void test_case(void)
         }
     }
     c->passed = x.ok && CU_get_number_of_failures() == failures_before;
-    c->seconds = now_s() - t0;
+    c->seconds = tu_now_s() - t0;
     char pd[32] = "not compared";
     if (c->cmp.params_compared) snprintf(pd, sizeof pd, "%.2e", c->cmp.max_abs_param);
     printf("\n    (%.1f s; %d ranks; %d steps compared, reference decision_margin >= %.2e "
@@ -1353,49 +1315,15 @@ static void print_summary(double total_s)
 
 /* ---------------------------------------------------------------- main */
 
-static int rm_cb(const char *path, const struct stat *sb, int type, struct FTW *ftw)
-{
-    (void)sb;
-    (void)type;
-    (void)ftw;
-    return remove(path);
-}
-
 static int suite_init(void)
 {
-    const char *const v = getenv("VDIST");
-    const char *const prog = v && *v ? v : "build/vdist";
-    if (!realpath(prog, g_vdist) || access(g_vdist, X_OK) != 0) {
-        fprintf(stderr, "test_equivalence: the program '%s' is not there or not executable "
-                        "(set VDIST or run from the repository root after make)\n", prog);
-        return -1;
-    }
-    if (!getcwd(g_root, sizeof g_root)) return -1;
-    char tiny[1100];
-    snprintf(tiny, sizeof tiny, "%s/configs/tiny.ini", g_root);
-    if (!tu_file_exists(tiny)) {
-        fprintf(stderr, "test_equivalence: run from the repository root (configs/tiny.ini "
-                        "not found)\n");
-        return -1;
-    }
-    /* Paths go into shell commands inside '...' or bare: refuse any that would break. */
-    if (strpbrk(g_root, "'\"\\ $`") || strpbrk(g_vdist, "'\"\\ $`")) {
-        fprintf(stderr, "test_equivalence: paths with quotes, blanks or $ are not supported\n");
-        return -1;
-    }
-    snprintf(g_tmp, sizeof g_tmp, "/tmp/vdist_eq_XXXXXX");
-    if (!mkdtemp(g_tmp)) {
-        fprintf(stderr, "test_equivalence: mkdtemp: %s\n", strerror(errno));
-        return -1;
-    }
-    return 0;
+    return tu_env_init(&g_env, "test_equivalence", "vdist_eq_");
 }
 
 static int suite_clean(void)
 {
-    if (g_tmp[0] && !getenv("VDIST_EQ_KEEP")) nftw(g_tmp, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
-    free(g_out);
-    g_out = NULL;
+    if (!getenv("VDIST_EQ_KEEP")) tu_tmpdir_remove(g_env.tmp);
+    tu_run_free(&g_run);
     return 0;
 }
 
@@ -1425,33 +1353,32 @@ int main(void)
     setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
     build_cases();
-    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
-    CU_pSuite s = CU_add_suite("layouts match the 1-rank run", suite_init, suite_clean);
-    bool ok = s && CU_add_test(s, "1-rank reference (makes the shared synthetic dataset)",
-                               test_first_reference) &&
-              CU_add_test(s, "negative control: a reference with another seed is told apart",
-                          test_negative_control) &&
-              CU_add_test(s, "negative control: other dropping decisions are told apart",
-                          test_negative_control_dropping) &&
-              CU_add_test(s, "calibration: the 1-rank run from 1-ulp perturbed initial weights "
-                             "agrees at the comparable steps, from the unperturbed ones "
-                             "reproduces the reference",
-                          test_calibration);
-    for (int i = 0; ok && i < g_ncases; i++) ok = CU_add_test(s, g_cases[i].name, test_case);
-    ok = ok && CU_add_test(s, "coverage: enough steps compared under the decision-margin rule",
-                           test_coverage);
-    if (!ok) {
-        CU_cleanup_registry();
-        return 1;
-    }
-    double const start = now_s();
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    unsigned const failures = CU_get_number_of_failures();
-    unsigned const suites_failed = CU_get_number_of_suites_failed();
-    double const took = now_s() - start;
-    print_summary(took);
-    printf("test_equivalence: %.1f s\n", took);
-    CU_cleanup_registry();
-    return failures != 0 || suites_failed != 0;
+    /* The cases are known only now (build_cases), so the list is filled here: four fixed
+     * tests, one per case (test_case finds its case by the test's name), the coverage. */
+    static struct tu_test tests[4 + MAX_CASES + 1] = {
+        {"1-rank reference (makes the shared synthetic dataset)", test_first_reference},
+        {"negative control: a reference with another seed is told apart",
+         test_negative_control},
+        {"negative control: other dropping decisions are told apart",
+         test_negative_control_dropping},
+        {"calibration: the 1-rank run from 1-ulp perturbed initial weights agrees at the "
+         "comparable steps, from the unperturbed ones reproduces the reference",
+         test_calibration},
+    };
+    size_t ntests = 4;
+    for (int i = 0; i < g_ncases; i++)
+        tests[ntests++] = (struct tu_test){g_cases[i].name, test_case};
+    tests[ntests++] = (struct tu_test){
+        "coverage: enough steps compared under the decision-margin rule", test_coverage};
+    static struct tu_suite suite = {
+        .name = "layouts match the 1-rank run",
+        .init = suite_init,
+        .clean = suite_clean,
+        .tests = tests,
+        .timing = TU_UNTIMED,
+        .report = print_summary,
+        .program = "test_equivalence",
+    };
+    suite.ntests = ntests;
+    return tu_cunit_main(&suite);
 }

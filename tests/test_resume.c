@@ -6,9 +6,11 @@
  *      weights equal a 10-step run's bit for bit (the metrics file drops lines past the
  *      resumed step and appends); again with ckpt.async=true where the program has it;
  *   2. resume into other layouts: saved on 4 ranks (tp2 x dp2, distributed optimizer),
- *      resumed on 2 ranks (ep2, etp1, replicated optimizer) and on 8 ranks (tp2, ep4);
- *      losses and grad_norm per step and the final weights against the 1-rank run within
- *      the equivalence harness's tolerances;
+ *      resumed in six others: 2 ranks (ep2, etp1, replicated optimizer), 8 ranks (tp2,
+ *      ep4), 4 ranks dp4, 1 rank (replicated optimizer), 4 ranks dp4 with ep4, and 4
+ *      ranks tp4 with etp2 x ep2 and the all-gather dispatcher; losses and grad_norm per
+ *      step and the final weights against the 1-rank run within the equivalence harness's
+ *      tolerances;
  *   3. a crash: a long run with a checkpoint every step is SIGKILLed once two checkpoints
  *      exist; `vdist ckpt latest` names a complete one, `vdist ckpt verify` passes on it,
  *      leftovers of cut-short saves (step_N.tmp.*, a step_N without manifest) are never
@@ -18,7 +20,10 @@
  *   5. refusals before training: a missing checkpoint directory, a corrupted shard, a
  *      checkpoint of another model, a checkpoint past train.steps;
  *   6. the writing of replicated tensors is spread over their replicas (dp4 without the
- *      distributed optimizer writes shards from more than one rank) and verifies.
+ *      distributed optimizer writes shards from more than one rank) and verifies;
+ *   7. ckpt.resume=auto falls back, saying so, past a latest checkpoint whose shard is
+ *      corrupt, and re-runs the steps after it exactly; `vdist ckpt export` of a
+ *      checkpoint loaded with train.init_from gives back its weights bit for bit.
  *
  * "Bit for bit" for metrics means every field of every line except the timings (step_ms,
  * tokens_per_s, mfu, moe_layers[].dispatch_ms) compares equal as JSON: the values are the

@@ -66,7 +66,9 @@ int tu_cunit_main(const struct tu_suite *suite)
     CU_basic_run_tests();
     unsigned const failures = CU_get_number_of_failures();
     unsigned const suites_failed = CU_get_number_of_suites_failed();
-    if (suite->program) printf("\n%s: %.1f s\n", suite->program, tu_now_s() - start);
+    double const seconds = tu_now_s() - start;
+    if (suite->report) suite->report(seconds);
+    if (suite->program) printf("\n%s: %.1f s\n", suite->program, seconds);
     CU_cleanup_registry();
     return failures != 0 || suites_failed != 0;
 }

@@ -52,6 +52,9 @@ struct tu_suite {
     const struct tu_test *tests; /* run in this order */
     size_t ntests;
     enum tu_timing timing;
+    /* not NULL: called after the last test with the run's seconds, before the program line
+     * (a suite's closing summary) */
+    void (*report)(double seconds);
     const char *program; /* not NULL: "<program>: T s" closes the output (the whole run) */
 };
 
