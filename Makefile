@@ -15,6 +15,11 @@ DEB_PKGS  := gcc make pkg-config libopenmpi-dev openmpi-bin libopenblas-openmp-d
              libhwloc-dev libzstd-dev libcunit1-dev libinih-dev libjansson-dev
 
 WARN      := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wvla
+# `make WERROR=1 ...` (CI) turns every warning into an error; make passes the setting on
+# to the builds that `asan` and `fuzz` start.
+ifeq ($(WERROR),1)
+WARN      += -Werror
+endif
 OPT       ?= -O2
 CFLAGS    ?= $(OPT) -g
 ALL_CFLAGS = -std=c17 -D_GNU_SOURCE $(CFLAGS) $(WARN) -fopenmp -march=x86-64-v2 \
