@@ -262,8 +262,8 @@ struct par_schedule {
     struct par_acts *acts;
     int nacts;
     int *inputs, *targets;        /* (B, T) of the micro-batch being fed */
-    double *layer_sums;           /* (2 L_local + 1) */
-    float *layer_max;             /* (2 L_local + 1) */
+    double *layer_dropped;        /* (L_local + 1): dropped assignments per layer */
+    float *layer_max;             /* (2 L_local + 1): most kept by one expert, -margin */
     struct par_layer_stats *layer_stats;
 };
 void par_schedule_init(struct par_schedule *s, const struct par_model *pm);

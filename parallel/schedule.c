@@ -18,7 +18,7 @@ void par_schedule_init(struct par_schedule *s, const struct par_model *pm)
     for (int i = 0; i < s->nacts; i++) par_acts_init(&s->acts[i], pm);
     s->inputs = vd_calloc(2 * pm->shape.N, sizeof *s->inputs);
     s->targets = s->inputs + pm->shape.N;
-    s->layer_sums = vd_calloc(2 * (size_t)nl + 1, sizeof *s->layer_sums);
+    s->layer_dropped = vd_calloc((size_t)nl + 1, sizeof *s->layer_dropped);
     s->layer_max = vd_calloc(2 * (size_t)nl + 1, sizeof *s->layer_max);
     s->layer_stats = vd_calloc((size_t)nl + 1, sizeof *s->layer_stats);
 }
@@ -28,13 +28,13 @@ void par_schedule_free(struct par_schedule *s)
     for (int i = 0; i < s->nacts; i++) par_acts_free(&s->acts[i]);
     free(s->acts);
     free(s->inputs);
-    free(s->layer_sums);
+    free(s->layer_dropped);
     free(s->layer_max);
     free(s->layer_stats);
     memset(s, 0, sizeof *s);
 }
 
-/* Folds one micro-batch's per-layer statistics into sums (dropped) and maxima (most kept
+/* Folds one micro-batch's per-layer statistics into sums (dropped assignments) and maxima (most kept
  * by one expert; margins, whose minima travel as maxima of their negations). */
 static void collect_layers(struct par_schedule *s, const struct par_model *pm,
                            const struct par_acts *a)
@@ -42,7 +42,7 @@ static void collect_layers(struct par_schedule *s, const struct par_model *pm,
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
     for (int l = 0; l < nl; l++) {
         const struct par_block_acts *ba = &a->blocks[l];
-        s->layer_sums[2 * l] += (double)ba->dropped;
+        s->layer_dropped[l] += (double)ba->dropped;
         s->layer_stats[l].dispatch_ms += ba->dispatch_s * 1e3;
         s->layer_max[l] = fmaxf(s->layer_max[l], (float)ba->tokens_max);
         s->layer_max[nl + l] = fmaxf(s->layer_max[nl + l], -ba->margin);
@@ -55,14 +55,14 @@ static void finish_layers(struct par_schedule *s, const struct par_model *pm, in
 {
     int const nl = pm->lay.layer_end - pm->lay.layer_begin;
     int const E = pm->cfg.num_local_experts, k = pm->cfg.num_experts_per_tok;
-    dist_allreduce_sum_f64(&pm->groups.dp, DIST_DP, s->layer_sums, 2 * (size_t)nl);
+    dist_allreduce_sum_f64(&pm->groups.dp, DIST_DP, s->layer_dropped, (size_t)nl);
     dist_allreduce_max(&pm->groups.dp, DIST_DP, s->layer_max, 2 * (size_t)nl);
     double const assignments = (double)n_micro * (double)pm->shape.N * k;
     for (int l = 0; l < nl; l++) {
         struct par_layer_stats *ls = &s->layer_stats[l];
-        ls->dropped_frac = s->layer_sums[2 * l] / assignments;
+        ls->dropped_frac = s->layer_dropped[l] / assignments;
         ls->tokens_max = s->layer_max[l];
-        ls->tokens_mean = (assignments - s->layer_sums[2 * l]) / n_micro / E;
+        ls->tokens_mean = (assignments - s->layer_dropped[l]) / n_micro / E;
         ls->margin = isinf(s->layer_max[nl + l]) ? -1.0 : -(double)s->layer_max[nl + l];
     }
 }
@@ -72,7 +72,7 @@ void par_schedule_step(struct par_schedule *s, struct par_model *pm,
 {
     int const nl = pm->lay.layer_end - pm->lay.layer_begin, n_micro = batches->n_micro;
     const struct dist_group *dp = &pm->groups.dp;
-    memset(s->layer_sums, 0, (2 * (size_t)nl + 1) * sizeof *s->layer_sums);
+    memset(s->layer_dropped, 0, ((size_t)nl + 1) * sizeof *s->layer_dropped);
     memset(s->layer_max, 0, (2 * (size_t)nl + 1) * sizeof *s->layer_max);
     for (int l = 0; l < nl; l++) {
         s->layer_max[nl + l] = -INFINITY;
