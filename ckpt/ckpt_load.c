@@ -47,9 +47,8 @@ static char *json_value_text(const json_t *v)
 /* The configured model against the manifest's tensors: the same names, the same shapes. */
 static int check_model(const struct manifest *m, const struct model_config *cfg)
 {
-    struct model_layout const serial = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                        .layer_end = cfg->num_hidden_layers, .has_embed = true,
-                                        .has_head = true};
+    struct model_layout serial;
+    model_layout_serial(&serial, cfg->num_hidden_layers);
     struct model_table full;
     FORWARD_IF(model_table_build(&full, cfg, &serial));
     int rc = 0;

@@ -459,9 +459,8 @@ static json_t *json_text_value(const char *text)
 static json_t *manifest_build(const struct model_config *cfg, const struct ckpt_meta *meta,
                               json_t *pieces)
 {
-    struct model_layout const serial = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                        .layer_end = cfg->num_hidden_layers,
-                                        .has_embed = true, .has_head = true};
+    struct model_layout serial;
+    model_layout_serial(&serial, cfg->num_hidden_layers);
     struct model_table full;
     VD_CHECK(model_table_build(&full, cfg, &serial) == 0, "the serial layout always fits");
     json_t *tensors = json_array();

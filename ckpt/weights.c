@@ -152,9 +152,8 @@ int ckpt_load_hf(struct par_model *pm, const char *path)
 {
     struct hf_set *set = vd_calloc(1, sizeof *set);
     int rc = hf_set_open(set, path);
-    struct model_layout serial = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                  .layer_end = pm->cfg.num_hidden_layers, .has_embed = true,
-                                  .has_head = true};
+    struct model_layout serial;
+    model_layout_serial(&serial, pm->cfg.num_hidden_layers);
     struct model_table full = {0};
     if (rc == 0) rc = model_table_build(&full, &pm->cfg, &serial);
     if (rc == 0) rc = check_against_model(set, &full);
@@ -234,9 +233,8 @@ static void gather_to_root(const struct par_model *pm, const struct model_table 
 
 int ckpt_export_hf(const struct par_model *pm, const char *path)
 {
-    struct model_layout const serial = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                        .layer_end = pm->cfg.num_hidden_layers,
-                                        .has_embed = true, .has_head = true};
+    struct model_layout serial;
+    model_layout_serial(&serial, pm->cfg.num_hidden_layers);
     struct model_table full;
     VD_CHECK(model_table_build(&full, &pm->cfg, &serial) == 0, "the serial layout always fits");
     bool const root = dist_world_rank() == 0;

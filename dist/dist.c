@@ -250,6 +250,13 @@ void dist_iallreduce_sum(const struct dist_group *g, float *buf, size_t count,
                                   g->comm, req));
 }
 
+bool dist_test(MPI_Request *req)
+{
+    int done = 0;
+    DIST_CHECK_MPI(MPI_Test(req, &done, MPI_STATUS_IGNORE));
+    return done != 0;
+}
+
 void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes)
 {
     if (n == 0) return;

@@ -73,6 +73,8 @@ void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float 
 /* Starts an in-place sum over the group; complete it with dist_wait_all. */
 void dist_iallreduce_sum(const struct dist_group *g, float *buf, size_t count,
                          MPI_Request *req);
+/* Whether a request started here is complete (then it is released); never blocks. */
+bool dist_test(MPI_Request *req);
 /* Waits for n requests started above; their time is charged to kind. */
 void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes);
 /* Point-to-point pieces of an exchange inside group g, completed with dist_wait_all:

@@ -68,11 +68,15 @@ int launch_bench_ckpt(const struct launch_config *c)
     struct par_groups groups;
     par_groups_create(&groups, &grid);
     struct model_layout lay;
-    par_layout_from_grid(&lay, &grid, dist_world_rank(), c->model.num_hidden_layers);
+    int rc = launch_layout_rank(c, &grid, &lay);
+    if (rc < 0) {
+        par_groups_free(&groups);
+        return rc;
+    }
     struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer,
                                      .dispatch_direct = c->parallel.dispatch_direct};
     struct par_model pm;
-    int rc = dist_agree(dist_world(), par_model_init(&pm, &c->model, &lay, &groups, &opt,
+    rc = dist_agree(dist_world(), par_model_init(&pm, &c->model, &lay, &groups, &opt,
                                                      c->train.micro_batch, c->train.seq_len));
     if (rc < 0) {
         par_groups_free(&groups);

@@ -106,8 +106,12 @@ int launch_bench_dispatch(const struct launch_config *c)
     FORWARD_IF(launch_layout_make(c, &grid));
     struct par_groups groups;
     par_groups_create(&groups, &grid);
+    RETURN_IF(grid.dims.pp != 1, VD_EINVAL,
+              "parallel.pp = %d: the dispatch benchmark measures one MoE layer on one stage; "
+              "run it with parallel.pp = 1", grid.dims.pp);
     struct model_layout lay;
-    par_layout_from_grid(&lay, &grid, dist_world_rank(), 1);
+    int const one_layer = 1;
+    par_layout_from_grid(&lay, &grid, dist_world_rank(), 1, &one_layer);
     struct model_config m = c->model;
     m.num_hidden_layers = 1;
     m.moe_capacity_factor = 0.0;
@@ -122,7 +126,7 @@ int launch_bench_dispatch(const struct launch_config *c)
     }
     pm.identity_experts = true;
     struct par_acts acts;
-    par_acts_init(&acts, &pm);
+    par_acts_init(&acts, &pm, 0);
     struct par_block_acts *ba = &acts.blocks[0];
     random_routing(&pm, ba);
     par_moe_decide(&pm, ba);

@@ -35,6 +35,7 @@ enum {
     KF_ONLY_FALSE = 1u << 4, /* a bool kept for compatibility whose only legal value is false */
     KF_EMPTY_ZERO = 1u << 5, /* empty text stores 0, meaning "off"; 0 itself is not accepted */
     KF_ORDER = 1u << 6,      /* a rank order: a permutation of tp, cp, ep, dp, pp */
+    KF_COUNTS = 1u << 7,     /* a list of counts: integers >= 1 joined by ',' (or empty) */
 };
 
 #define NO_FIELD SIZE_MAX
@@ -69,6 +70,7 @@ static const char *const dispatcher_values[] = {"alltoall", "allgather", NULL};
 static const char *const lr_schedule_values[] = {"constant", "cosine", NULL};
 static const char *const dtype_values[] = {"uint16", "uint32", NULL};
 static const char *const order_names[] = {"tp", "cp", "ep", "dp", "pp"};
+static const char *const pp_schedule_values[] = {"auto", "1f1b", "interleaved", "gpipe", NULL};
 #define ORDER_COUNT (sizeof order_names / sizeof order_names[0])
 
 /* Defaults of the model sizes are the `small` model of configs/small.ini (vocabulary 256,
@@ -174,6 +176,14 @@ static const struct key_def key_table[] = {
     {"parallel.pp", KEY_INT, "1", "pipeline-parallel stages", INT_MIN1(parallel.pp)},
     {"parallel.vpp", KEY_INT, "1", "virtual (interleaved) stages per pipeline rank",
      INT_MIN1(parallel.vpp)},
+    {"parallel.pp_layers", KEY_STRING, "",
+     "layers of each model chunk (pp x vpp entries, in layer order) joined by ','; empty = "
+     "an even split",
+     FIELD(parallel.pp_layers), 0, 0, KF_COUNTS, NULL},
+    {"parallel.pp_schedule", KEY_ENUM, "auto",
+     "pipeline schedule: 1f1b, interleaved (vpp > 1), gpipe (all forwards, then all "
+     "backwards); auto = 1f1b when vpp = 1, interleaved otherwise",
+     FIELD(parallel.pp_schedule), 0, 0, 0, pp_schedule_values},
     {"parallel.order", KEY_STRING, "tp-cp-ep-dp-pp",
      "rank order, fastest-varying first: tp, cp, ep, dp, pp joined by '-'",
      FIELD(parallel.order), 0, 0, KF_ORDER, NULL},
@@ -256,6 +266,9 @@ static void key_expect(const struct key_def *k, char *buf, size_t n)
         if (k->flags & KF_ORDER)
             buf_add(buf, n, "a permutation of tp, cp, ep, dp, pp joined by '-' "
                             "(e.g. tp-cp-ep-dp-pp)");
+        else if (k->flags & KF_COUNTS)
+            buf_add(buf, n, "integers >= 1 joined by ',' (e.g. 3,5,5,3), at most %d of them",
+                    LAUNCH_CHUNKS_MAX);
         else
             buf_add(buf, n, "a string of at most %zu characters", k->size - 1);
         return;
@@ -285,7 +298,9 @@ static void key_type_text(const struct key_def *k, char *buf, size_t n)
     case KEY_DOUBLE: buf_add(buf, n, "float"); break;
     case KEY_BOOL: buf_add(buf, n, (k->flags & KF_ONLY_FALSE) ? "bool (false only)" : "bool");
         return;
-    case KEY_STRING: buf_add(buf, n, (k->flags & KF_ORDER) ? "order" : "string"); return;
+    case KEY_STRING:
+        buf_add(buf, n, (k->flags & KF_ORDER) ? "order" : (k->flags & KF_COUNTS) ? "counts" : "string");
+        return;
     case KEY_ENUM:
         for (int i = 0; k->values[i]; i++) buf_add(buf, n, "%s%s", i ? "|" : "", k->values[i]);
         return;
@@ -413,6 +428,22 @@ static bool range_ok(const struct key_def *k, double v)
     return true;
 }
 
+int launch_pp_layers(const char *s, int *out, int cap)
+{
+    int n = 0;
+    if (*s == '\0') return 0;
+    for (const char *p = s;; p++) {
+        char *end;
+        errno = 0;
+        long const v = strtol(p, &end, 10);
+        if (end == p || errno || v < 1 || v > 1000000 || n == cap || (*end && *end != ','))
+            return -1;
+        out[n++] = (int)v;
+        if (!*end) return n;
+        p = end;
+    }
+}
+
 static bool order_ok(const char *s)
 {
     bool seen[ORDER_COUNT] = {false};
@@ -514,6 +545,9 @@ static int key_parse(const struct key_def *k, const char *s, union key_value *ou
             return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s...': expected %s", k->name, s,
                                    expect);
         if ((k->flags & KF_ORDER) && !order_ok(s))
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
+        int counts[LAUNCH_CHUNKS_MAX];
+        if ((k->flags & KF_COUNTS) && launch_pp_layers(s, counts, LAUNCH_CHUNKS_MAX) < 0)
             return launch_cfg_fail(e, VD_EINVAL, "%s = '%.200s': expected %s", k->name, s, expect);
         return 0; /* the caller copies the text */
     case KEY_ENUM:
@@ -673,6 +707,9 @@ static int key_check_stored(const struct launch_config *c, const struct key_def 
             return launch_cfg_fail(e, VD_EINVAL, "%s: the string is not terminated", k->name);
         if ((k->flags & KF_ORDER) && !order_ok(src))
             return launch_cfg_fail(e, VD_EINVAL, "%s = '%s': expected %s", k->name, src, expect);
+        int counts[LAUNCH_CHUNKS_MAX];
+        if ((k->flags & KF_COUNTS) && launch_pp_layers(src, counts, LAUNCH_CHUNKS_MAX) < 0)
+            return launch_cfg_fail(e, VD_EINVAL, "%s = '%s': expected %s", k->name, src, expect);
         return 0;
     case KEY_U64:
     case KEY_BOOL: return 0;
@@ -746,7 +783,33 @@ static int config_check(const struct launch_config *c, struct launch_cfg_err *e)
                                "parallel.pp = %d times parallel.vpp = %d stages exceed "
                                "model.num_hidden_layers = %d: every (virtual) stage needs a layer",
                                p->pp, p->vpp, m->num_hidden_layers);
+    int counts[LAUNCH_CHUNKS_MAX], chunk_layers[LAUNCH_CHUNKS_MAX];
+    int const n = launch_pp_layers(p->pp_layers, counts, LAUNCH_CHUNKS_MAX);
+    if ((long long)p->pp * p->vpp > LAUNCH_CHUNKS_MAX)
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "parallel.pp = %d times parallel.vpp = %d model chunks: at most "
+                               "%d are supported", p->pp, p->vpp, LAUNCH_CHUNKS_MAX);
+    if (n < 0 || par_pp_split(m->num_hidden_layers, p->pp, p->vpp, counts, n, chunk_layers) < 0)
+        return launch_cfg_fail(e, VD_EINVAL, "%s", n < 0 ? "parallel.pp_layers: not a list of "
+                               "counts" : vd_err_msg());
+    enum par_pp_schedule const kind = launch_pp_schedule(p);
+    if (kind == PAR_PP_1F1B && p->vpp > 1)
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "parallel.pp_schedule = 1f1b with parallel.vpp = %d: 1f1b runs one "
+                               "model chunk per pipeline rank; use interleaved or gpipe with "
+                               "vpp > 1", p->vpp);
+    if (kind == PAR_PP_INTERLEAVED && p->vpp == 1)
+        return launch_cfg_fail(e, VD_EINVAL,
+                               "parallel.pp_schedule = interleaved with parallel.vpp = 1: the "
+                               "interleaved schedule needs vpp > 1 model chunks per rank; use "
+                               "1f1b or set parallel.vpp");
     return 0;
+}
+
+enum par_pp_schedule launch_pp_schedule(const struct launch_parallel *p)
+{
+    return p->pp_schedule == 0 ? par_pp_schedule_default(p->vpp)
+                               : (enum par_pp_schedule)(p->pp_schedule - 1);
 }
 
 int launch_config_validate(const struct launch_config *c)

@@ -42,8 +42,13 @@ struct launch_data {
     enum launch_dtype dtype; /* for raw files; llm.c files carry their own */
 };
 
+/* Most model chunks (pp x vpp) a pipeline split may name. */
+#define LAUNCH_CHUNKS_MAX 256
+
 struct launch_parallel {
     int tp, cp, ep, etp, pp, vpp;
+    char pp_layers[1024];   /* layers per model chunk joined by ','; empty: an even split */
+    int pp_schedule;        /* 0 auto, then enum par_pp_schedule + 1 */
     char order[64];
     bool distributed_optimizer;
     bool dispatch_direct;
@@ -84,6 +89,11 @@ int launch_config_load(struct launch_config *c, const char *path, int argc,
 int launch_config_set(struct launch_config *c, const char *key, const char *value);
 /* Cross-key checks (batch divisibility, model sizes, ...); the loader calls it. */
 int launch_config_validate(const struct launch_config *c);
+/* parallel.pp_layers as counts into out[cap]: how many (0 for empty), or -1 when it is not
+ * a list of integers >= 1 joined by ','. */
+int launch_pp_layers(const char *s, int *out, int cap);
+/* parallel.pp_schedule, auto resolved by parallel.vpp. */
+enum par_pp_schedule launch_pp_schedule(const struct launch_parallel *p);
 /* Every key and its value as a JSON object {"section.key": value, ...} (malloc'd text). */
 char *launch_config_to_json(const struct launch_config *c);
 /* Prints every key with its default and meaning. */

@@ -14,6 +14,9 @@ int launch_topo_set_threads(int node_ranks);
 /* The grid of c's parallel sizes over the world, checked against what this version runs
  * and against the batch and sequence sizes; 0 or VD_EINVAL naming the sizes. */
 int launch_layout_make(const struct launch_config *c, struct dist_grid *grid);
+/* This rank's share of the model under the grid and the pipeline split of c. */
+int launch_layout_rank(const struct launch_config *c, const struct dist_grid *grid,
+                       struct model_layout *lay);
 /* `vdist bench dispatch`: the MoE dispatcher's exchange against MPI_Alltoall. */
 int launch_bench_dispatch(const struct launch_config *c);
 /* `vdist bench ckpt`: checkpoint save/load speed, compression, disk speed, async blocking. */

@@ -51,16 +51,17 @@ static double mib(size_t nbytes) { return (double)nbytes / (1024.0 * 1024.0); }
 
 /* Parameters, gradients, AdamW moments (whole or sharded), reduced-gradient shards,
  * the activation sets of the micro-batches in flight and scratch of this rank. */
-static size_t plan_nbytes(const struct par_model *pm, int nacts)
+static size_t plan_nbytes(const struct par_model *pm, size_t act_nbytes)
 {
     size_t const f = sizeof(float);
     size_t const shards = pm->opt.distributed_optimizer ? pm->state_len : 0;
-    return 2 * pm->tab.numel * f + (2 * pm->state_len + shards) * f +
-           (size_t)nacts * pm->act_nbytes + pm->scratch_nbytes;
+    return 2 * pm->tab.numel * f + (2 * pm->state_len + shards) * f + act_nbytes +
+           pm->scratch_nbytes;
 }
 
 /* One line per number a user plans memory with. */
-static void print_plan(const struct launch_config *c, const struct par_model *pm, int nacts,
+static void print_plan(const struct launch_config *c, const struct par_model *pm,
+                       size_t act_nbytes,
                        int threads,
                        double peak, bool peak_measured)
 {
@@ -75,8 +76,8 @@ static void print_plan(const struct launch_config *c, const struct par_model *pm
            "reduced-gradient shards %.1f MiB, activations %.1f MiB, scratch %.1f MiB, total %.1f MiB\n",
            mib(pbytes), mib(pbytes), mib(2 * sbytes),
            pm->opt.distributed_optimizer ? " (sharded)" : "",
-           mib(pm->opt.distributed_optimizer ? sbytes : 0), mib((size_t)nacts * pm->act_nbytes),
-           mib(pm->scratch_nbytes), mib(plan_nbytes(pm, nacts)));
+           mib(pm->opt.distributed_optimizer ? sbytes : 0), mib(act_nbytes),
+           mib(pm->scratch_nbytes), mib(plan_nbytes(pm, act_nbytes)));
     if (pm->groups.etpep.size > 1 && c->model.moe_token_dispatcher_type == MODEL_DISPATCH_ALLTOALL)
         printf("dispatch: rank 0 writes directly to %d of its %d etp x ep peers (%s)\n",
                pm->direct.peers, pm->groups.etpep.size - 1,
@@ -404,19 +405,57 @@ int launch_layout_make(const struct launch_config *c, struct dist_grid *grid)
     int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
     FORWARD_IF(dist_grid_init(grid, dist_world_size(), p->tp, p->cp, p->ep, etp, p->pp,
                               p->order));
-    RETURN_IF(p->cp != 1 || p->pp != 1 || p->vpp != 1, VD_EINVAL,
-              "parallel.cp = %d, pp = %d, vpp = %d: this version runs tensor, sequence, data "
-              "and expert parallelism; context and pipeline parallelism need sizes of 1",
-              p->cp, p->pp, p->vpp);
+    RETURN_IF(p->cp != 1, VD_EINVAL,
+              "parallel.cp = %d: this version runs tensor, sequence, data, expert and pipeline "
+              "parallelism; context parallelism needs a size of 1", p->cp);
     int const dp = grid->dims.dp;
     RETURN_IF(c->train.global_batch % (dp * c->train.micro_batch), VD_EINVAL,
               "train.global_batch = %d is not divisible by data-parallel size %d x "
               "train.micro_batch = %d: every replica runs the same number of micro-batches",
               c->train.global_batch, dp, c->train.micro_batch);
+    int const m = c->train.global_batch / (dp * c->train.micro_batch);
+    RETURN_IF(par_pp_check(launch_pp_schedule(p), p->pp, p->vpp, m) < 0, VD_EINVAL,
+              "train.global_batch = %d over data-parallel size %d x train.micro_batch = %d "
+              "gives %d micro-batches per step and replica: %s", c->train.global_batch, dp,
+              c->train.micro_batch, m, vd_err_msg());
     RETURN_IF(c->train.seq_len % p->tp, VD_EINVAL,
               "train.seq_len = %d is not divisible by parallel.tp = %d: sequence parallelism "
               "splits every sequence evenly over the tensor ranks", c->train.seq_len, p->tp);
     return 0;
+}
+
+int launch_layout_rank(const struct launch_config *c, const struct dist_grid *grid,
+                       struct model_layout *lay)
+{
+    const struct launch_parallel *p = &c->parallel;
+    int counts[LAUNCH_CHUNKS_MAX], chunk_layers[LAUNCH_CHUNKS_MAX];
+    int const n = launch_pp_layers(p->pp_layers, counts, LAUNCH_CHUNKS_MAX);
+    RETURN_IF(n < 0, VD_EINVAL, "parallel.pp_layers = '%s': not a list of counts", p->pp_layers);
+    FORWARD_IF(par_pp_split(c->model.num_hidden_layers, p->pp, p->vpp, counts, n, chunk_layers));
+    par_layout_from_grid(lay, grid, dist_world_rank(), p->vpp, chunk_layers);
+    return 0;
+}
+
+/* The pipeline's plan, printed by rank 0: schedule, micro-batches, layers per chunk,
+ * in-flight activation sets per stage and the bubble; a warning when m < pp. */
+static void print_pipeline(const struct launch_config *c, const struct par_model *pm,
+                           const struct par_schedule *s)
+{
+    const struct launch_parallel *p = &c->parallel;
+    if (p->pp == 1) return;
+    int const m = s->pipe.m;
+    double const bubble = par_pp_bubble(s->pipe.kind, p->pp, p->vpp, m);
+    printf("pipeline: %s, pp %d x vpp %d, %d micro-batches per step and replica; rank 0's "
+           "chunks:", par_pp_schedule_name(s->pipe.kind), p->pp, p->vpp, m);
+    for (int ch = 0; ch < pm->lay.nchunks; ch++)
+        printf(" layers %d-%d", pm->lay.chunk_begin[ch], pm->lay.chunk_end[ch] - 1);
+    printf("; activation sets in flight on rank 0: %d; theoretical bubble %.1f%%\n", s->nacts,
+           100.0 * bubble);
+    if (m < p->pp)
+        printf("warning: %d micro-batches per step and replica on %d pipeline stages: each "
+               "stage idles %.0f%% of the step (bubble (pp - 1) / (m + pp - 1)); raise "
+               "train.global_batch or lower train.micro_batch to fill the pipeline\n",
+               m, p->pp, 100.0 * bubble);
 }
 
 /* Rank 0 prints every group kind with its size and rank 0's members. */
@@ -439,7 +478,7 @@ static void print_layout(const struct dist_grid *grid)
     free(members);
 }
 
-static void print_bench(const struct par_model *pm, int nacts, int steps_timed, double step_s,
+static void print_bench(const struct par_model *pm, size_t act_nbytes, int steps_timed, double step_s,
                         double tps, double mfu)
 {
     struct rusage ru;
@@ -464,7 +503,7 @@ static void print_bench(const struct par_model *pm, int nacts, int steps_timed, 
     }
     printf("%s\n", any ? "" : " none");
     printf("bench: peak RSS %.1f MiB against a memory plan of %.1f MiB\n",
-           (double)ru.ru_maxrss / 1024.0, mib(plan_nbytes(pm, nacts)));
+           (double)ru.ru_maxrss / 1024.0, mib(plan_nbytes(pm, act_nbytes)));
 }
 
 int launch_train_run(const struct launch_config *c, bool bench, struct launch_train_result *res)
@@ -480,20 +519,28 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     struct par_groups groups;
     par_groups_create(&groups, &grid);
     struct model_layout lay;
-    par_layout_from_grid(&lay, &grid, dist_world_rank(), c->model.num_hidden_layers);
+    int rc = launch_layout_rank(c, &grid, &lay);
+    if (rc < 0) {
+        par_groups_free(&groups);
+        return rc;
+    }
     if (root) print_layout(&grid);
     struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer,
                                      .dispatch_direct = c->parallel.dispatch_direct};
     struct par_model pm;
-    int rc = par_model_init(&pm, &c->model, &lay, &groups, &opt, c->train.micro_batch,
-                            c->train.seq_len);
+    rc = par_model_init(&pm, &c->model, &lay, &groups, &opt, c->train.micro_batch,
+                        c->train.seq_len);
     rc = dist_agree(dist_world(), rc);
     if (rc < 0) {
         par_groups_free(&groups);
         return rc;
     }
+    struct par_pipeline const pipe = {
+        .kind = launch_pp_schedule(&c->parallel),
+        .m = c->train.global_batch / (grid.dims.dp * c->train.micro_batch)};
     struct par_schedule sched;
-    par_schedule_init(&sched, &pm);
+    VD_CHECK(par_schedule_init(&sched, &pm, &pipe) == 0, "launch_layout_make checked it: %s",
+             vd_err_msg());
     model_init_params(&pm.tab, pm.params, c->train.seed, c->model.num_hidden_layers);
     launch_tokens *tok = NULL;
     rc = open_inputs(c, &pm, &tok);
@@ -509,7 +556,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     bool const measured = c->train.peak_gflops <= 0.0;
     double const peak = measured ? launch_measure_sgemm_gflops() : c->train.peak_gflops;
     res->peak_gflops = peak;
-    if (root) print_plan(c, &pm, sched.nacts, threads, peak, measured);
+    if (root) print_plan(c, &pm, sched.act_nbytes, threads, peak, measured);
+    if (root) print_pipeline(c, &pm, &sched);
 
     FILE *metrics = NULL;
     if (root && c->log.metrics[0]) rc = open_metrics(c->log.metrics, start, &metrics);
@@ -567,7 +615,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
                c->ckpt.async ? ", asynchronous" : "");
     if (metrics) fclose(metrics);
     if (rc == 0 && bench && root)
-        print_bench(&pm, sched.nacts, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
+        print_bench(&pm, sched.act_nbytes, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
     if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);
     launch_tokens_close(tok);
     par_schedule_free(&sched);

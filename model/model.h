@@ -87,14 +87,29 @@ struct model_tensor {
     bool is_expert;           /* reduced over EDP instead of DP x CP */
 };
 
+/* Most model chunks one rank may hold (parallel.vpp). */
+#define MODEL_CHUNKS_MAX 16
+
 /* What of the model this rank holds. Sizes of one are the serial case. */
 struct model_layout {
     int tp, tp_rank;     /* attention tensor parallelism */
     int ep, ep_rank;     /* expert parallelism */
     int etp, etp_rank;   /* expert tensor parallelism */
-    int layer_begin, layer_end; /* this pipeline stage's layers [begin, end) */
+    /* The model chunks (virtual pipeline stages) this rank holds, in layer order: chunk c
+     * is layers [chunk_begin[c], chunk_end[c]). The embedding belongs to chunk 0 when
+     * has_embed, the final norm and lm_head to chunk nchunks - 1 when has_head. */
+    int nchunks;
+    int chunk_begin[MODEL_CHUNKS_MAX], chunk_end[MODEL_CHUNKS_MAX];
     bool has_embed, has_head;
 };
+/* The whole model in one chunk, every group of size one. */
+void model_layout_serial(struct model_layout *lay, int num_layers);
+/* Layers this rank holds over all its chunks. */
+int model_layout_nlayers(const struct model_layout *lay);
+/* The rank's index of global layer l (its chunks' layers counted in order), or -1. */
+int model_layout_local(const struct model_layout *lay, int l);
+/* The global layer of the rank's local index li (inverse of model_layout_local). */
+int model_layout_global(const struct model_layout *lay, int li);
 
 struct model_table {
     struct model_tensor *t;
@@ -126,7 +141,7 @@ struct model_layer_ptrs {
 };
 struct model_ptrs {
     float *embed, *norm, *head;   /* NULL when this stage lacks them */
-    struct model_layer_ptrs *layers; /* [layer_end - layer_begin] */
+    struct model_layer_ptrs *layers; /* [model_layout_nlayers], by local index */
     float **expert_slots;            /* storage behind the w1/w3/w2 arrays */
 };
 void model_ptrs_build(struct model_ptrs *p, const struct model_table *tab, float *base,

@@ -52,6 +52,41 @@ static void table_add(struct table_builder *b, enum model_tensor_kind kind, int 
     t->is_expert = expert >= 0;
 }
 
+void model_layout_serial(struct model_layout *lay, int num_layers)
+{
+    *lay = (struct model_layout){.tp = 1, .ep = 1, .etp = 1, .nchunks = 1,
+                                 .chunk_end = {num_layers}, .has_embed = true,
+                                 .has_head = true};
+}
+
+int model_layout_nlayers(const struct model_layout *lay)
+{
+    int n = 0;
+    for (int c = 0; c < lay->nchunks; c++) n += lay->chunk_end[c] - lay->chunk_begin[c];
+    return n;
+}
+
+int model_layout_local(const struct model_layout *lay, int l)
+{
+    int n = 0;
+    for (int c = 0; c < lay->nchunks; c++) {
+        if (l >= lay->chunk_begin[c] && l < lay->chunk_end[c]) return n + l - lay->chunk_begin[c];
+        n += lay->chunk_end[c] - lay->chunk_begin[c];
+    }
+    return -1;
+}
+
+int model_layout_global(const struct model_layout *lay, int li)
+{
+    for (int c = 0; c < lay->nchunks; c++) {
+        int const n = lay->chunk_end[c] - lay->chunk_begin[c];
+        if (li < n) return lay->chunk_begin[c] + li;
+        li -= n;
+    }
+    VD_CHECK(false, "local layer index beyond the rank's chunks");
+    return -1;
+}
+
 int model_table_build(struct model_table *tab, const struct model_config *cfg,
                       const struct model_layout *lay)
 {
@@ -75,7 +110,9 @@ int model_table_build(struct model_table *tab, const struct model_config *cfg,
     if (lay->has_embed)
         table_add(&b, MODEL_T_EMBED, -1, -1, "model.embed_tokens.weight", 2, (size_t)V,
                   (size_t)d, MODEL_SHARD_DIM0, MODEL_GROUP_TP);
-    for (int l = lay->layer_begin; l < lay->layer_end; l++) {
+    int const nl = model_layout_nlayers(lay);
+    for (int li = 0; li < nl; li++) {
+        int const l = model_layout_global(lay, li);
         struct {
             enum model_tensor_kind kind;
             const char *suffix;
@@ -106,8 +143,9 @@ int model_table_build(struct model_table *tab, const struct model_config *cfg,
     }
     tab->numel_dense = tab->numel;
     int const E_local = E / lay->ep;
-    for (int l = lay->layer_begin; l < lay->layer_end; l++)
+    for (int li = 0; li < nl; li++)
         for (int el = 0; el < E_local; el++) {
+            int const l = model_layout_global(lay, li);
             int const e = lay->ep_rank * E_local + el;
             /* w1 then w3 adjacent: the pair is one (2 F_local, d) block in memory. */
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, e);
@@ -192,7 +230,7 @@ void model_init_params(const struct model_table *tab, float *params, uint64_t se
 void model_ptrs_build(struct model_ptrs *p, const struct model_table *tab, float *base,
                       const struct model_layout *lay, int num_local_experts)
 {
-    int const nl = lay->layer_end - lay->layer_begin;
+    int const nl = model_layout_nlayers(lay);
     int const E_local = num_local_experts / lay->ep;
     memset(p, 0, sizeof *p);
     p->layers = vd_calloc((size_t)(nl > 0 ? nl : 1), sizeof *p->layers);
@@ -206,7 +244,7 @@ void model_ptrs_build(struct model_ptrs *p, const struct model_table *tab, float
     for (int i = 0; i < tab->count; i++) {
         const struct model_tensor *t = &tab->t[i];
         float *ptr = base + t->offset;
-        struct model_layer_ptrs *L = t->layer >= 0 ? &p->layers[t->layer - lay->layer_begin] : NULL;
+        struct model_layer_ptrs *L = t->layer >= 0 ? &p->layers[model_layout_local(lay, t->layer)] : NULL;
         int const el = t->expert >= 0 ? t->expert - lay->ep_rank * E_local : -1;
         switch (t->kind) {
         case MODEL_T_EMBED: p->embed = ptr; break;

@@ -208,64 +208,71 @@ static void head_backward(struct par_model *pm, const struct par_acts *a, const 
 
 /* ---------------------------------------------------------------- a stage's layers */
 
+float *par_acts_output(const struct par_model *pm, struct par_acts *a)
+{
+    size_t const Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
+    return a->resid + (size_t)pm->chunks[a->chunk].nblocks * Ns * d;
+}
+
 void par_stage_forward(struct par_model *pm, struct par_acts *a, const int *inputs,
                        const int *targets, const float *h_in, float *h_out)
 {
+    const struct par_chunk *ch = &pm->chunks[a->chunk];
     size_t const N = pm->shape.N, Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
-    int const T = pm->shape.T, nl = pm->lay.layer_end - pm->lay.layer_begin;
-    VD_CHECK(pm->lay.has_embed == (h_in == NULL) && pm->lay.has_head == (h_out == NULL),
-             "a stage takes tokens or the previous stage's output, and gives its output "
+    int const T = pm->shape.T;
+    VD_CHECK(ch->has_embed == (h_in == NULL) && ch->has_head == (h_out == NULL),
+             "a chunk takes tokens or the previous chunk's output, and gives its output "
              "or the loss");
     struct par_mb_stats *st = &a->stats;
     memset(st, 0, sizeof *st);
-    if (pm->lay.has_embed) memcpy(a->inputs, inputs, N * sizeof(int));
-    if (pm->lay.has_head) memcpy(a->targets, targets, N * sizeof(int));
+    if (ch->has_embed) memcpy(a->inputs, inputs, N * sizeof(int));
+    if (ch->has_head) memcpy(a->targets, targets, N * sizeof(int));
     for (size_t t = 0; t < N; t++) a->pos[t] = (int)(t % (size_t)T);
-    if (h_in) memcpy(a->resid, h_in, Ns * d * sizeof(float));
-    for (int i = 0; i < pm->nlayers; i++) {
+    if (h_in && h_in != a->resid) memcpy(a->resid, h_in, Ns * d * sizeof(float));
+    for (int i = ch->first; i < ch->first + ch->count; i++) {
         const struct par_layer *L = &pm->layers[i];
         double const t0 = omp_get_wtime();
         if (L->kind == PAR_LAYER_EMBED) {
             embed_forward(pm, a, a->resid);
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         } else if (L->kind == PAR_LAYER_BLOCK) {
-            int const li = L->layer - pm->lay.layer_begin;
-            struct par_block_acts *ba = &a->blocks[li];
+            int const bi = L->layer - ch->layer0, li = ch->block0 + bi;
+            struct par_block_acts *ba = &a->blocks[bi];
             ba->dispatch_s = 0.0;
-            attention_forward(pm, a, ba, &pm->p.layers[li], a->resid + (size_t)li * Ns * d);
+            attention_forward(pm, a, ba, &pm->p.layers[li], a->resid + (size_t)bi * Ns * d);
             par_timers[PAR_T_ATTN] += omp_get_wtime() - t0;
-            moe_forward(pm, ba, &pm->p.layers[li], a->resid + (size_t)(li + 1) * Ns * d, st);
+            moe_forward(pm, ba, &pm->p.layers[li], a->resid + (size_t)(bi + 1) * Ns * d, st);
         } else {
-            st->lm_loss = head_forward(pm, a, a->resid + (size_t)nl * Ns * d);
+            st->lm_loss = head_forward(pm, a, par_acts_output(pm, a));
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         }
     }
-    if (h_out) memcpy(h_out, a->resid + (size_t)nl * Ns * d, Ns * d * sizeof(float));
+    if (h_out) memcpy(h_out, par_acts_output(pm, a), Ns * d * sizeof(float));
 }
 
 void par_stage_backward(struct par_model *pm, struct par_acts *a, const float *dh_out,
                         float *dh_in, float loss_scale, bool reduce)
 {
+    const struct par_chunk *ch = &pm->chunks[a->chunk];
     size_t const Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
-    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-    VD_CHECK(pm->lay.has_head == (dh_out == NULL) && pm->lay.has_embed == (dh_in == NULL),
-             "a stage's backward takes its output's gradient unless it ends at the loss, and "
+    VD_CHECK(ch->has_head == (dh_out == NULL) && ch->has_embed == (dh_in == NULL),
+             "a chunk's backward takes its output's gradient unless it ends at the loss, and "
              "gives its input's unless it starts at the embedding");
     float *dh = pm->scr.dh;
     if (dh_out) memcpy(dh, dh_out, Ns * d * sizeof(float));
-    for (int i = pm->nlayers - 1; i >= 0; i--) {
+    for (int i = ch->first + ch->count - 1; i >= ch->first; i--) {
         const struct par_layer *L = &pm->layers[i];
         double const t0 = omp_get_wtime();
         if (L->kind == PAR_LAYER_HEAD) {
-            head_backward(pm, a, a->resid + (size_t)nl * Ns * d, dh, loss_scale);
+            head_backward(pm, a, par_acts_output(pm, a), dh, loss_scale);
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         } else if (L->kind == PAR_LAYER_BLOCK) {
-            int const li = L->layer - pm->lay.layer_begin;
-            struct par_block_acts *ba = &a->blocks[li];
+            int const bi = L->layer - ch->layer0, li = ch->block0 + bi;
+            struct par_block_acts *ba = &a->blocks[bi];
             moe_backward(pm, ba, &pm->p.layers[li], &pm->g.layers[li], dh, loss_scale);
             double const t1 = omp_get_wtime();
             attention_backward(pm, a, ba, &pm->p.layers[li], &pm->g.layers[li],
-                               a->resid + (size_t)li * Ns * d, dh);
+                               a->resid + (size_t)bi * Ns * d, dh);
             par_timers[PAR_T_ATTN] += omp_get_wtime() - t1;
         } else {
             embed_backward(pm, a, dh);

@@ -17,6 +17,7 @@
 
 #include "dist/dist.h"
 #include "model/model.h"
+#include "parallel/pp_order.h"
 
 /* Every process group a rank's layers use (both grids of MoE parallel folding). */
 struct par_groups {
@@ -28,9 +29,16 @@ void par_groups_serial(struct par_groups *g);
 /* This rank's communicators of every group kind of the grid (collective over the world). */
 void par_groups_create(struct par_groups *g, const struct dist_grid *grid);
 void par_groups_free(struct par_groups *g);
-/* This rank's share of the model under the grid (sizes, ranks, its pipeline stage). */
+/* The pipeline split: layers of each of the pp x vpp model chunks, in layer order, into
+ * chunk_layers[pp vpp]; pp_layers (NULL: an even split) gives them explicitly. 0, or
+ * VD_EINVAL naming the sizes when they do not divide or do not add up. */
+int par_pp_split(int num_layers, int pp, int vpp, const int *pp_layers, int n_pp_layers,
+                 int *chunk_layers);
+/* This rank's share of the model under the grid (sizes, ranks, its model chunks: global
+ * chunk c lives on pipeline rank c mod pp as its virtual chunk c div pp). chunk_layers from
+ * par_pp_split. */
 void par_layout_from_grid(struct model_layout *lay, const struct dist_grid *grid, int rank,
-                          int num_layers);
+                          int vpp, const int *chunk_layers);
 
 struct par_shape {
     int B, T;    /* sequences of a micro-batch, positions each */
@@ -94,15 +102,19 @@ struct par_mb_stats {
     double lm_loss, aux_loss, z_loss;
 };
 
-/* Everything one micro-batch keeps from its forward until its backward on this stage: a
- * schedule allocates as many as it keeps micro-batches in flight. One allocation. */
+/* Everything one micro-batch keeps from its forward until its backward on one model chunk
+ * of this rank: a schedule allocates as many per chunk as it keeps micro-batches in flight
+ * there. One allocation. */
 struct par_acts {
+    int chunk;                     /* the rank's model chunk (virtual stage) it serves */
     int *inputs, *targets, *pos;   /* (N) */
-    float *resid;                  /* (L_local + 1, Ns, d): block inputs and the last output */
-    struct par_block_acts *blocks; /* (L_local) */
+    float *resid;                  /* (L_c + 1, Ns, d): block inputs and the last output */
+    float *grad;                   /* (Ns, d): the chunk output's gradient received from the
+                                      next stage, then its input's gradient sent back */
+    struct par_block_acts *blocks; /* (L_c): the chunk's blocks */
     float *hn_loc, *rstd_f, *hn, *logits, *rowmax, *rowsum; /* head (last stage only) */
     struct par_mb_stats stats;     /* losses of the forward */
-    uint64_t *peer_x_perm;         /* (L_local, etp ep), behind blocks[l].peer_x_perm */
+    uint64_t *peer_x_perm;         /* (L_c, etp ep), behind blocks[l].peer_x_perm */
     void *base;
 };
 
@@ -168,6 +180,14 @@ struct par_range {
     size_t state_offset;      /* where this range's shard starts in the optimizer state */
 };
 
+/* One model chunk of the rank: its slice of the layer list and of the local blocks. */
+struct par_chunk {
+    int first, count;   /* par_model.layers[first, first + count) */
+    int block0, nblocks;/* its transformer blocks: local indices [block0, block0 + nblocks) */
+    int layer0;         /* global index of its first block */
+    bool has_embed, has_head;
+};
+
 /* The rank's persistent share of the model (parallel/state.c): layout, groups, table,
  * flat parameters, gradients and optimizer state, this stage's layer list, the scratch of
  * the layer calls. Activations live in par_acts, one per micro-batch in flight. */
@@ -186,8 +206,10 @@ struct par_model {
     struct model_ptrs p, g;
     long adam_step;
 
-    struct par_layer *layers; /* the ordered list of this stage's layers */
+    struct par_layer *layers; /* the ordered list of this rank's layers, chunk by chunk */
     int nlayers;
+    struct par_chunk chunks[MODEL_CHUNKS_MAX];
+    int nchunks;
     int *row_token;           /* (Ns): index in the micro-batch (b T + position) of each row */
     int *etpep_ep, *etpep_etp;/* (etp ep): coordinates of each rank of the etp x ep group */
     int *etpep_of;            /* (etp ep): group rank at (etp coordinate a, ep b), a + etp b */
@@ -200,7 +222,7 @@ struct par_model {
     size_t req_nbytes;
 
     struct par_scratch scr;
-    size_t act_nbytes;        /* one par_acts */
+    size_t act_nbytes[MODEL_CHUNKS_MAX]; /* one par_acts of each chunk */
     size_t scratch_nbytes;
 };
 
@@ -211,27 +233,32 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
                    const struct par_options *opt, int B, int T);
 void par_model_free(struct par_model *pm);
 
-/* One micro-batch's activation set. Collective over the etp x ep group (every rank learns
- * where the others' expert blocks are), so every rank of a stage allocates its sets in the
- * same order. */
-void par_acts_init(struct par_acts *a, const struct par_model *pm);
+/* One micro-batch's activation set for model chunk `chunk` of the rank. Collective over
+ * the etp x ep group (every rank learns where the others' expert blocks are), so every rank
+ * of a stage allocates its sets in the same order. */
+void par_acts_init(struct par_acts *a, const struct par_model *pm, int chunk);
 void par_acts_free(struct par_acts *a);
 
-/* A stage's forward of one micro-batch over its layers. inputs and targets (B, T) of the
- * whole micro-batch (each rank takes its share): the first stage embeds inputs, the last
- * takes its loss against targets. h_in (Ns, d): the residual stream from the previous
- * stage (NULL on the first); h_out (Ns, d): this stage's output for the next (NULL on the
- * last). Losses of the stage's layers in a->stats. */
+/* A stage's forward of one micro-batch over the layers of the model chunk a serves.
+ * inputs and targets (B, T) of the whole micro-batch (each rank takes its share): the
+ * first chunk embeds inputs, the last takes its loss against targets. h_in (Ns, d): the
+ * residual stream from the previous chunk (NULL on the first; it may be a->resid, where
+ * the stream already is); h_out (Ns, d): this chunk's output for the next (NULL on the
+ * last; the output also stays in a->resid, par_acts_output). Losses of the chunk's layers
+ * in a->stats. */
 void par_stage_forward(struct par_model *pm, struct par_acts *a, const int *inputs,
                        const int *targets, const float *h_in, float *h_out);
 /* The backward of the micro-batch whose forward filled a: dh_out (Ns, d) the gradient of
- * the stage's output (NULL on the last stage, which starts at its loss), dh_in (Ns, d) the
- * gradient of its input (NULL on the first). Gradients accumulate, scaled by loss_scale
+ * the chunk's output (NULL on the last chunk, which starts at its loss), dh_in (Ns, d) the
+ * gradient of its input (NULL on the first; dh_out and dh_in may both be a->grad).
+ * Gradients accumulate, scaled by loss_scale
  * (1 / micro-batches of the step). With reduce, each layer's gradient buckets start
  * reducing as soon as its backward is done (the step's last micro-batch, no distributed
  * optimizer). */
 void par_stage_backward(struct par_model *pm, struct par_acts *a, const float *dh_out,
                         float *dh_in, float loss_scale, bool reduce);
+/* The chunk's output (Ns, d) after a forward into a. */
+float *par_acts_output(const struct par_model *pm, struct par_acts *a);
 
 /* The micro-batches of one step as the schedule asks for them: fills inputs and targets
  * (B, T) of micro-batch m of the step (0 <= m < n_micro, the global index). */
@@ -248,25 +275,55 @@ struct par_layer_stats {
 };
 
 /* What one step's forwards and backwards give back: losses (means over the global
- * batch's micro-batches) and per-layer statistics of this stage's MoE layers. */
+ * batch's micro-batches) and per-layer statistics of every MoE layer of the model
+ * (gathered from all pipeline stages), identical on every rank. */
 struct par_step_stats {
     double lm, aux, z;
     int nlayers;
     struct par_layer_stats *layers; /* (nlayers), owned by the schedule */
+    double step_s;                  /* this rank's forwards and backwards, wall time */
+    double wait_s;                  /* of which blocked on pipeline receives */
+};
+
+/* How a step's micro-batches go through the pipeline (parallel/pp_order.h). */
+struct par_pipeline {
+    enum par_pp_schedule kind;
+    int m; /* micro-batches per step on each data-parallel replica */
 };
 
 /* The schedule (parallel/schedule.c): runs the forwards and backwards of one step's
- * micro-batches on this rank (its replica's share), accumulating gradients; the
- * optimizer step follows. Holds the activation sets and the micro-batch buffers. */
+ * micro-batches on this rank (its replica's share) in the pipeline order of its stage,
+ * exchanging the residual stream and its gradient with the neighbouring stages by
+ * non-blocking point-to-point messages in the pp group; gradients accumulate, the
+ * optimizer step follows. Holds the activation sets (per model chunk, as many as the order
+ * keeps in flight there), the message buffers and the micro-batch buffers. */
+struct par_send {
+    float *buf;        /* (Ns, d) */
+    MPI_Request req;
+};
 struct par_schedule {
-    struct par_acts *acts;
+    struct par_pipeline pipe;
+    struct par_pp_op *ops;        /* (2 m vpp): this stage's order */
+    int nops;
+    struct par_acts *acts;        /* pools, chunk after chunk */
     int nacts;
+    int pool_first[MODEL_CHUNKS_MAX], pool_size[MODEL_CHUNKS_MAX];
+    size_t act_nbytes;            /* all activation sets */
+    int *set_of;                  /* (vpp m): set of (chunk, micro-batch) in flight, or -1 */
+    bool *set_busy;               /* (nacts) */
+    float *recv_buf;              /* (2, Ns, d): the next two messages' landing places */
+    MPI_Request recv_req[2];
+    struct par_send *sends;       /* outgoing messages; a buffer is reused once its send is
+                                     done, and the pool grows while none is */
+    int nsends;
     int *inputs, *targets;        /* (B, T) of the micro-batch being fed */
-    double *layer_dropped;        /* (L_local + 1): dropped assignments per layer */
-    float *layer_max;             /* (2 L_local + 1): most kept by one expert, -margin */
+    double *layer_dropped;        /* (L + 1): dropped assignments per layer of the model */
+    float *layer_max;             /* (2 L + 1): most kept by one expert, -margin */
     struct par_layer_stats *layer_stats;
 };
-void par_schedule_init(struct par_schedule *s, const struct par_model *pm);
+/* 0, or VD_EINVAL (par_pp_check's message) when the order cannot run. */
+int par_schedule_init(struct par_schedule *s, const struct par_model *pm,
+                      const struct par_pipeline *pipe);
 void par_schedule_free(struct par_schedule *s);
 void par_schedule_step(struct par_schedule *s, struct par_model *pm,
                        const struct par_batches *batches, struct par_step_stats *out);

@@ -34,17 +34,57 @@ void par_groups_free(struct par_groups *g)
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) dist_group_free(all[i]);
 }
 
+int par_pp_split(int num_layers, int pp, int vpp, const int *pp_layers, int n_pp_layers,
+                 int *chunk_layers)
+{
+    int const n = pp * vpp;
+    RETURN_IF(vpp > MODEL_CHUNKS_MAX, VD_EINVAL,
+              "parallel.vpp = %d: at most %d model chunks per pipeline rank", vpp,
+              MODEL_CHUNKS_MAX);
+    if (pp_layers == NULL || n_pp_layers == 0) {
+        RETURN_IF(num_layers % n, VD_EINVAL,
+                  "num_hidden_layers = %d does not divide evenly over parallel.pp = %d x "
+                  "parallel.vpp = %d = %d model chunks; pick pp x vpp dividing %d, or give "
+                  "the split with parallel.pp_layers (%d entries adding up to %d)",
+                  num_layers, pp, vpp, n, num_layers, n, num_layers);
+        for (int c = 0; c < n; c++) chunk_layers[c] = num_layers / n;
+        return 0;
+    }
+    RETURN_IF(n_pp_layers != n, VD_EINVAL,
+              "parallel.pp_layers has %d entries; it needs one per model chunk, parallel.pp "
+              "= %d x parallel.vpp = %d = %d, in layer order", n_pp_layers, pp, vpp, n);
+    int sum = 0;
+    for (int c = 0; c < n; c++) {
+        RETURN_IF(pp_layers[c] < 1, VD_EINVAL,
+                  "parallel.pp_layers entry %d is %d: every model chunk needs at least one "
+                  "layer", c + 1, pp_layers[c]);
+        sum += pp_layers[c];
+        chunk_layers[c] = pp_layers[c];
+    }
+    RETURN_IF(sum != num_layers, VD_EINVAL,
+              "parallel.pp_layers adds up to %d layers; the model has num_hidden_layers = %d",
+              sum, num_layers);
+    return 0;
+}
+
 void par_layout_from_grid(struct model_layout *lay, const struct dist_grid *grid, int rank,
-                          int num_layers)
+                          int vpp, const int *chunk_layers)
 {
     struct dist_grid_coords c;
     dist_grid_coords(grid, rank, &c);
     int const pp = grid->dims.pp;
     *lay = (struct model_layout){
         .tp = grid->dims.tp, .tp_rank = c.tp, .ep = grid->dims.ep, .ep_rank = c.ep,
-        .etp = grid->dims.etp, .etp_rank = c.etp,
-        .layer_begin = num_layers * c.pp / pp, .layer_end = num_layers * (c.pp + 1) / pp,
+        .etp = grid->dims.etp, .etp_rank = c.etp, .nchunks = vpp,
         .has_embed = c.pp == 0, .has_head = c.pp == pp - 1};
+    int begin = 0;
+    for (int g = 0; g < pp * vpp; g++) { /* global chunk g: pipeline rank g mod pp */
+        if (g % pp == c.pp) {
+            lay->chunk_begin[g / pp] = begin;
+            lay->chunk_end[g / pp] = begin + chunk_layers[g];
+        }
+        begin += chunk_layers[g];
+    }
 }
 
 /* Carves consecutive, 64-byte aligned pieces out of one allocation. */
@@ -85,7 +125,7 @@ static size_t arena_build(void **base, void (*lay_out)(void *obj, const struct p
 /* The model's dimensions on this rank, as the buffer layouts use them. */
 struct dims {
     size_t N, Ns, d, hd, Hl, Gl, E, k, E_local, Fl, Vl, A, q, Ng, etp;
-    int B, T, nl;
+    int B, T;
     bool tp_gather;
 };
 
@@ -103,7 +143,6 @@ static struct dims dims_of(const struct par_model *pm)
     m.Fl = (size_t)(c->intermediate_size / pm->lay.etp);
     m.Vl = (size_t)(c->vocab_size / pm->lay.tp);
     m.A = par_moe_rows_max(pm);
-    m.nl = pm->lay.layer_end - pm->lay.layer_begin;
     m.tp_gather = pm->groups.tp.size > 1;
     m.q = (size_t)pm->groups.etpep.size;
     m.Ng = m.Ns * m.q;
@@ -117,12 +156,14 @@ static void layout_acts(void *obj, const struct par_model *pm, struct arena *ar)
 {
     struct par_acts *a = obj;
     struct dims const m = dims_of(pm);
+    const struct par_chunk *ch = &pm->chunks[a->chunk];
     size_t const N = m.N, Ns = m.Ns, d = m.d, E = m.E, k = m.k, A = m.A, f = sizeof(float);
     a->inputs = arena_take(ar, N * sizeof(int));
     a->targets = arena_take(ar, N * sizeof(int));
     a->pos = arena_take(ar, N * sizeof(int));
-    a->resid = arena_take(ar, (size_t)(m.nl + 1) * Ns * d * f);
-    for (int l = 0; l < m.nl; l++) {
+    a->resid = arena_take(ar, (size_t)(ch->nblocks + 1) * Ns * d * f);
+    a->grad = arena_take(ar, Ns * d * f);
+    for (int l = 0; l < ch->nblocks; l++) {
         struct par_block_acts *ba = &a->blocks[l];
         ba->h_mid = arena_take(ar, Ns * d * f);
         ba->a_loc = arena_take(ar, Ns * d * f);
@@ -158,7 +199,7 @@ static void layout_acts(void *obj, const struct par_model *pm, struct arena *ar)
         ba->act = arena_take(ar, A * m.Fl * f);
         ba->y_perm = arena_take(ar, A * d * f);
     }
-    if (pm->lay.has_head) {
+    if (ch->has_head) {
         a->hn_loc = arena_take(ar, Ns * d * f);
         a->hn = m.tp_gather ? arena_take(ar, N * d * f) : a->hn_loc;
         a->rstd_f = arena_take(ar, Ns * f);
@@ -216,10 +257,12 @@ static void layout_scratch(void *obj, const struct par_model *pm, struct arena *
     s->xpack = arena_take(ar, (size_t)pm->groups.ep.size * sizeof(bool));
 }
 
-void par_acts_init(struct par_acts *a, const struct par_model *pm)
+void par_acts_init(struct par_acts *a, const struct par_model *pm, int chunk)
 {
+    VD_CHECK(chunk >= 0 && chunk < pm->nchunks, "chunk %d of %d", chunk, pm->nchunks);
     memset(a, 0, sizeof *a);
-    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
+    a->chunk = chunk;
+    int const nl = pm->chunks[chunk].nblocks;
     size_t const L = (size_t)(nl > 0 ? nl : 1), q = (size_t)pm->groups.etpep.size;
     a->blocks = vd_calloc(L, sizeof *a->blocks);
     arena_build(&a->base, layout_acts, a, pm);
@@ -241,6 +284,32 @@ void par_acts_free(struct par_acts *a)
     free(a->peer_x_perm);
     free(a->base);
     memset(a, 0, sizeof *a);
+}
+
+/* The ordered layer list of the rank, chunk by chunk: the embedding opens the first chunk,
+ * the head closes the last. */
+static void build_layers(struct par_model *pm)
+{
+    const struct model_layout *lay = &pm->lay;
+    pm->layers = vd_calloc((size_t)model_layout_nlayers(lay) + 2, sizeof *pm->layers);
+    pm->nchunks = lay->nchunks;
+    int block = 0;
+    for (int c = 0; c < lay->nchunks; c++) {
+        struct par_chunk *ch = &pm->chunks[c];
+        *ch = (struct par_chunk){.first = pm->nlayers, .block0 = block,
+                                 .nblocks = lay->chunk_end[c] - lay->chunk_begin[c],
+                                 .layer0 = lay->chunk_begin[c],
+                                 .has_embed = c == 0 && lay->has_embed,
+                                 .has_head = c == lay->nchunks - 1 && lay->has_head};
+        if (ch->has_embed)
+            pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_EMBED, .layer = -1};
+        for (int l = lay->chunk_begin[c]; l < lay->chunk_end[c]; l++)
+            pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_BLOCK, .layer = l};
+        if (ch->has_head)
+            pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_HEAD, .layer = -1};
+        ch->count = pm->nlayers - ch->first;
+        block += ch->nblocks;
+    }
 }
 
 /* Each layer's gradient buckets: the flat ranges of its dense and expert tensors (the table
@@ -290,11 +359,12 @@ static void locate_rows(struct par_model *pm)
     free(both);
 }
 
-/* Sizes one activation set without keeping it (for the memory plan). */
-static size_t acts_nbytes(const struct par_model *pm)
+/* Sizes one activation set of a chunk without keeping it (for the memory plan). */
+static size_t acts_nbytes(const struct par_model *pm, int chunk)
 {
-    int const nl = pm->lay.layer_end - pm->lay.layer_begin;
-    struct par_acts a = {.blocks = vd_calloc((size_t)(nl > 0 ? nl : 1), sizeof *a.blocks)};
+    int const nl = pm->chunks[chunk].nblocks;
+    struct par_acts a = {.chunk = chunk,
+                         .blocks = vd_calloc((size_t)(nl > 0 ? nl : 1), sizeof *a.blocks)};
     struct arena ar = {0};
     layout_acts(&a, pm, &ar);
     free(a.blocks);
@@ -325,18 +395,12 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
     model_ptrs_build(&pm->p, &pm->tab, pm->params, lay, cfg->num_local_experts);
     model_ptrs_build(&pm->g, &pm->tab, pm->grads, lay, cfg->num_local_experts);
 
-    /* The ordered layer list of this stage. */
-    int const nl = lay->layer_end - lay->layer_begin;
-    pm->layers = vd_calloc((size_t)nl + 2, sizeof *pm->layers);
-    if (lay->has_embed) pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_EMBED, .layer = -1};
-    for (int l = lay->layer_begin; l < lay->layer_end; l++)
-        pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_BLOCK, .layer = l};
-    if (lay->has_head) pm->layers[pm->nlayers++] = (struct par_layer){.kind = PAR_LAYER_HEAD, .layer = -1};
+    build_layers(pm);
     locate_buckets(pm);
     pm->reqs = vd_calloc(2 * (size_t)pm->nlayers + 2, sizeof *pm->reqs);
 
     pm->scratch_nbytes = arena_build(&pm->scr.base, layout_scratch, &pm->scr, pm);
-    pm->act_nbytes = acts_nbytes(pm);
+    for (int c = 0; c < pm->nchunks; c++) pm->act_nbytes[c] = acts_nbytes(pm, c);
     int const hd = cfg->hidden_size / cfg->num_attention_heads;
     pm->rope_cos = vd_calloc((size_t)T * (size_t)hd / 2, sizeof(float));
     pm->rope_sin = vd_calloc((size_t)T * (size_t)hd / 2, sizeof(float));

@@ -39,9 +39,8 @@ static void tiny_config(struct model_config *c)
 
 static void model_make(struct par_model *pm, const struct model_config *c, bool zero)
 {
-    struct model_layout const lay = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                     .layer_end = c->num_hidden_layers, .has_embed = true,
-                                     .has_head = true};
+    struct model_layout lay;
+    model_layout_serial(&lay, c->num_hidden_layers);
     struct par_groups groups;
     par_groups_serial(&groups);
     struct par_options const opt = {.distributed_optimizer = zero};

@@ -626,7 +626,8 @@ static long long run_layout(const struct layout *l, int disp)
     struct par_groups groups;
     par_groups_create(&groups, &cx.grid);
     struct model_layout lay;
-    par_layout_from_grid(&lay, &cx.grid, rank, 1);
+    int const one_layer = 1;
+    par_layout_from_grid(&lay, &cx.grid, rank, 1, &one_layer);
 
     struct bufs bf;
     bf.out = vd_alloc((size_t)cx.Ns * D * sizeof(float));
@@ -665,7 +666,7 @@ static long long run_layout(const struct layout *l, int disp)
         }
         pm.identity_experts = true;
         struct par_acts acts;
-        par_acts_init(&acts, &pm);
+        par_acts_init(&acts, &pm, 0);
         for (int si = 0; si < NSCEN; si++) {
             const struct scenario *sc = &scenarios[si];
             if (sc->k != kk) continue;

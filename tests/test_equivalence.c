@@ -353,13 +353,20 @@ struct layout {
     const char *order; /* NULL: the default tp-cp-ep-dp-pp */
     bool accum;        /* expert-parallel layouts: with gradient accumulation or not */
     bool mpi_dispatch; /* parallel.dispatch_direct=false: no direct writes between ranks */
+    /* pipeline parallelism (pp_layouts); 0 / NULL: not passed (pp 1) */
+    int pp, vpp;
+    const char *pp_schedule, *pp_layers;
+    int layers;        /* model.num_hidden_layers, also of the reference; 0: tiny.ini's 2 */
 };
-static int lay_ranks(const struct layout *l) { return l->tp * l->dp; }
+static int lay_pp(const struct layout *l) { return l->pp ? l->pp : 1; }
+static int lay_ranks(const struct layout *l) { return l->tp * l->dp * lay_pp(l); }
 static int lay_etp(const struct layout *l) { return l->etp ? l->etp : l->tp; }
 static int lay_ep(const struct layout *l) { return l->ep ? l->ep : 1; }
-static int lay_edp(const struct layout *l) { return lay_ranks(l) / (lay_etp(l) * lay_ep(l)); }
+static int lay_edp(const struct layout *l) { return l->tp * l->dp / (lay_etp(l) * lay_ep(l)); }
 
-static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false, false};
+/* The trailing fields of a layout without pipeline parallelism. */
+#define NO_PP 0, 0, NULL, NULL, 0
+static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false, false, NO_PP};
 
 /* Trains tiny.ini for STEPS steps in the given layout, exporting to g_env.tmp/dir.
  * `dispatcher`: model.moe_token_dispatcher_type, or NULL for the default (not passed).
@@ -370,12 +377,25 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
 {
     memset(r, 0, sizeof *r);
     snprintf(r->dir, sizeof r->dir, "%s", dir);
-    snprintf(r->label, sizeof r->label, "layout %s%s%s (attention tp %d x dp %d, MoE etp %d x "
-             "ep %d x edp %d)", lay->name, dispatcher ? ", dispatcher " : "",
-             dispatcher ? dispatcher : "", lay->tp, lay->dp, lay_etp(lay), lay_ep(lay),
-             lay_edp(lay));
-    char args[4096], par[256] = "";
+    snprintf(r->label, sizeof r->label, "layout %s%s%s (attention tp %d x dp %d x pp %d, MoE "
+             "etp %d x ep %d x edp %d x pp %d%s%s%s%s)", lay->name,
+             dispatcher ? ", dispatcher " : "", dispatcher ? dispatcher : "", lay->tp, lay->dp,
+             lay_pp(lay), lay_etp(lay), lay_ep(lay), lay_edp(lay), lay_pp(lay),
+             lay->pp_schedule ? ", schedule " : "", lay->pp_schedule ? lay->pp_schedule : "",
+             lay->pp_layers ? ", pp_layers " : "", lay->pp_layers ? lay->pp_layers : "");
+    char args[4096], par[512] = "";
     size_t n = 0;
+    if (lay->pp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.pp=%d", lay->pp);
+    if (lay->vpp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.vpp=%d", lay->vpp);
+    if (lay->pp_schedule)
+        n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.pp_schedule=%s",
+                              lay->pp_schedule);
+    if (lay->pp_layers)
+        n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.pp_layers=%s",
+                              lay->pp_layers);
+    if (lay->layers)
+        n += (size_t)snprintf(par + n, sizeof par - n, " --model.num_hidden_layers=%d",
+                              lay->layers);
     if (lay->etp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.etp=%d", lay->etp);
     if (lay->ep) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.ep=%d", lay->ep);
     if (lay->order)
@@ -409,12 +429,13 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
                     &ep, &ed, &mpp, order) == 10;
     const char *const want_order = lay->order ? lay->order : "tp-cp-ep-dp-pp";
     if (!EXPECT(parsed && ranks == lay_ranks(lay) && t == lay->tp && c == 1 && d == lay->dp &&
-                    pp == 1 && et == lay_etp(lay) && ep == lay_ep(lay) && ed == lay_edp(lay) &&
-                    mpp == 1 && strcmp(order, want_order) == 0,
-                "%s: `%s` must run %d ranks as attention tp %d x cp 1 x dp %d x pp 1, MoE etp "
-                "%d x ep %d x edp %d x pp 1, order %s; its layout line says: %.200s", r->label,
-                r->cmd, lay_ranks(lay), lay->tp, lay->dp, lay_etp(lay), lay_ep(lay),
-                lay_edp(lay), want_order, p ? p : "(no \"layout:\" line)"))
+                    pp == lay_pp(lay) && et == lay_etp(lay) && ep == lay_ep(lay) &&
+                    ed == lay_edp(lay) && mpp == lay_pp(lay) && strcmp(order, want_order) == 0,
+                "%s: `%s` must run %d ranks as attention tp %d x cp 1 x dp %d x pp %d, MoE etp "
+                "%d x ep %d x edp %d x pp %d, order %s; its layout line says: %.200s", r->label,
+                r->cmd, lay_ranks(lay), lay->tp, lay->dp, lay_pp(lay), lay_etp(lay),
+                lay_ep(lay), lay_edp(lay), lay_pp(lay), want_order,
+                p ? p : "(no \"layout:\" line)"))
         return;
     if (!EXPECT(strstr(g_run.out, "runs/synth-v64.bin"),
                 "%s: `%s` must train on the embedded synthetic dataset runs/synth-v64.bin "
@@ -628,7 +649,7 @@ static void compare(const struct run *x, const struct run *ref, int nsteps, bool
 
 /* 1-rank runs, cached per (micro_batch, global_batch, extra options). */
 struct ref {
-    int mb, gb;
+    int mb, gb, layers;
     char extra[256];
     struct run run;
     double seconds;
@@ -637,30 +658,40 @@ struct ref {
 static struct ref g_refs[MAX_REFS];
 static int g_nrefs;
 
-static struct ref *find_ref(int mb, int gb, const char *extra)
+static struct ref *find_ref(int mb, int gb, int layers, const char *extra)
 {
     for (int i = 0; i < g_nrefs; i++)
-        if (g_refs[i].mb == mb && g_refs[i].gb == gb && strcmp(g_refs[i].extra, extra) == 0)
+        if (g_refs[i].mb == mb && g_refs[i].gb == gb && g_refs[i].layers == layers &&
+            strcmp(g_refs[i].extra, extra) == 0)
             return &g_refs[i];
     return NULL;
 }
 
-static const struct run *reference(int mb, int gb, const char *extra)
+/* The 1-rank run of a model of `layers` layers (0: tiny.ini's). */
+static const struct run *reference_of(int mb, int gb, int layers, const char *extra)
 {
-    struct ref *const found = find_ref(mb, gb, extra);
+    struct ref *const found = find_ref(mb, gb, layers, extra);
     if (found) return &found->run;
     if (!EXPECT(g_nrefs < MAX_REFS, "more than %d references", MAX_REFS)) return NULL;
     struct ref *r = &g_refs[g_nrefs];
     r->mb = mb;
     r->gb = gb;
+    r->layers = layers;
     snprintf(r->extra, sizeof r->extra, "%s", extra);
     char dir[32];
     snprintf(dir, sizeof dir, "ref%02d", g_nrefs);
     g_nrefs++;
     /* The optimizer flag is irrelevant on one rank; the default (true) is passed. */
-    train(&r->run, dir, &one_rank, NULL, true, mb, gb, extra);
+    struct layout one = one_rank;
+    one.layers = layers;
+    train(&r->run, dir, &one, NULL, true, mb, gb, extra);
     r->seconds = r->run.seconds;
     return &r->run;
+}
+
+static const struct run *reference(int mb, int gb, const char *extra)
+{
+    return reference_of(mb, gb, 0, extra);
 }
 
 /* ---------------------------------------------------------------- the layouts */
@@ -668,16 +699,16 @@ static const struct run *reference(int mb, int gb, const char *extra)
 /* Without expert parallelism (ep 1, etp = tp): every optimizer x accumulation
  * combination, dropless; six of them also with capacity 1.0 (build_cases). */
 static const struct layout layouts[] = {
-    {"dp2", 1, 2, 0, 0, NULL, false, false},
-    {"dp4", 1, 4, 0, 0, NULL, false, false},
-    {"dp8", 1, 8, 0, 0, NULL, false, false},
-    {"tp2", 2, 1, 0, 0, NULL, false, false},
-    {"tp4", 4, 1, 0, 0, NULL, false, false},
-    {"tp2 x dp2", 2, 2, 0, 0, NULL, false, false},
+    {"dp2", 1, 2, 0, 0, NULL, false, false, NO_PP},
+    {"dp4", 1, 4, 0, 0, NULL, false, false, NO_PP},
+    {"dp8", 1, 8, 0, 0, NULL, false, false, NO_PP},
+    {"tp2", 2, 1, 0, 0, NULL, false, false, NO_PP},
+    {"tp4", 4, 1, 0, 0, NULL, false, false, NO_PP},
+    {"tp2 x dp2", 2, 2, 0, 0, NULL, false, false, NO_PP},
     /* The same sizes with DP fastest: the tensor group is ranks {0,2}, not neighbours. */
-    {"tp2 x dp2 (dp-tp order)", 2, 2, 0, 0, "dp-tp-cp-ep-pp", false, false},
-    {"tp2 x dp4", 2, 4, 0, 0, NULL, false, false},
-    {"tp4 x dp2", 4, 2, 0, 0, NULL, false, false},
+    {"tp2 x dp2 (dp-tp order)", 2, 2, 0, 0, "dp-tp-cp-ep-pp", false, false, NO_PP},
+    {"tp2 x dp4", 2, 4, 0, 0, NULL, false, false, NO_PP},
+    {"tp4 x dp2", 4, 2, 0, 0, NULL, false, false, NO_PP},
 };
 #define NLAYOUTS (sizeof layouts / sizeof layouts[0])
 
@@ -689,38 +720,68 @@ static const struct layout layouts[] = {
  * even rows, for allgather on the odd ones) so that both meet both dispatchers. */
 static const struct layout ep_layouts[] = {
     /* 2 ranks */
-    {"dp2 | ep2", 1, 2, 1, 2, NULL, true, false},
-    {"tp2 | ep2", 2, 1, 1, 2, NULL, false, false},
-    {"tp2 | etp2", 2, 1, 2, 1, NULL, true, false},
+    {"dp2 | ep2", 1, 2, 1, 2, NULL, true, false, NO_PP},
+    {"tp2 | ep2", 2, 1, 1, 2, NULL, false, false, NO_PP},
+    {"tp2 | etp2", 2, 1, 2, 1, NULL, true, false, NO_PP},
     /* 4 ranks */
-    {"tp4 | ep4", 4, 1, 1, 4, NULL, true, false},
-    {"tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, false, false},
-    {"tp4 | etp2 x ep2", 4, 1, 2, 2, NULL, false, false},
-    {"dp4 | ep2 x edp2", 1, 4, 1, 2, NULL, true, false},
-    {"dp4 | ep4", 1, 4, 1, 4, NULL, false, false},
-    {"tp2 x dp2 | etp2 x ep2", 2, 2, 2, 2, NULL, true, false},
+    {"tp4 | ep4", 4, 1, 1, 4, NULL, true, false, NO_PP},
+    {"tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, false, false, NO_PP},
+    {"tp4 | etp2 x ep2", 4, 1, 2, 2, NULL, false, false, NO_PP},
+    {"dp4 | ep2 x edp2", 1, 4, 1, 2, NULL, true, false, NO_PP},
+    {"dp4 | ep4", 1, 4, 1, 4, NULL, false, false, NO_PP},
+    {"tp2 x dp2 | etp2 x ep2", 2, 2, 2, 2, NULL, true, false, NO_PP},
     /* EDP fastest after ETP: the EP group is ranks {0,2}, the EDP group {0,1} (an
      * attention TP group). */
-    {"tp2 x dp2 | ep2 x edp2 (tp-cp-dp-ep-pp)", 2, 2, 1, 2, "tp-cp-dp-ep-pp", false, false},
+    {"tp2 x dp2 | ep2 x edp2 (tp-cp-dp-ep-pp)", 2, 2, 1, 2, "tp-cp-dp-ep-pp", false, false, NO_PP},
     /* 8 ranks */
-    {"tp2 x dp4 | ep8", 2, 4, 1, 8, NULL, true, false},
-    {"tp2 x dp4 | ep4 x edp2", 2, 4, 1, 4, NULL, false, false},
-    {"tp2 x dp4 | etp2 x ep4", 2, 4, 2, 4, NULL, true, false},
-    {"tp4 x dp2 | ep8", 4, 2, 1, 8, NULL, false, false},
-    {"dp8 | ep8", 1, 8, 1, 8, NULL, true, false},
+    {"tp2 x dp4 | ep8", 2, 4, 1, 8, NULL, true, false, NO_PP},
+    {"tp2 x dp4 | ep4 x edp2", 2, 4, 1, 4, NULL, false, false, NO_PP},
+    {"tp2 x dp4 | etp2 x ep4", 2, 4, 2, 4, NULL, true, false, NO_PP},
+    {"tp4 x dp2 | ep8", 4, 2, 1, 8, NULL, false, false, NO_PP},
+    {"dp8 | ep8", 1, 8, 1, 8, NULL, true, false, NO_PP},
     /* DP fastest: attention TP group {0,4}; MoE EP group {0,2,4,6}, EDP {0,1}. */
-    {"tp2 x dp4 | ep4 x edp2 (dp-tp-cp-ep-pp)", 2, 4, 1, 4, "dp-tp-cp-ep-pp", true, false},
+    {"tp2 x dp4 | ep4 x edp2 (dp-tp-cp-ep-pp)", 2, 4, 1, 4, "dp-tp-cp-ep-pp", true, false, NO_PP},
 };
 #define NEP_LAYOUTS (sizeof ep_layouts / sizeof ep_layouts[0])
 
 /* The all-to-all dispatcher writes rows directly between ranks of one node; these run it
  * with MPI messages only (the path between nodes), alltoall only. */
 static const struct layout mpi_layouts[] = {
-    {"dp2 | ep2, MPI dispatch", 1, 2, 1, 2, NULL, true, true},
-    {"tp2 x dp4 | etp2 x ep4, MPI dispatch", 2, 4, 2, 4, NULL, false, true},
+    {"dp2 | ep2, MPI dispatch", 1, 2, 1, 2, NULL, true, true, NO_PP},
+    {"tp2 x dp4 | etp2 x ep4, MPI dispatch", 2, 4, 2, 4, NULL, false, true, NO_PP},
 };
 #define NMPI_LAYOUTS (sizeof mpi_layouts / sizeof mpi_layouts[0])
 static const char *const dispatchers[] = {"alltoall", "allgather"};
+
+/* Pipeline parallelism (shared/docs/parallelism.md): stages of contiguous layers, the
+ * residual stream and its gradient between them as point-to-point messages, folding
+ * inside each stage, and every schedule. tiny.ini has 2 layers; pp4 and the interleaved
+ * layouts train (and compare with) models of 4 or 8 layers. Each runs dropless and with
+ * capacity 1.0 under both policies, the dispatcher and the optimizer alternating; with
+ * `accum` micro_batch 2 (4 micro-batches per step: 1F1B's steady state, interleaving),
+ * without it one micro-batch (fewer micro-batches than stages). */
+static const struct layout pp_layouts[] = {
+    {"pp2", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0},
+    {"pp2, one micro-batch", 1, 1, 0, 0, NULL, false, false, 2, 0, NULL, NULL, 0},
+    {"pp2 gpipe", 1, 1, 0, 0, NULL, true, false, 2, 0, "gpipe", NULL, 0},
+    {"pp2 x tp2", 2, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0},
+    {"pp2 x tp2, one micro-batch", 2, 1, 0, 0, NULL, false, false, 2, 0, NULL, NULL, 0},
+    {"pp2 x dp2", 1, 2, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0},
+    {"pp2 x tp2 | ep2", 2, 1, 1, 2, NULL, true, false, 2, 0, NULL, NULL, 0},
+    {"pp2 x dp2 | ep2, gpipe", 1, 2, 1, 2, NULL, true, false, 2, 0, "gpipe", NULL, 0},
+    {"pp2 x tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, true, false, 2, 0, NULL, NULL, 0},
+    {"pp2 x tp2 x dp2 | ep4 (pp fastest)", 2, 2, 1, 4, "pp-tp-cp-ep-dp", true, false, 2, 0,
+     NULL, NULL, 0},
+    {"pp4 (4 layers)", 1, 1, 0, 0, NULL, true, false, 4, 0, NULL, NULL, 4},
+    {"pp2 layers 1,3 (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, "1,3", 4},
+    {"pp2 vpp2 (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, NULL, NULL, 4},
+    {"pp2 vpp2 x tp2 | ep2 (4 layers)", 2, 1, 1, 2, NULL, true, false, 2, 2, NULL, NULL, 4},
+    {"pp2 vpp2 gpipe (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, "gpipe", NULL, 4},
+    {"pp4 vpp2 (8 layers)", 1, 1, 0, 0, NULL, true, false, 4, 2, NULL, NULL, 8},
+    {"pp2 vpp2 layers 1,2,3,2 (8 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, NULL,
+     "1,2,3,2", 8},
+};
+#define NPP_LAYOUTS (sizeof pp_layouts / sizeof pp_layouts[0])
 
 /* The seed of the initial weights (train.seed) of every case and reference.
  *
@@ -766,7 +827,7 @@ struct eq_case {
     int steps;          /* steps compared (comparable_steps of the reference); 0: none */
     double seconds;
 };
-#define MAX_CASES 160
+#define MAX_CASES 256
 static struct eq_case g_cases[MAX_CASES];
 static int g_ncases;
 
@@ -834,6 +895,19 @@ static void build_cases(void)
         for (int v = 0; v < 3; v++)
             add_case(&mpi_layouts[l], dispatchers[0], l % 2 == 0, mpi_layouts[l].accum,
                      variant_extra[v], variant_name[v]);
+    for (size_t l = 0; l < NPP_LAYOUTS; l++)
+        for (int v = 0; v < 3; v++)
+            add_case(&pp_layouts[l], dispatchers[(l + (size_t)v) % 2], (l + (size_t)v) % 2 == 0,
+                     pp_layouts[l].accum, variant_extra[v], variant_name[v]);
+    /* VDIST_EQ_ONLY=text keeps the cases whose name contains it (a debugging aid: the
+     * coverage demands then apply to those alone). */
+    const char *const only = getenv("VDIST_EQ_ONLY");
+    if (only && *only) {
+        int kept = 0;
+        for (int i = 0; i < g_ncases; i++)
+            if (strstr(g_cases[i].name, only)) g_cases[kept++] = g_cases[i];
+        g_ncases = kept;
+    }
 }
 
 /* ---------------------------------------------------------------- tests */
@@ -1078,7 +1152,7 @@ static void test_case(void)
         if (t && strcmp(t->pName, g_cases[i].name) == 0) c = &g_cases[i];
     CU_ASSERT_FATAL(c != NULL);
     double const t0 = tu_now_s();
-    const struct run *ref = reference(c->mb, c->gb, c->extra);
+    const struct run *ref = reference_of(c->mb, c->gb, c->lay->layers, c->extra);
     if (!EXPECT(ref && ref->ok, "the 1-rank reference for %s must train", c->name)) return;
     unsigned const failures_before = CU_get_number_of_failures();
     int const steps = comparable_steps(ref);
@@ -1238,7 +1312,8 @@ static void print_summary(double total_s)
     double worst_loss = 0, worst_param = 0, worst_rel = 0, worst_gnorm = 0, worst_drift = 0;
     double least_margin = -1;
     double ep_worst_loss = 0, ep_worst_param = 0, ep_worst_gnorm = 0, ep_seconds = 0;
-    int passed = 0, ran = 0, ep_cases = 0, ep_passed = 0;
+    int passed = 0, ran = 0, ep_cases = 0, ep_passed = 0, pp_cases = 0, pp_passed = 0;
+    double pp_worst_loss = 0, pp_worst_param = 0, pp_worst_gnorm = 0, pp_seconds = 0;
     const char *least_margin_case = "-", *worst_drift_case = "-";
     for (int i = 0; i < g_ncases; i++) {
         const struct eq_case *c = &g_cases[i];
@@ -1249,8 +1324,9 @@ static void print_summary(double total_s)
         int const ranks = lay_ranks(c->lay);
         const char *opt = c->dopt ? "dist" : "repl", *accum = c->accum ? "yes" : "no";
         const char *disp = c->dispatcher ? c->dispatcher : "-";
-        bool const ep = c->dispatcher != NULL;
+        bool const pp = c->lay->pp != 0, ep = c->dispatcher != NULL && !pp;
         ep_cases += ep;
+        pp_cases += pp;
         if (!c->ran) {
             print_row(c->lay->name, ranks, disp, opt, mbgb, accum, cap, -1, NULL, 0, "NOT RUN");
             continue;
@@ -1269,6 +1345,13 @@ static void print_summary(double total_s)
             (least_margin < 0 || c->cmp.min_ref_margin < least_margin)) {
             least_margin = c->cmp.min_ref_margin;
             least_margin_case = c->name;
+        }
+        if (pp) {
+            pp_passed += c->passed;
+            pp_worst_loss = fmax(pp_worst_loss, c->cmp.max_rel_loss);
+            pp_worst_param = fmax(pp_worst_param, c->cmp.max_abs_param);
+            pp_worst_gnorm = fmax(pp_worst_gnorm, c->cmp.max_rel_gnorm);
+            pp_seconds += c->seconds;
         }
         if (ep) {
             ep_passed += c->passed;
@@ -1311,6 +1394,10 @@ static void print_summary(double total_s)
            "%d passed; worst: relative loss %.2e, absolute parameter %.2e, relative grad_norm "
            "%.2e; %.1f s\n", (int)NEP_LAYOUTS, (int)NMPI_LAYOUTS, ep_cases, ep_passed,
            ep_worst_loss, ep_worst_param, ep_worst_gnorm, ep_seconds);
+    printf("pipeline layouts: %d layouts x 3 (dropless, capacity 1.0 position, probs) = %d "
+           "cases, %d passed; worst: relative loss %.2e, absolute parameter %.2e, relative "
+           "grad_norm %.2e; %.1f s\n", (int)NPP_LAYOUTS, pp_cases, pp_passed, pp_worst_loss,
+           pp_worst_param, pp_worst_gnorm, pp_seconds);
 }
 
 /* ---------------------------------------------------------------- main */

@@ -70,9 +70,8 @@ static void check_case(const char *c)
 {
     struct model_config m = cfg;
     set_case(&m, c);
-    struct model_layout const lay = {.tp = 1, .ep = 1, .etp = 1, .layer_begin = 0,
-                                     .layer_end = m.num_hidden_layers, .has_embed = true,
-                                     .has_head = true};
+    struct model_layout lay;
+    model_layout_serial(&lay, m.num_hidden_layers);
     struct par_groups groups;
     par_groups_serial(&groups);
     struct par_model pm;
@@ -80,7 +79,7 @@ static void check_case(const char *c)
     CU_ASSERT_FATAL(par_model_init(&pm, &m, &lay, &groups, &opt, 2, 16) == 0);
     CU_ASSERT_FATAL(ckpt_load_hf(&pm, GOLDEN_DIR "tiny_init.safetensors") == 0);
     struct par_acts acts;
-    par_acts_init(&acts, &pm);
+    par_acts_init(&acts, &pm, 0);
 
     size_t n;
     float *fin = golden_read("inputs", &n), *ftg = golden_read("targets", &n);
