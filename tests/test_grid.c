@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "dist/dist.h"
+#include "tests/testutil.h"
 
 enum { MAX_WORLD = 64 };
 
@@ -119,32 +120,13 @@ enum { NKINDS = sizeof kinds / sizeof kinds[0] };
 
 /* ---------------------------------------------------------------- checks */
 
-static char first_problem[512];
-static long problems;
-
 static void problem(const struct dist_grid *g, const char *what, int rank, const char *kind)
 {
-    if (problems++ == 0)
-        snprintf(first_problem, sizeof first_problem,
-                 "world %d tp %d cp %d dp %d pp %d etp %d ep %d edp %d order %s: %s "
-                 "(rank %d, group %s)",
-                 g->world, g->dims.tp, g->dims.cp, g->dims.dp, g->dims.pp, g->dims.etp,
-                 g->dims.ep, g->dims.edp, g->order, what, rank, kind);
+    tu_problem("world %d tp %d cp %d dp %d pp %d etp %d ep %d edp %d order %s: %s "
+               "(rank %d, group %s)",
+               g->world, g->dims.tp, g->dims.cp, g->dims.dp, g->dims.pp, g->dims.etp,
+               g->dims.ep, g->dims.edp, g->order, what, rank, kind);
 }
-
-static void problems_reset(void)
-{
-    problems = 0;
-    first_problem[0] = '\0';
-}
-
-/* Asserts no problem was recorded, printing the first one when there was. */
-#define ASSERT_NO_PROBLEMS()                                                               \
-    do {                                                                                   \
-        if (problems)                                                                      \
-            fprintf(stderr, "\n  %ld problems; first: %s\n", problems, first_problem);     \
-        CU_ASSERT_EQUAL(problems, 0);                                                      \
-    } while (0)
 
 static int cmp_int(const void *a, const void *b)
 {
@@ -237,7 +219,7 @@ static void check_grid(const struct dist_grid *g)
 static void check_groups(const struct dist_grid *g, enum dist_kind kind, const char *label,
                          const int *expected, int ngroups, int gsize)
 {
-    problems_reset();
+    tu_problems_reset();
     if (ngroups * gsize != g->world)
         problem(g, "expected table does not cover the world", 0, label);
     if (dist_grid_group_size(g, kind) != gsize) problem(g, "group size", 0, label);
@@ -259,7 +241,7 @@ static void check_groups(const struct dist_grid *g, enum dist_kind kind, const c
                 if (colors[other * gsize] == colors[grp * gsize])
                     problem(g, "two groups share a split color", r, label);
         }
-    ASSERT_NO_PROBLEMS();
+    TU_EXPECT_NO_PROBLEMS();
 }
 
 /* ---------------------------------------------------------------- worked examples */
@@ -366,13 +348,13 @@ static void layout_default(int world, int tp, int cp, int pp, int ep, int etp, v
 
 static void test_all_layouts(void)
 {
-    problems_reset();
+    tu_problems_reset();
     long layouts = 0;
     for (int world = 1; world <= MAX_WORLD; world++)
         layouts += for_each_layout(world, layout_default, NULL);
     printf("\n  %ld layouts of 1..%d ranks checked ", layouts, MAX_WORLD);
     CU_ASSERT(layouts > 10000);
-    ASSERT_NO_PROBLEMS();
+    TU_EXPECT_NO_PROBLEMS();
 }
 
 /* Every order: init accepts exactly the orders under which the reference's PP groups of
@@ -439,14 +421,14 @@ static void test_all_orders(void)
 {
     make_orders();
     CU_ASSERT_EQUAL_FATAL(norders, 120);
-    problems_reset();
+    tu_problems_reset();
     struct order_stats st = {0, 0};
     static const int worlds[] = {1, 2, 4, 6, 8, 12, 16};
     for (size_t i = 0; i < sizeof worlds / sizeof worlds[0]; i++)
         for_each_layout(worlds[i], layout_orders, &st);
     printf("\n  %ld grids accepted, %ld refused over 120 orders ", st.accepted, st.refused);
     CU_ASSERT(st.accepted > 0 && st.refused > 0);
-    ASSERT_NO_PROBLEMS();
+    TU_EXPECT_NO_PROBLEMS();
 }
 
 /* ---------------------------------------------------------------- refusals */

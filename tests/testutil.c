@@ -134,6 +134,32 @@ void tu_expect_refused_at(const char *file, unsigned line, const struct tu_run *
     va_end(ap);
 }
 
+/* ---------------------------------------------------------------- a sweep's problems */
+
+static char g_first_problem[1024];
+static long g_problems;
+
+void tu_problems_reset(void)
+{
+    g_problems = 0;
+    g_first_problem[0] = '\0';
+}
+
+void tu_problem(const char *fmt, ...)
+{
+    if (g_problems++) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_first_problem, sizeof g_first_problem, fmt, ap);
+    va_end(ap);
+}
+
+bool tu_expect_no_problems_at(const char *file, unsigned line)
+{
+    return tu_expect_at(g_problems == 0, file, line, "%ld problems; first: %s", g_problems,
+                        g_first_problem);
+}
+
 /* ---------------------------------------------------------------- running vdist */
 
 int tu_env_init(struct tu_env *env, const char *who, const char *tmp_prefix)

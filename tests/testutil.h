@@ -3,6 +3,7 @@
  *
  *   a suite's main         struct tu_suite, tu_cunit_main
  *   expectations           TU_EXPECT, tu_expect_show, tu_expect_refused_at
+ *   a sweep's problems     tu_problems_reset, tu_problem, TU_EXPECT_NO_PROBLEMS
  *   running vdist          struct tu_env, tu_env_init, struct tu_run, tu_shell_run,
  *                          tu_run_free, tu_help_lists
  *   files and directories  tu_now_s, tu_file_read, tu_file_read_masked, tu_file_write,
@@ -15,10 +16,10 @@
  *                          tu_exact_corrupt, tu_exact_differs
  *
  * Error rule: a helper that checks something a test relies on (tu_st_set_load,
- * tu_expect_refused_at) makes its CUnit assertions through TU_EXPECT, exactly as many as
- * its comment says, so a suite's assertion count does not depend on where the helper
- * lives; every other helper asserts nothing and reports failure by its return value
- * (false, NULL or -1). */
+ * tu_expect_refused_at, tu_expect_no_problems_at) makes its CUnit assertions through
+ * TU_EXPECT, exactly as many as its comment says, so a suite's assertion count does not
+ * depend on where the helper lives; every other helper asserts nothing and reports failure
+ * by its return value (false, NULL or -1). */
 #ifndef VDIST_TESTUTIL_H
 #define VDIST_TESTUTIL_H
 
@@ -96,6 +97,17 @@ __attribute__((format(printf, 4, 5))) bool tu_expect_at(bool ok, const char *fil
 void tu_expect_refused_at(const char *file, unsigned line, const struct tu_run *run,
                           const char *before, const char *const *step_lines,
                           const char *first, ...);
+
+/* ---------------------------------------------------------------- a sweep's problems */
+
+/* A test that checks thousands of cases asserts once: tu_problems_reset before the sweep,
+ * tu_problem for everything found wrong (only the first one's text is kept), then
+ * TU_EXPECT_NO_PROBLEMS: one assertion that none was found, whose failure prints how many
+ * and the first. */
+void tu_problems_reset(void);
+__attribute__((format(printf, 1, 2))) void tu_problem(const char *fmt, ...);
+bool tu_expect_no_problems_at(const char *file, unsigned line);
+#define TU_EXPECT_NO_PROBLEMS() tu_expect_no_problems_at(__FILE__, __LINE__)
 
 /* ---------------------------------------------------------------- running vdist */
 
