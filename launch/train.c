@@ -93,6 +93,7 @@ struct step_stats {
     double loss, lm, aux, z, grad_norm;
     int nlayers;
     const struct par_layer_stats *layers; /* (nlayers), owned by the schedule */
+    double pipe_s, wait_s; /* this rank's forwards and backwards; blocked on pp receives */
 };
 
 /* Where a step's micro-batches come from: sequence (s GB + m mb + j) mod n_seq. */
@@ -132,6 +133,8 @@ static double train_step(struct par_model *pm, struct par_schedule *sched,
     out->z = st.z;
     out->nlayers = st.nlayers;
     out->layers = st.layers;
+    out->pipe_s = st.step_s;
+    out->wait_s = st.wait_s;
     out->loss = out->lm + out->aux + out->z;
     return out->loss;
 }
@@ -506,6 +509,34 @@ static void print_bench(const struct par_model *pm, size_t act_nbytes, int steps
            (double)ru.ru_maxrss / 1024.0, mib(plan_nbytes(pm, act_nbytes)));
 }
 
+/* The pipeline bubble each stage measured over the timed steps (the share of its forwards
+ * and backwards spent waiting for a neighbour's message) against the schedule's theory;
+ * collective over the pp group, rank 0 prints. */
+static void print_bubble(const struct par_model *pm, const struct par_schedule *s,
+                         const double pipe_s[2], int steps)
+{
+    const struct dist_group *pp = &pm->groups.pp;
+    if (pp->size == 1) return;
+    double *all = vd_calloc(2 * (size_t)pp->size, sizeof *all);
+    dist_allgather_bytes(pp, DIST_PP, all, pipe_s, 2 * sizeof *pipe_s);
+    if (dist_world_rank() == 0) {
+        double const theory = par_pp_bubble(s->pipe.kind, pp->size, pm->nchunks, s->pipe.m);
+        printf("bench: pipeline bubble (%s, pp %d x vpp %d, m %d): theory %.1f%%; measured "
+               "per stage (time waiting for messages / forward+backward time):",
+               par_pp_schedule_name(s->pipe.kind), pp->size, pm->nchunks, s->pipe.m,
+               100.0 * theory);
+        double worst = 0.0;
+        for (int r = 0; r < pp->size; r++) {
+            double const b = all[2 * r] > 0 ? all[2 * r + 1] / all[2 * r] : 0.0;
+            worst = b > worst ? b : worst;
+            printf(" %d: %.1f%% (%.1f ms/step busy)", r, 100.0 * b,
+                   1e3 * (all[2 * r] - all[2 * r + 1]) / steps);
+        }
+        printf("; largest %.2fx theory\n", theory > 0 ? worst / theory : 0.0);
+    }
+    free(all);
+}
+
 int launch_train_run(const struct launch_config *c, bool bench, struct launch_train_result *res)
 {
     memset(res, 0, sizeof *res);
@@ -566,6 +597,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     double const flops_per_step = 3.0 * model_flops_per_token(&c->model, c->train.seq_len) *
                                   tokens_per_step;
     double timed_s = 0.0, t_start = MPI_Wtime();
+    double pipe_s[2] = {0}; /* timed steps: forwards and backwards, of which pp waits */
     struct ckpt_state cs = {0};
     for (int s = (int)start; rc == 0 && s < c->train.steps; s++) {
         if (s == start + 1) memset(par_timers, 0, sizeof par_timers); /* the first step warms up */
@@ -576,7 +608,11 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         struct step_stats st;
         train_step(&pm, &sched, tok, c, s, lr, &st);
         double const dt = MPI_Wtime() - t0;
-        if (s > start || c->train.steps == start + 1) timed_s += dt;
+        if (s > start || c->train.steps == start + 1) {
+            timed_s += dt;
+            pipe_s[0] += st.pipe_s;
+            pipe_s[1] += st.wait_s;
+        }
         double const tps = tokens_per_step / dt;
         double const mfu = flops_per_step / (dt * dist_world_size() * peak * 1e9);
         if (s == start) res->first_loss = st.loss;
@@ -614,6 +650,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
                "save%s)\n", cs.saves, cs.blocked_s, 1e3 * cs.blocked_s / cs.saves,
                c->ckpt.async ? ", asynchronous" : "");
     if (metrics) fclose(metrics);
+    if (rc == 0 && bench) print_bubble(&pm, &sched, pipe_s, timed_steps);
     if (rc == 0 && bench && root)
         print_bench(&pm, sched.act_nbytes, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
     if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);
