@@ -126,7 +126,7 @@ int launch_bench_dispatch(const struct launch_config *c)
     }
     pm.identity_experts = true;
     struct par_acts acts;
-    par_acts_init(&acts, &pm, 0);
+    par_acts_init(&acts, &pm);
     struct par_block_acts *ba = &acts.blocks[0];
     random_routing(&pm, ba);
     par_moe_decide(&pm, ba);

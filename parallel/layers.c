@@ -208,7 +208,8 @@ static void head_backward(struct par_model *pm, const struct par_acts *a, const 
 
 /* ---------------------------------------------------------------- a stage's layers */
 
-float *par_acts_output(const struct par_model *pm, struct par_acts *a)
+/* The chunk's output (Ns, d) after a forward into a. */
+static float *acts_output(const struct par_model *pm, struct par_acts *a)
 {
     size_t const Ns = pm->shape.Ns, d = (size_t)pm->cfg.hidden_size;
     return a->resid + (size_t)pm->chunks[a->chunk].nblocks * Ns * d;
@@ -228,7 +229,7 @@ void par_stage_forward(struct par_model *pm, struct par_acts *a, const int *inpu
     if (ch->has_embed) memcpy(a->inputs, inputs, N * sizeof(int));
     if (ch->has_head) memcpy(a->targets, targets, N * sizeof(int));
     for (size_t t = 0; t < N; t++) a->pos[t] = (int)(t % (size_t)T);
-    if (h_in && h_in != a->resid) memcpy(a->resid, h_in, Ns * d * sizeof(float));
+    if (h_in) memcpy(a->resid, h_in, Ns * d * sizeof(float));
     for (int i = ch->first; i < ch->first + ch->count; i++) {
         const struct par_layer *L = &pm->layers[i];
         double const t0 = omp_get_wtime();
@@ -243,11 +244,11 @@ void par_stage_forward(struct par_model *pm, struct par_acts *a, const int *inpu
             par_timers[PAR_T_ATTN] += omp_get_wtime() - t0;
             moe_forward(pm, ba, &pm->p.layers[li], a->resid + (size_t)(bi + 1) * Ns * d, st);
         } else {
-            st->lm_loss = head_forward(pm, a, par_acts_output(pm, a));
+            st->lm_loss = head_forward(pm, a, acts_output(pm, a));
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         }
     }
-    if (h_out) memcpy(h_out, par_acts_output(pm, a), Ns * d * sizeof(float));
+    if (h_out) memcpy(h_out, acts_output(pm, a), Ns * d * sizeof(float));
 }
 
 void par_stage_backward(struct par_model *pm, struct par_acts *a, const float *dh_out,
@@ -264,7 +265,7 @@ void par_stage_backward(struct par_model *pm, struct par_acts *a, const float *d
         const struct par_layer *L = &pm->layers[i];
         double const t0 = omp_get_wtime();
         if (L->kind == PAR_LAYER_HEAD) {
-            head_backward(pm, a, par_acts_output(pm, a), dh, loss_scale);
+            head_backward(pm, a, acts_output(pm, a), dh, loss_scale);
             par_timers[PAR_T_OTHER] += omp_get_wtime() - t0;
         } else if (L->kind == PAR_LAYER_BLOCK) {
             int const bi = L->layer - ch->layer0, li = ch->block0 + bi;

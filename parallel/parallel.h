@@ -103,14 +103,13 @@ struct par_mb_stats {
 };
 
 /* Everything one micro-batch keeps from its forward until its backward on one model chunk
- * of this rank: a schedule allocates as many per chunk as it keeps micro-batches in flight
- * there. One allocation. */
+ * of this rank: a schedule allocates as many as it keeps (chunk, micro-batch) pairs in
+ * flight. Sized for the rank's largest chunk, so a set serves any chunk. One allocation. */
 struct par_acts {
-    int chunk;                     /* the rank's model chunk (virtual stage) it serves */
+    int chunk;                     /* the rank's model chunk (virtual stage) it serves now;
+                                      set before the forward */
     int *inputs, *targets, *pos;   /* (N) */
     float *resid;                  /* (L_c + 1, Ns, d): block inputs and the last output */
-    float *grad;                   /* (Ns, d): the chunk output's gradient received from the
-                                      next stage, then its input's gradient sent back */
     struct par_block_acts *blocks; /* (L_c): the chunk's blocks */
     float *hn_loc, *rstd_f, *hn, *logits, *rowmax, *rowsum; /* head (last stage only) */
     struct par_mb_stats stats;     /* losses of the forward */
@@ -222,7 +221,7 @@ struct par_model {
     size_t req_nbytes;
 
     struct par_scratch scr;
-    size_t act_nbytes[MODEL_CHUNKS_MAX]; /* one par_acts of each chunk */
+    size_t act_nbytes;        /* one par_acts */
     size_t scratch_nbytes;
 };
 
@@ -233,32 +232,28 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
                    const struct par_options *opt, int B, int T);
 void par_model_free(struct par_model *pm);
 
-/* One micro-batch's activation set for model chunk `chunk` of the rank. Collective over
+/* One micro-batch's activation set (serving chunk 0 until told otherwise). Collective over
  * the etp x ep group (every rank learns where the others' expert blocks are), so every rank
  * of a stage allocates its sets in the same order. */
-void par_acts_init(struct par_acts *a, const struct par_model *pm, int chunk);
+void par_acts_init(struct par_acts *a, const struct par_model *pm);
 void par_acts_free(struct par_acts *a);
 
 /* A stage's forward of one micro-batch over the layers of the model chunk a serves.
  * inputs and targets (B, T) of the whole micro-batch (each rank takes its share): the
  * first chunk embeds inputs, the last takes its loss against targets. h_in (Ns, d): the
- * residual stream from the previous chunk (NULL on the first; it may be a->resid, where
- * the stream already is); h_out (Ns, d): this chunk's output for the next (NULL on the
- * last; the output also stays in a->resid, par_acts_output). Losses of the chunk's layers
- * in a->stats. */
+ * residual stream from the previous chunk (NULL on the first); h_out (Ns, d): this chunk's
+ * output for the next (NULL on the last). Losses of the chunk's layers in a->stats. */
 void par_stage_forward(struct par_model *pm, struct par_acts *a, const int *inputs,
                        const int *targets, const float *h_in, float *h_out);
 /* The backward of the micro-batch whose forward filled a: dh_out (Ns, d) the gradient of
  * the chunk's output (NULL on the last chunk, which starts at its loss), dh_in (Ns, d) the
- * gradient of its input (NULL on the first; dh_out and dh_in may both be a->grad).
+ * gradient of its input (NULL on the first).
  * Gradients accumulate, scaled by loss_scale
  * (1 / micro-batches of the step). With reduce, each layer's gradient buckets start
  * reducing as soon as its backward is done (the step's last micro-batch, no distributed
  * optimizer). */
 void par_stage_backward(struct par_model *pm, struct par_acts *a, const float *dh_out,
                         float *dh_in, float loss_scale, bool reduce);
-/* The chunk's output (Ns, d) after a forward into a. */
-float *par_acts_output(const struct par_model *pm, struct par_acts *a);
 
 /* The micro-batches of one step as the schedule asks for them: fills inputs and targets
  * (B, T) of micro-batch m of the step (0 <= m < n_micro, the global index). */
@@ -295,8 +290,8 @@ struct par_pipeline {
  * micro-batches on this rank (its replica's share) in the pipeline order of its stage,
  * exchanging the residual stream and its gradient with the neighbouring stages by
  * non-blocking point-to-point messages in the pp group; gradients accumulate, the
- * optimizer step follows. Holds the activation sets (per model chunk, as many as the order
- * keeps in flight there), the message buffers and the micro-batch buffers. */
+ * optimizer step follows. Holds the activation sets (as many as the order keeps in
+ * flight), the message buffers and the micro-batch buffers. */
 struct par_send {
     float *buf;        /* (Ns, d) */
     MPI_Request req;
@@ -305,9 +300,8 @@ struct par_schedule {
     struct par_pipeline pipe;
     struct par_pp_op *ops;        /* (2 m vpp): this stage's order */
     int nops;
-    struct par_acts *acts;        /* pools, chunk after chunk */
+    struct par_acts *acts;        /* as many as the order keeps in flight */
     int nacts;
-    int pool_first[MODEL_CHUNKS_MAX], pool_size[MODEL_CHUNKS_MAX];
     size_t act_nbytes;            /* all activation sets */
     int *set_of;                  /* (vpp m): set of (chunk, micro-batch) in flight, or -1 */
     bool *set_busy;               /* (nacts) */

@@ -26,19 +26,10 @@ int par_schedule_init(struct par_schedule *s, const struct par_model *pm,
     s->nops = 2 * pipe->m * V;
     s->ops = vd_calloc((size_t)s->nops, sizeof *s->ops);
     par_pp_order(pipe->kind, P, V, pipe->m, stage, s->ops);
-    int live[MODEL_CHUNKS_MAX];
-    par_pp_live_max(pipe->kind, P, V, pipe->m, stage, live);
-    for (int c = 0; c < V; c++) {
-        s->pool_first[c] = s->nacts;
-        s->pool_size[c] = live[c];
-        s->nacts += live[c];
-    }
+    s->nacts = par_pp_live_max(pipe->kind, P, V, pipe->m, stage, NULL);
     s->acts = vd_calloc((size_t)s->nacts, sizeof *s->acts);
-    for (int c = 0; c < V; c++)
-        for (int i = 0; i < s->pool_size[c]; i++) {
-            par_acts_init(&s->acts[s->pool_first[c] + i], pm, c);
-            s->act_nbytes += pm->act_nbytes[c];
-        }
+    for (int i = 0; i < s->nacts; i++) par_acts_init(&s->acts[i], pm);
+    s->act_nbytes = (size_t)s->nacts * pm->act_nbytes;
     s->set_busy = vd_calloc((size_t)s->nacts, sizeof *s->set_busy);
     s->set_of = vd_calloc((size_t)V * (size_t)pipe->m, sizeof *s->set_of);
     size_t const msg = pm->shape.Ns * (size_t)pm->cfg.hidden_size;
@@ -190,17 +181,19 @@ static void finish_layers(struct par_schedule *s, const struct par_model *pm, in
 
 /* ---------------------------------------------------------------- the step */
 
+/* A free activation set for the op's (chunk, micro-batch); every rank of the stage runs
+ * the same order, so they pick the same set (the dispatcher's direct writes rely on it). */
 static struct par_acts *take_set(struct par_schedule *s, const struct par_pp_op *op)
 {
-    for (int i = 0; i < s->pool_size[op->chunk]; i++) {
-        int const set = s->pool_first[op->chunk] + i;
+    for (int set = 0; set < s->nacts; set++) {
         if (s->set_busy[set]) continue;
         s->set_busy[set] = true;
         s->set_of[op->chunk * s->pipe.m + op->mb] = set;
+        s->acts[set].chunk = op->chunk;
         return &s->acts[set];
     }
-    VD_CHECK(false, "chunk %d has no free activation set: the order keeps more in flight "
-             "than par_pp_live_max said", op->chunk);
+    VD_CHECK(false, "no free activation set: the order keeps more in flight than "
+             "par_pp_live_max said");
     return NULL;
 }
 

@@ -150,20 +150,28 @@ static struct dims dims_of(const struct par_model *pm)
     return m;
 }
 
+/* Blocks of the largest model chunk of the rank: an activation set serves any chunk. */
+static int acts_blocks(const struct par_model *pm)
+{
+    int most = 0;
+    for (int c = 0; c < pm->nchunks; c++)
+        if (pm->chunks[c].nblocks > most) most = pm->chunks[c].nblocks;
+    return most;
+}
+
 /* One activation set. Gathered copies alias the local ones when the gathering group has
  * size one. */
 static void layout_acts(void *obj, const struct par_model *pm, struct arena *ar)
 {
     struct par_acts *a = obj;
     struct dims const m = dims_of(pm);
-    const struct par_chunk *ch = &pm->chunks[a->chunk];
+    int const nl = acts_blocks(pm);
     size_t const N = m.N, Ns = m.Ns, d = m.d, E = m.E, k = m.k, A = m.A, f = sizeof(float);
     a->inputs = arena_take(ar, N * sizeof(int));
     a->targets = arena_take(ar, N * sizeof(int));
     a->pos = arena_take(ar, N * sizeof(int));
-    a->resid = arena_take(ar, (size_t)(ch->nblocks + 1) * Ns * d * f);
-    a->grad = arena_take(ar, Ns * d * f);
-    for (int l = 0; l < ch->nblocks; l++) {
+    a->resid = arena_take(ar, (size_t)(nl + 1) * Ns * d * f);
+    for (int l = 0; l < nl; l++) {
         struct par_block_acts *ba = &a->blocks[l];
         ba->h_mid = arena_take(ar, Ns * d * f);
         ba->a_loc = arena_take(ar, Ns * d * f);
@@ -199,7 +207,7 @@ static void layout_acts(void *obj, const struct par_model *pm, struct arena *ar)
         ba->act = arena_take(ar, A * m.Fl * f);
         ba->y_perm = arena_take(ar, A * d * f);
     }
-    if (ch->has_head) {
+    if (pm->lay.has_head) {
         a->hn_loc = arena_take(ar, Ns * d * f);
         a->hn = m.tp_gather ? arena_take(ar, N * d * f) : a->hn_loc;
         a->rstd_f = arena_take(ar, Ns * f);
@@ -257,12 +265,10 @@ static void layout_scratch(void *obj, const struct par_model *pm, struct arena *
     s->xpack = arena_take(ar, (size_t)pm->groups.ep.size * sizeof(bool));
 }
 
-void par_acts_init(struct par_acts *a, const struct par_model *pm, int chunk)
+void par_acts_init(struct par_acts *a, const struct par_model *pm)
 {
-    VD_CHECK(chunk >= 0 && chunk < pm->nchunks, "chunk %d of %d", chunk, pm->nchunks);
     memset(a, 0, sizeof *a);
-    a->chunk = chunk;
-    int const nl = pm->chunks[chunk].nblocks;
+    int const nl = acts_blocks(pm);
     size_t const L = (size_t)(nl > 0 ? nl : 1), q = (size_t)pm->groups.etpep.size;
     a->blocks = vd_calloc(L, sizeof *a->blocks);
     arena_build(&a->base, layout_acts, a, pm);
@@ -359,12 +365,11 @@ static void locate_rows(struct par_model *pm)
     free(both);
 }
 
-/* Sizes one activation set of a chunk without keeping it (for the memory plan). */
-static size_t acts_nbytes(const struct par_model *pm, int chunk)
+/* Sizes one activation set without keeping it (for the memory plan). */
+static size_t acts_nbytes(const struct par_model *pm)
 {
-    int const nl = pm->chunks[chunk].nblocks;
-    struct par_acts a = {.chunk = chunk,
-                         .blocks = vd_calloc((size_t)(nl > 0 ? nl : 1), sizeof *a.blocks)};
+    int const nl = acts_blocks(pm);
+    struct par_acts a = {.blocks = vd_calloc((size_t)(nl > 0 ? nl : 1), sizeof *a.blocks)};
     struct arena ar = {0};
     layout_acts(&a, pm, &ar);
     free(a.blocks);
@@ -400,7 +405,7 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
     pm->reqs = vd_calloc(2 * (size_t)pm->nlayers + 2, sizeof *pm->reqs);
 
     pm->scratch_nbytes = arena_build(&pm->scr.base, layout_scratch, &pm->scr, pm);
-    for (int c = 0; c < pm->nchunks; c++) pm->act_nbytes[c] = acts_nbytes(pm, c);
+    pm->act_nbytes = acts_nbytes(pm);
     int const hd = cfg->hidden_size / cfg->num_attention_heads;
     pm->rope_cos = vd_calloc((size_t)T * (size_t)hd / 2, sizeof(float));
     pm->rope_sin = vd_calloc((size_t)T * (size_t)hd / 2, sizeof(float));

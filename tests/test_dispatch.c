@@ -666,7 +666,7 @@ static long long run_layout(const struct layout *l, int disp)
         }
         pm.identity_experts = true;
         struct par_acts acts;
-        par_acts_init(&acts, &pm, 0);
+        par_acts_init(&acts, &pm);
         for (int si = 0; si < NSCEN; si++) {
             const struct scenario *sc = &scenarios[si];
             if (sc->k != kk) continue;

@@ -79,7 +79,7 @@ static void check_case(const char *c)
     CU_ASSERT_FATAL(par_model_init(&pm, &m, &lay, &groups, &opt, 2, 16) == 0);
     CU_ASSERT_FATAL(ckpt_load_hf(&pm, GOLDEN_DIR "tiny_init.safetensors") == 0);
     struct par_acts acts;
-    par_acts_init(&acts, &pm, 0);
+    par_acts_init(&acts, &pm);
 
     size_t n;
     float *fin = golden_read("inputs", &n), *ftg = golden_read("targets", &n);

@@ -106,7 +106,7 @@ static void model_setup(struct par_model *pm, const struct model_config *cfg)
     par_groups_serial(&groups);
     CU_ASSERT_FATAL(model_config_validate(cfg) == 0);
     CU_ASSERT_FATAL(par_model_init(pm, cfg, &lay, &groups, &opt, B, T) == 0);
-    par_acts_init(&acts, pm, 0);
+    par_acts_init(&acts, pm);
     model_init_params(&pm->tab, pm->params, SEED, NL);
     for (int i = 0; i < pm->tab.count; i++) {
         const struct model_tensor *t = &pm->tab.t[i];
@@ -461,7 +461,7 @@ static void test_interleaved_micro_batches(void)
     struct par_model pm;
     model_setup(&pm, &cfg);
     struct par_acts acts_b;
-    par_acts_init(&acts_b, &pm, 0);
+    par_acts_init(&acts_b, &pm);
     const int *in_b = targets, *tg_b = inputs; /* a second micro-batch: roles swapped */
 
     par_zero_grads(&pm);
@@ -524,7 +524,7 @@ static void test_two_stages(void)
     struct par_acts sa[2];
     for (int i = 0; i < 2; i++) {
         CU_ASSERT_FATAL(par_model_init(&st[i], &cfg, &lay[i], &groups, &opt, B, T) == 0);
-        par_acts_init(&sa[i], &st[i], 0);
+        par_acts_init(&sa[i], &st[i]);
         for (int j = 0; j < st[i].tab.count; j++) { /* the whole model's weights */
             const struct model_tensor *t = &st[i].tab.t[j];
             int const w = model_table_find(&whole.tab, t->name);
