@@ -454,11 +454,14 @@ static void print_pipeline(const struct launch_config *c, const struct par_model
         printf(" layers %d-%d", pm->lay.chunk_begin[ch], pm->lay.chunk_end[ch] - 1);
     printf("; activation sets in flight on rank 0: %d; theoretical bubble %.1f%%\n", s->nacts,
            100.0 * bubble);
+    /* (pp - 1) / (m + pp - 1) is the bubble of one chunk per rank; gpipe over vpp > 1
+     * chunks (the only other schedule that runs m < pp) idles less */
     if (m < p->pp)
         printf("warning: %d micro-batches per step and replica on %d pipeline stages: each "
-               "stage idles %.0f%% of the step (bubble (pp - 1) / (m + pp - 1)); raise "
-               "train.global_batch or lower train.micro_batch to fill the pipeline\n",
-               m, p->pp, 100.0 * bubble);
+               "stage idles %.0f%% of the step%s; raise train.global_batch or lower "
+               "train.micro_batch to fill the pipeline\n",
+               m, p->pp, 100.0 * bubble,
+               p->vpp == 1 ? " (bubble (pp - 1) / (m + pp - 1))" : "");
 }
 
 /* Rank 0 prints every group kind with its size and rank 0's members. */

@@ -2,8 +2,10 @@
  * weights) refused before training with exit status 1 or 2 and a message naming what is
  * wrong, the Hugging Face export round trip, a short training run that learns the
  * synthetic dataset toward its entropy floor with a complete metrics file, failed
- * exports that leave nothing half-written, and the all-to-all dispatcher on a kernel that
- * refuses its direct writes between ranks.
+ * exports that leave nothing half-written, the all-to-all dispatcher on a kernel that
+ * refuses its direct writes between ranks, pipeline sizes refused on every rank (mpirun,
+ * each rank's exit status printed by a shell around it) and the warning of a pipeline
+ * with fewer micro-batches than stages.
  *
  * For that last test this executable is also a launcher: started with
  * VDIST_CLI_DENY_WRITEV=1 and a program with its arguments, it installs a seccomp filter
@@ -222,8 +224,8 @@ static void test_help(void)
         "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len",
         "train.lr", "train.lr_schedule", "train.init_from", "train.export_to",
         "data.path", "data.dtype", "parallel.tp", "parallel.ep", "parallel.pp",
-        "parallel.order", "ckpt.dir", "ckpt.interval", "ckpt.keep", "log.metrics",
-        "log.interval",
+        "parallel.vpp", "parallel.pp_layers", "parallel.pp_schedule", "parallel.order",
+        "ckpt.dir", "ckpt.interval", "ckpt.keep", "log.metrics", "log.interval",
     };
     for (int b = 0; b < 2; b++) {
         run_vdist("%s --help", b ? "bench" : "train");
@@ -233,7 +235,7 @@ static void test_help(void)
             EXPECT(tu_help_lists(g_run.out, keys[i]),
                    "`%s` must list the key %s at the start of a line", g_run.cmd, keys[i]);
         EXPECT(out_has("position|probs") && out_has("constant|cosine") &&
-                   out_has("uint16|uint32"),
+                   out_has("uint16|uint32") && out_has("auto|1f1b|interleaved|gpipe"),
                "`%s` must show the allowed values of the enumerations", g_run.cmd);
     }
 
@@ -864,6 +866,116 @@ static void test_direct_writes_refused(void)
     }
 }
 
+/* ---------------------------------------------------------------- 9. pipeline sizes */
+
+/* Runs `vdist ARGS` on `ranks` ranks under mpirun, each rank inside a shell that prints
+ * "[rank R: vdist exited S]" after it and exits 0, so that mpirun aborts no rank and the
+ * output holds every rank's exit status. Returns mpirun's exit status. */
+static int run_ranks(int ranks, const char *args)
+{
+    snprintf(g_run.cmd, sizeof g_run.cmd, "mpirun -np %d vdist %s", ranks, args);
+    char command[PATH_MAX + 8192];
+    snprintf(command, sizeof command,
+             "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d -x "
+             "OMP_NUM_THREADS sh -c '\"$0\" \"$@\"; echo \"[rank $OMPI_COMM_WORLD_RANK: vdist "
+             "exited $?]\"' '%s' %s",
+             ranks, g_env.vdist, args);
+    return tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
+}
+
+/* After run_ranks: the exit status every rank printed, when mpirun exited 0 and the
+ * ranks agree, else -1; what each printed into seen (cap bytes). */
+static int ranks_status(int ranks, char *seen, size_t cap)
+{
+    int status = -2;
+    size_t len = 0;
+    seen[0] = '\0';
+    for (int r = 0; r < ranks; r++) {
+        char tag[48];
+        snprintf(tag, sizeof tag, "[rank %d: vdist exited ", r);
+        const char *p = strstr(g_run.out, tag);
+        int const s = p ? atoi(p + strlen(tag)) : -1;
+        status = status == -2 || status == s ? s : -1;
+        if (len < cap)
+            len += (size_t)snprintf(seen + len, cap - len, "%srank %d: %s", r ? ", " : "", r,
+                                    p ? "" : "no status");
+        if (p && len < cap) len += (size_t)snprintf(seen + len, cap - len, "%d", s);
+    }
+    return g_run.rc == 0 ? status : -1;
+}
+
+/* After run_ranks: refused before training on every rank alike (each exits 1 or 2 by
+ * itself: a rank that trains on alone, waits in a collective or aborts the job fails it),
+ * with a message that holds a and b. */
+static void expect_refused_on_every_rank(int ranks, const char *a, const char *b)
+{
+    char seen[256];
+    int const status = ranks_status(ranks, seen, sizeof seen);
+    EXPECT(status == 1 || status == 2, "`%s` must be refused on every rank alike, each "
+           "exiting 1 or 2 (mpirun exit status %d; %s)", g_run.cmd, g_run.rc, seen);
+    if (g_run.rc == 0) g_run.rc = status; /* the program's status, not the shells' */
+    EXPECT_REFUSED(a, b);
+}
+
+/* Pipeline sizes that only the program's checks see together (the model's layers, the
+ * world size, the micro-batches per replica), each run on 2 ranks (one on 3): refused
+ * before the first step on every rank with a message naming the sizes. */
+static void test_pp_refusals(void)
+{
+    static const struct {
+        int ranks;
+        const char *opts;
+        const char *expect[2]; /* what the message must hold */
+    } cases[] = {
+        {2, "--parallel.pp=2 --parallel.vpp=2 --model.num_hidden_layers=6",
+         {"num_hidden_layers = 6", "parallel.pp = 2 x parallel.vpp = 2 = 4"}},
+        {2, "--parallel.pp=2 --model.num_hidden_layers=4 --parallel.pp_layers=1,1,2",
+         {"parallel.pp_layers has 3 entries", "parallel.pp = 2 x parallel.vpp = 1 = 2"}},
+        {2, "--parallel.pp=2 --model.num_hidden_layers=4 --parallel.pp_layers=1,2",
+         {"parallel.pp_layers adds up to 3 layers", "num_hidden_layers = 4"}},
+        {2, "--parallel.pp=2 --parallel.vpp=2 --model.num_hidden_layers=4 "
+            "--parallel.pp_schedule=1f1b",
+         {"parallel.pp_schedule = 1f1b", "parallel.vpp = 2"}},
+        {2, "--parallel.pp=2 --parallel.pp_schedule=interleaved",
+         {"parallel.pp_schedule = interleaved", "parallel.vpp = 1"}},
+        {2, "--parallel.pp=2 --parallel.vpp=2 --model.num_hidden_layers=4 "
+            "--train.global_batch=6 --train.micro_batch=2",
+         {"train.global_batch = 6 over data-parallel size 1 x train.micro_batch = 2 gives 3 "
+          "micro-batches", "m = 3 is not a multiple of pp = 2"}},
+        {2, "--parallel.vpp=2", {"parallel.vpp = 2", "parallel.pp = 1"}},
+        {3, "--parallel.pp=2", {"world size 3", "pp 2"}},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char args[PATH_MAX * 3];
+        snprintf(args, sizeof args, "train --config %s --data.path=%s --train.steps=2 "
+                 "--train.peak_gflops=100 %s", config_path("tiny"), synth64(), cases[i].opts);
+        run_ranks(cases[i].ranks, args);
+        expect_refused_on_every_rank(cases[i].ranks, cases[i].expect[0], cases[i].expect[1]);
+    }
+}
+
+/* One micro-batch a step on two stages: the run trains, after a warning that states the
+ * bubble, (pp - 1) / (m + pp - 1) = 50%. */
+static void test_pp_bubble_warning(void)
+{
+    char args[PATH_MAX * 3];
+    snprintf(args, sizeof args, "train --config %s --data.path=%s --train.steps=2 "
+             "--train.peak_gflops=100 --parallel.pp=2 --train.global_batch=2 "
+             "--train.micro_batch=2", config_path("tiny"), synth64());
+    run_ranks(2, args);
+    char seen[256];
+    int const status = ranks_status(2, seen, sizeof seen);
+    EXPECT(status == 0 && out_has("step 2/2"), "`%s` must train its 2 steps and exit 0 on "
+           "both ranks (mpirun exit status %d; %s)", g_run.cmd, g_run.rc, seen);
+    const char *w = strstr(g_run.out, "warning:");
+    char line[512] = "";
+    if (w) snprintf(line, sizeof line, "%.*s", (int)strcspn(w, "\n"), w);
+    EXPECT(strstr(line, "1 micro-batch") && strstr(line, "2 pipeline stages") &&
+               strstr(line, "50%"),
+           "`%s` must print a line \"warning: ...\" naming 1 micro-batch on 2 stages and the "
+           "bubble, 50%%; got: %s", g_run.cmd, w ? line : "(no warning)");
+}
+
 static int suite_clean(void)
 {
     tu_tmpdir_remove(g_env.tmp);
@@ -888,6 +1000,10 @@ int main(int argc, char **argv)
         {"failed exports leave nothing half-written", test_export_failures},
         {"direct writes refused by the kernel: MPI carries the rows, same losses",
          test_direct_writes_refused},
+        {"pipeline sizes refused on every rank before training, naming the sizes",
+         test_pp_refusals},
+        {"pp2 with one micro-batch a step trains after a warning stating the 50% bubble",
+         test_pp_bubble_warning},
     };
     static const struct tu_suite suite = {
         .name = "vdist command line",

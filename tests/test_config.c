@@ -26,8 +26,8 @@ static const char *const all_keys[] = {
     "train.beta1", "train.beta2", "train.eps", "train.clip", "train.seed", "train.init_from",
     "train.export_to", "train.peak_gflops", "data.path", "data.dtype", "parallel.tp",
     "parallel.cp", "parallel.ep", "parallel.etp", "parallel.pp", "parallel.vpp",
-    "parallel.order", "parallel.distributed_optimizer", "parallel.dispatch_direct", "ckpt.dir",
-    "ckpt.interval",
+    "parallel.pp_layers", "parallel.pp_schedule", "parallel.order",
+    "parallel.distributed_optimizer", "parallel.dispatch_direct", "ckpt.dir", "ckpt.interval",
     "ckpt.keep", "ckpt.resume", "ckpt.async", "ckpt.zstd_level", "log.metrics", "log.interval",
 };
 #define NKEYS (sizeof all_keys / sizeof all_keys[0])
@@ -114,6 +114,9 @@ static void test_defaults(void)
     CU_ASSERT_EQUAL(c.parallel.etp, 0); /* 0: the same as parallel.tp */
     CU_ASSERT_EQUAL(c.parallel.pp, 1);
     CU_ASSERT_EQUAL(c.parallel.vpp, 1);
+    CU_ASSERT_STRING_EQUAL(c.parallel.pp_layers, ""); /* an even split */
+    CU_ASSERT_EQUAL(c.parallel.pp_schedule, 0);         /* auto */
+    CU_ASSERT_EQUAL(launch_pp_schedule(&c.parallel), PAR_PP_1F1B);
     CU_ASSERT_STRING_EQUAL(c.parallel.order, "tp-cp-ep-dp-pp");
     CU_ASSERT_TRUE(c.parallel.distributed_optimizer);
     CU_ASSERT_TRUE(c.parallel.dispatch_direct);
@@ -261,6 +264,13 @@ static void test_parse_errors(void)
         {"parallel.order", "tp-cp-ep-dp", "a permutation of tp, cp, ep, dp, pp"},
         {"parallel.order", "tp-cp-ep-dp-dp", "a permutation of tp, cp, ep, dp, pp"},
         {"parallel.order", "tp-cp-ep-dp-pp-", "a permutation of tp, cp, ep, dp, pp"},
+        {"parallel.pp_layers", "3,x", "expected integers >= 1 joined by ','"},
+        {"parallel.pp_layers", "0,2", "expected integers >= 1 joined by ','"},
+        {"parallel.pp_layers", "2,,2", "expected integers >= 1 joined by ','"},
+        {"parallel.pp_layers", "2,2,", "expected integers >= 1 joined by ','"},
+        {"parallel.pp_layers", "2;2", "expected integers >= 1 joined by ','"},
+        {"parallel.pp_layers", "-1,3", "expected integers >= 1 joined by ','"},
+        {"parallel.pp_schedule", "zigzag", "allowed values are auto, 1f1b, interleaved, gpipe"},
     };
     struct launch_config c, before;
     launch_config_defaults(&c);
@@ -280,6 +290,11 @@ static void test_parse_errors(void)
     longpath[sizeof longpath - 1] = '\0';
     CU_ASSERT_EQUAL(launch_config_set(&c, "data.path", longpath), VD_EINVAL);
     CU_ASSERT(msg_has("data.path = 'aaaa", "at most 1023 characters"));
+    /* One model chunk more than the program holds. */
+    char chunks[2 * LAUNCH_CHUNKS_MAX + 2] = "1";
+    for (int i = 1; i <= LAUNCH_CHUNKS_MAX; i++) strcat(chunks, ",1");
+    CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.pp_layers", chunks), VD_EINVAL);
+    CU_ASSERT(msg_has("parallel.pp_layers = '1,1,", "at most 256 of them"));
 
     /* Valid spellings of each type. */
     CU_ASSERT_EQUAL(launch_config_set(&c, "train.micro_batch", " 4 "), 0);
@@ -303,6 +318,27 @@ static void test_parse_errors(void)
     CU_ASSERT_STRING_EQUAL(c.parallel.order, "pp-dp-ep-cp-tp");
     CU_ASSERT_EQUAL(launch_config_set(&c, "train.lr", "2.5e-4"), 0);
     CU_ASSERT_EQUAL(c.train.lr, 2.5e-4);
+    CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.pp_layers", "3,5,5,3"), 0);
+    CU_ASSERT_STRING_EQUAL(c.parallel.pp_layers, "3,5,5,3");
+    int counts[LAUNCH_CHUNKS_MAX];
+    CU_ASSERT_EQUAL(launch_pp_layers(c.parallel.pp_layers, counts, LAUNCH_CHUNKS_MAX), 4);
+    CU_ASSERT(counts[0] == 3 && counts[1] == 5 && counts[2] == 5 && counts[3] == 3);
+    CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.pp_layers", ""), 0);
+    CU_ASSERT_EQUAL(launch_pp_layers(c.parallel.pp_layers, counts, LAUNCH_CHUNKS_MAX), 0);
+    static const struct {
+        const char *text;
+        int vpp;
+        enum par_pp_schedule kind;
+    } schedules[] = {{"1f1b", 1, PAR_PP_1F1B},
+                     {"interleaved", 2, PAR_PP_INTERLEAVED},
+                     {"gpipe", 2, PAR_PP_GPIPE},
+                     {"auto", 1, PAR_PP_1F1B},
+                     {"auto", 2, PAR_PP_INTERLEAVED}};
+    for (size_t i = 0; i < sizeof schedules / sizeof schedules[0]; i++) {
+        CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.pp_schedule", schedules[i].text), 0);
+        c.parallel.vpp = schedules[i].vpp;
+        CU_ASSERT_EQUAL(launch_pp_schedule(&c.parallel), schedules[i].kind);
+    }
 }
 
 static void test_unknown_key(void)
@@ -324,7 +360,7 @@ static void test_unknown_key(void)
 }
 
 struct cross_case {
-    const char *set[3][2]; /* up to three key/value pairs applied to tiny */
+    const char *set[4][2]; /* up to four key/value pairs applied to tiny */
     const char *expect1, *expect2;
 };
 
@@ -363,12 +399,24 @@ static void test_cross_checks(void)
         {{{"parallel.vpp", "2"}}, "parallel.vpp = 2 with parallel.pp = 1", "vpp > 1 needs pp > 1"},
         {{{"parallel.pp", "3"}}, "parallel.pp = 3 times parallel.vpp = 1",
          "model.num_hidden_layers = 2"},
+        {{{"parallel.pp", "2"}, {"parallel.vpp", "2"}, {"model.num_hidden_layers", "6"}},
+         "num_hidden_layers = 6 does not divide evenly over parallel.pp = 2 x parallel.vpp = 2 "
+         "= 4 model chunks", "parallel.pp_layers (4 entries adding up to 6)"},
+        {{{"parallel.pp", "2"}, {"model.num_hidden_layers", "4"}, {"parallel.pp_layers", "1,1,2"}},
+         "parallel.pp_layers has 3 entries", "parallel.pp = 2 x parallel.vpp = 1 = 2"},
+        {{{"parallel.pp", "2"}, {"model.num_hidden_layers", "4"}, {"parallel.pp_layers", "1,2"}},
+         "parallel.pp_layers adds up to 3 layers", "num_hidden_layers = 4"},
+        {{{"parallel.pp", "2"}, {"parallel.vpp", "2"}, {"model.num_hidden_layers", "4"},
+          {"parallel.pp_schedule", "1f1b"}},
+         "parallel.pp_schedule = 1f1b with parallel.vpp = 2", "interleaved or gpipe"},
+        {{{"parallel.pp", "2"}, {"parallel.pp_schedule", "interleaved"}},
+         "parallel.pp_schedule = interleaved with parallel.vpp = 1", "vpp > 1"},
     };
     struct launch_config base;
     CU_ASSERT_EQUAL_FATAL(launch_config_load(&base, "configs/tiny.ini", 0, NULL), 0);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         struct launch_config c = base;
-        for (int j = 0; j < 3 && cases[i].set[j][0]; j++)
+        for (int j = 0; j < 4 && cases[i].set[j][0]; j++)
             CU_ASSERT_EQUAL_FATAL(launch_config_set(&c, cases[i].set[j][0], cases[i].set[j][1]), 0);
         vd_err_clear();
         int const rc = launch_config_validate(&c);

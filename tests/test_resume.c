@@ -14,7 +14,8 @@
  *   3. a crash: a long run with a checkpoint every step is SIGKILLed once two checkpoints
  *      exist; `vdist ckpt latest` names a complete one, `vdist ckpt verify` passes on it,
  *      leftovers of cut-short saves (step_N.tmp.*, a step_N without manifest) are never
- *      chosen, and the resumed run continues bit for bit like an uninterrupted one;
+ *      chosen, and the resumed run continues bit for bit like an uninterrupted one; on one
+ *      rank, and again with pp2 on 2 ranks (4 layers), every rank killed at once;
  *   4. ckpt.keep: interval 1, keep 2, 5 steps leave exactly step_00000004 and
  *      step_00000005;
  *   5. refusals before training: a missing checkpoint directory, a corrupted shard, a
@@ -23,7 +24,16 @@
  *      distributed optimizer writes shards from more than one rank) and verifies;
  *   7. ckpt.resume=auto falls back, saying so, past a latest checkpoint whose shard is
  *      corrupt, and re-runs the steps after it exactly; `vdist ckpt export` of a
- *      checkpoint loaded with train.init_from gives back its weights bit for bit.
+ *      checkpoint loaded with train.init_from gives back its weights bit for bit;
+ *   8. pipeline layouts (--model.num_hidden_layers=4): saved on 4 ranks pp2 x dp2
+ *      (distributed optimizer), resumed in the same layout bit for bit against its
+ *      uninterrupted run (metrics and exported weights), and in pp1, pp4, pp2 x vpp2
+ *      (interleaved), pp2 with pp_layers 1,3 and pp2 x tp2 within the tolerances of 2.;
+ *      saved on pp2 x vpp2, resumed on 1 rank; each run's layout and pipeline line;
+ *   9. pipeline exports: the 4-layer reference's weights loaded with train.init_from into
+ *      1 rank, pp2 and pp2 x vpp2, one step at lr 0 with a checkpoint: the step's losses
+ *      agree with the 1-rank run's, and train.export_to and `vdist ckpt export` of the
+ *      checkpoint hold the 1-rank run's tensors, equal by name.
  *
  * "Bit for bit" for metrics means every field of every line except the timings (step_ms,
  * tokens_per_s, mfu, moe_layers[].dispatch_ms) compares equal as JSON: the values are the
@@ -74,6 +84,8 @@
 #define REF_STEPS 10
 #define SAVE_STEP 6
 #define CRASH_STEPS 400
+/* With pp 2 a step and its checkpoint take longer: fewer steps leave the same margin. */
+#define CRASH_STEPS_PP 40
 
 static struct tu_env g_env; /* g_env.tmp is the shared working directory of every child */
 static struct tu_run g_run; /* the last command, as a user would type it; "<TMP>" output */
@@ -85,6 +97,13 @@ static char g_key[32];      /* "ckpt.resume" or "ckpt.load" */
 
 /* g_env.tmp/name in a rotating static buffer (eight live at once). */
 static const char *tp(const char *name) { return tu_path(g_env.tmp, name); }
+/* g_env.tmp/d/name, the same way. */
+static const char *tp2(const char *d, const char *name)
+{
+    char rel[256];
+    snprintf(rel, sizeof rel, "%s/%s", d, name);
+    return tp(rel);
+}
 
 static bool copy_file(const char *from, const char *to)
 {
@@ -121,6 +140,16 @@ static void list_dir(const char *dir, char *out, size_t cap)
     free(names);
 }
 
+/* "" for one rank (a user runs one rank directly), else the mpirun command line that
+ * starts `ranks` ranks, ending in a blank. */
+static void mpirun_prefix(char *out, size_t cap, int ranks)
+{
+    out[0] = '\0';
+    if (ranks > 1)
+        snprintf(out, cap, "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d "
+                 "-x OMP_NUM_THREADS ", ranks);
+}
+
 /* Runs `vdist ARGS` on `ranks` ranks (1: directly, as a user runs one rank; more: under
  * mpirun) inside g_env.tmp with stdout and stderr captured; returns the exit status (128 +
  * signal when it died of one, 124/137 after the timeout). */
@@ -131,11 +160,8 @@ __attribute__((format(printf, 2, 3))) static int run_vdist(int ranks, const char
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    char launcher[256] = "";
-    if (ranks > 1)
-        snprintf(launcher, sizeof launcher,
-                 "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d "
-                 "-x OMP_NUM_THREADS ", ranks);
+    char launcher[256];
+    mpirun_prefix(launcher, sizeof launcher, ranks);
     snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_env.tmp,
              launcher, g_env.vdist, args);
     char command[sizeof launcher + PATH_MAX + sizeof args + 8];
@@ -354,21 +380,37 @@ static void expect_same_bytes(const char *got, const char *want, const char *wha
 
 /* ---------------------------------------------------------------- the 1-rank reference */
 
-/* 10 steps on one rank: metrics ref/metrics.jsonl, export ref/. Made once; it also makes
- * the synthetic dataset. */
+/* 10 steps on one rank with the options `opts`: metrics DIR/metrics.jsonl, export DIR/.
+ * Made once per directory (*state: 0 not tried, 1 made, -1 failed); the first run also
+ * makes the synthetic dataset. */
+static bool one_rank_run(const char *dir, const char *opts, int *state)
+{
+    if (*state == 0) {
+        mkdir(tp(dir), 0755);
+        run_vdist(1, "%s %s --train.steps=%d --log.metrics=%s --train.export_to=%s",
+                  base_args(), opts, REF_STEPS, tp2(dir, "metrics.jsonl"), tp(dir));
+        *state = EXPECT_RAN() && EXPECT(tu_file_exists(tp2(dir, "model.safetensors")),
+                                        "`%s` must export %s/model.safetensors", g_run.cmd, dir)
+                     ? 1
+                     : -1;
+    }
+    return *state == 1;
+}
+
+/* The reference of the 2-layer tiny model, in ref/. */
 static bool reference(void)
 {
-    static int state; /* 0 not tried, 1 made, -1 failed */
-    if (state == 0) {
-        mkdir(tp("ref"), 0755);
-        run_vdist(1, "%s --train.steps=%d --log.metrics=%s --train.export_to=%s", base_args(),
-                  REF_STEPS, tp("ref/metrics.jsonl"), tp("ref"));
-        state = EXPECT_RAN() && EXPECT(tu_file_exists(tp("ref/model.safetensors")),
-                                       "`%s` must export ref/model.safetensors", g_run.cmd)
-                    ? 1
-                    : -1;
-    }
-    return state == 1;
+    static int state;
+    return one_rank_run("ref", "", &state);
+}
+
+/* The pipeline tests' model: 4 layers, so that pp 4 and pp 2 x vpp 2 have a layer a
+ * chunk. Its reference is in ref4/. */
+#define PP_MODEL "--model.num_hidden_layers=4"
+static bool reference_pp(void)
+{
+    static int state;
+    return one_rank_run("ref4", PP_MODEL, &state);
 }
 
 /* ---------------------------------------------------------------- 1. same layout */
@@ -447,105 +489,172 @@ static void test_exact_resume_async(void)
 
 /* ---------------------------------------------------------------- 2. other layouts */
 
+/* A layout a run saves or resumes in. */
+struct layout {
+    const char *name;
+    int ranks;
+    const char *opts;     /* the options that make it, beside the test's model options */
+    const char *layout;   /* rank 0's "layout: ..." line, which the run must print */
+    const char *pipeline; /* a part of its "pipeline: ..." line; NULL: none to check */
+};
+
+/* The last run printed t's layout (and pipeline). */
+static void expect_layout(const struct layout *t)
+{
+    EXPECT(out_has(t->layout), "`%s` must run the layout \"%s\"", g_run.cmd, t->layout);
+    if (!t->pipeline) return;
+    EXPECT(out_has(t->pipeline), "`%s` must print the pipeline \"%s\"", g_run.cmd,
+           t->pipeline);
+    EXPECT(!out_has("pipeline stages: each stage idles"), "`%s` has at least pp micro-batches "
+           "a step: it must not warn of an idle pipeline", g_run.cmd);
+}
+
+/* The exported weights at `path` within PARAM_ABS_TOL of the reference's; the largest
+ * difference into *wparam. */
+static void expect_weights_close(const char *path, const char *ref_path, const char *label,
+                                 double *wparam)
+{
+    char where[256] = "";
+    if (weights_compare(path, ref_path, wparam, where, sizeof where, label))
+        EXPECT(*wparam <= PARAM_ABS_TOL, "%s: the final weights must be within absolute %g "
+               "of the 1-rank run's; '%s' differs by %.3g", label, PARAM_ABS_TOL, where,
+               *wparam);
+}
+
+/* A checkpoint of step SAVE_STEP and what runs resumed from it compare with. */
+struct saved {
+    const char *dir;              /* the test's directory under g_env.tmp, e.g. "t2" */
+    const char *model;            /* model options of every run of the test */
+    const struct tu_jsonl *save;  /* the saving run's metrics (DIR/save.jsonl), 1..SAVE_STEP */
+    const struct tu_jsonl *ref;   /* metrics of steps 1..REF_STEPS to compare with */
+    const char *ref_weights;      /* the final weights to compare with, under g_env.tmp */
+};
+
+/* Runs `saver` for SAVE_STEP steps with a checkpoint at the end (DIR/ck) and metrics into
+ * DIR/save.jsonl, which *save gets (tu_jsonl_free it, also after false): the layout, the
+ * steps against the 1-rank reference within the tolerances, the checkpoint written. */
+static bool save_in(const struct layout *saver, const char *dir, const char *model,
+                    const struct tu_jsonl *ref, struct tu_jsonl *save)
+{
+    memset(save, 0, sizeof *save);
+    mkdir(tp(dir), 0755);
+    char manifest[96], label[160];
+    snprintf(manifest, sizeof manifest, "ck/step_%08d/manifest.json", SAVE_STEP);
+    snprintf(label, sizeof label, "the save on %s", saver->name);
+    run_vdist(saver->ranks, "%s %s --train.steps=%d %s --ckpt.dir=%s --log.metrics=%s",
+              base_args(), model, SAVE_STEP, saver->opts, tp2(dir, "ck"),
+              tp2(dir, "save.jsonl"));
+    if (!EXPECT_RAN()) return false;
+    expect_layout(saver);
+    if (!metrics_read(save, tp2(dir, "save.jsonl"), label)) return false;
+    double wl = 0, wg = 0;
+    if (metrics_steps(save, 1, SAVE_STEP, label))
+        metrics_close(save, ref, 1, SAVE_STEP, label, &wl, &wg);
+    printf("\n    (%s: max rel loss diff %.2e, grad_norm %.2e)", label, wl, wg);
+    return EXPECT(tu_file_exists(tp2(dir, manifest)), "`%s` must write %s/%s", g_run.cmd, dir,
+                  manifest);
+}
+
+/* Resumes s's checkpoint in layout t to REF_STEPS steps (metrics DIR/resumeK.jsonl, export
+ * DIR/exportK) and checks that it resumed at SAVE_STEP, kept the saving run's metrics lines,
+ * and that steps SAVE_STEP+1..REF_STEPS and the final weights equal s->ref's bit for bit
+ * when `exact` (s->ref ran in this layout), else are within the harness's tolerances. */
+static void resume_in(const struct saved *s, const struct layout *t, size_t k, bool exact)
+{
+    char metrics[32], export[32], weights[64], ck[32], want[160], label[160];
+    snprintf(metrics, sizeof metrics, "resume%zu.jsonl", k);
+    snprintf(export, sizeof export, "export%zu", k);
+    snprintf(weights, sizeof weights, "export%zu/model.safetensors", k);
+    snprintf(ck, sizeof ck, "ck/step_%08d", SAVE_STEP);
+    snprintf(want, sizeof want, "resumed from <TMP>/%s/%s at step %d", s->dir, ck, SAVE_STEP);
+    snprintf(label, sizeof label, "resumed on %s", t->name);
+    /* The resumed run's file starts as the saving run's: it keeps steps 1..6. */
+    CU_ASSERT_FATAL(copy_file(tp2(s->dir, "save.jsonl"), tp2(s->dir, metrics)));
+    run_vdist(t->ranks, "%s %s --train.steps=%d %s --%s=%s --log.metrics=%s --train.export_to=%s",
+              base_args(), s->model, REF_STEPS, t->opts, g_key, tp2(s->dir, ck),
+              tp2(s->dir, metrics), tp2(s->dir, export));
+    if (!EXPECT_RAN()) return;
+    expect_layout(t);
+    EXPECT(out_has(want) && !out_has("step 6/") && out_has("step 7/10"),
+           "`%s` must print \"%s\" and run steps 7..10", g_run.cmd, want);
+    struct tu_jsonl got;
+    double wloss = 0, wgnorm = 0, wparam = 0;
+    if (metrics_read(&got, tp2(s->dir, metrics), label) &&
+        metrics_steps(&got, 1, REF_STEPS, label)) {
+        for (int i = 1; i <= SAVE_STEP; i++)
+            EXPECT(strcmp(got.text[i - 1], s->save->text[i - 1]) == 0,
+                   "%s: metrics line %d must be kept as the saving run wrote it", label, i);
+        if (exact)
+            metrics_equal(&got, s->ref, SAVE_STEP + 1, REF_STEPS, label);
+        else
+            metrics_close(&got, s->ref, SAVE_STEP + 1, REF_STEPS, label, &wloss, &wgnorm);
+    }
+    tu_jsonl_free(&got);
+    if (exact) {
+        expect_same_bytes(tp2(s->dir, weights), tp(s->ref_weights), label);
+        printf("\n    (%s: compared bit for bit)", label);
+        return;
+    }
+    expect_weights_close(tp2(s->dir, weights), tp(s->ref_weights), label, &wparam);
+    printf("\n    (%s: max rel loss diff %.2e, max rel grad_norm diff %.2e, max abs param "
+           "diff %.2e)", label, wloss, wgnorm, wparam);
+}
+
 static void test_other_layouts(void)
 {
     CU_ASSERT_FATAL(reference());
-    struct tu_jsonl ref;
+    struct tu_jsonl ref, save;
     CU_ASSERT_FATAL(metrics_read(&ref, tp("ref/metrics.jsonl"), "the reference"));
-    mkdir(tp("t2"), 0755);
-
-    /* Saved by 4 ranks: tp2 x dp2 (MoE etp2 x edp2), distributed optimizer. */
-    run_vdist(4, "%s --train.steps=%d --parallel.tp=2 --parallel.distributed_optimizer=true "
-              "--ckpt.dir=%s --log.metrics=%s",
-              base_args(), SAVE_STEP, tp("t2/ck"), tp("t2/save.jsonl"));
-    CU_ASSERT_FATAL(EXPECT_RAN());
-    EXPECT(out_has("layout: 4 ranks, attention tp 2 x cp 1 x dp 2 x pp 1, MoE etp 2 x ep 1 x "
-                   "edp 2 x pp 1"), "`%s` must run the layout tp2 x dp2", g_run.cmd);
-    struct tu_jsonl save;
-    CU_ASSERT_FATAL(metrics_read(&save, tp("t2/save.jsonl"), "the 4-rank save"));
-    double wl = 0, wg = 0;
-    if (metrics_steps(&save, 1, SAVE_STEP, "the 4-rank save"))
-        metrics_close(&save, &ref, 1, SAVE_STEP, "the 4-rank save (tp2 x dp2)", &wl, &wg);
-    const char *ck = tp("t2/ck/step_00000006");
-    CU_ASSERT_FATAL(EXPECT(tu_file_exists(tp("t2/ck/step_00000006/manifest.json")),
-                           "`%s` must write %s", g_run.cmd, ck));
-    char ckpath[600];
-    snprintf(ckpath, sizeof ckpath, "%s", ck);
-
-    static const struct {
-        const char *name;
-        int ranks;
-        const char *opts;
-        const char *layout;
-    } targets[] = {
-        {"2 ranks ep2 etp1, replicated optimizer", 2,
-         "--parallel.ep=2 --parallel.etp=1 --parallel.distributed_optimizer=false",
-         "layout: 2 ranks, attention tp 1 x cp 1 x dp 2 x pp 1, MoE etp 1 x ep 2 x edp 1 x pp 1"},
-        {"8 ranks tp2 ep4", 8, "--parallel.tp=2 --parallel.ep=4",
-         "layout: 8 ranks, attention tp 2 x cp 1 x dp 4 x pp 1, MoE etp 2 x ep 4 x edp 1 x pp 1"},
-        {"4 ranks dp4", 4, "",
-         "layout: 4 ranks, attention tp 1 x cp 1 x dp 4 x pp 1, MoE etp 1 x ep 1 x edp 4 x pp 1"},
-        {"1 rank, replicated optimizer", 1, "--parallel.distributed_optimizer=false",
-         "layout: 1 ranks, attention tp 1 x cp 1 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 1 x pp 1"},
-        {"4 ranks dp4 ep4", 4, "--parallel.ep=4 --parallel.etp=1",
-         "layout: 4 ranks, attention tp 1 x cp 1 x dp 4 x pp 1, MoE etp 1 x ep 4 x edp 1 x pp 1"},
-        {"4 ranks tp4 etp2 ep2, all-gather dispatcher", 4,
-         "--parallel.tp=4 --parallel.etp=2 --parallel.ep=2 "
-         "--model.moe_token_dispatcher_type=allgather",
-         "layout: 4 ranks, attention tp 4 x cp 1 x dp 1 x pp 1, MoE etp 2 x ep 2 x edp 1 x pp 1"},
-    };
-    for (size_t k = 0; k < sizeof targets / sizeof targets[0]; k++) {
-        char metrics[64], export[64], label[160];
-        snprintf(metrics, sizeof metrics, "t2/resume%zu.jsonl", k);
-        snprintf(export, sizeof export, "t2/export%zu", k);
-        snprintf(label, sizeof label, "resumed on %s", targets[k].name);
-        /* The resumed run's file starts as the saving run's: it keeps steps 1..6. */
-        CU_ASSERT_FATAL(copy_file(tp("t2/save.jsonl"), tp(metrics)));
-        run_vdist(targets[k].ranks, "%s --train.steps=%d %s --%s=%s --log.metrics=%s "
-                  "--train.export_to=%s",
-                  base_args(), REF_STEPS, targets[k].opts, g_key, ckpath, tp(metrics),
-                  tp(export));
-        if (!EXPECT_RAN()) continue;
-        EXPECT(out_has(targets[k].layout), "`%s` must run the layout \"%s\"", g_run.cmd,
-               targets[k].layout);
-        EXPECT(out_has("resumed from <TMP>/t2/ck/step_00000006 at step 6") &&
-                   !out_has("step 6/") && out_has("step 7/10"),
-               "`%s` must resume at step 6 and run steps 7..10", g_run.cmd);
-        struct tu_jsonl got;
-        double wloss = 0, wgnorm = 0, wparam = 0;
-        char where[256] = "";
-        if (metrics_read(&got, tp(metrics), label) && metrics_steps(&got, 1, REF_STEPS, label)) {
-            for (int s = 1; s <= SAVE_STEP; s++)
-                EXPECT(strcmp(got.text[s - 1], save.text[s - 1]) == 0,
-                       "%s: metrics line %d must be kept as the saving run wrote it", label, s);
-            metrics_close(&got, &ref, SAVE_STEP + 1, REF_STEPS, label, &wloss, &wgnorm);
-        }
-        tu_jsonl_free(&got);
-        char exp_path[128];
-        snprintf(exp_path, sizeof exp_path, "%s/model.safetensors", export);
-        if (weights_compare(tp(exp_path), tp("ref/model.safetensors"), &wparam, where,
-                            sizeof where, label))
-            EXPECT(wparam <= PARAM_ABS_TOL, "%s: the final weights must be within absolute %g "
-                   "of the 1-rank run's; '%s' differs by %.3g", label, PARAM_ABS_TOL, where,
-                   wparam);
-        printf("\n    (%s: max rel loss diff %.2e, max rel grad_norm diff %.2e, max abs "
-               "param diff %.2e)", label, wloss, wgnorm, wparam);
+    static const struct layout saver = {
+        "4 ranks tp2 x dp2 (distributed optimizer)", 4,
+        "--parallel.tp=2 --parallel.distributed_optimizer=true",
+        "layout: 4 ranks, attention tp 2 x cp 1 x dp 2 x pp 1, MoE etp 2 x ep 1 x edp 2 x pp 1",
+        NULL};
+    if (save_in(&saver, "t2", "", &ref, &save)) {
+        static const struct layout targets[] = {
+            {"2 ranks ep2 etp1, replicated optimizer", 2,
+             "--parallel.ep=2 --parallel.etp=1 --parallel.distributed_optimizer=false",
+             "layout: 2 ranks, attention tp 1 x cp 1 x dp 2 x pp 1, MoE etp 1 x ep 2 x edp 1 x "
+             "pp 1", NULL},
+            {"8 ranks tp2 ep4", 8, "--parallel.tp=2 --parallel.ep=4",
+             "layout: 8 ranks, attention tp 2 x cp 1 x dp 4 x pp 1, MoE etp 2 x ep 4 x edp 1 x "
+             "pp 1", NULL},
+            {"4 ranks dp4", 4, "",
+             "layout: 4 ranks, attention tp 1 x cp 1 x dp 4 x pp 1, MoE etp 1 x ep 1 x edp 4 x "
+             "pp 1", NULL},
+            {"1 rank, replicated optimizer", 1, "--parallel.distributed_optimizer=false",
+             "layout: 1 ranks, attention tp 1 x cp 1 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 1 x "
+             "pp 1", NULL},
+            {"4 ranks dp4 ep4", 4, "--parallel.ep=4 --parallel.etp=1",
+             "layout: 4 ranks, attention tp 1 x cp 1 x dp 4 x pp 1, MoE etp 1 x ep 4 x edp 1 x "
+             "pp 1", NULL},
+            {"4 ranks tp4 etp2 ep2, all-gather dispatcher", 4,
+             "--parallel.tp=4 --parallel.etp=2 --parallel.ep=2 "
+             "--model.moe_token_dispatcher_type=allgather",
+             "layout: 4 ranks, attention tp 4 x cp 1 x dp 1 x pp 1, MoE etp 2 x ep 2 x edp 1 x "
+             "pp 1", NULL},
+        };
+        struct saved const s = {"t2", "", &save, &ref, "ref/model.safetensors"};
+        for (size_t k = 0; k < sizeof targets / sizeof targets[0]; k++)
+            resume_in(&s, &targets[k], k, false);
     }
-    printf("\n    (saved on tp2 x dp2: max rel loss diff %.2e, grad_norm %.2e)", wl, wg);
     tu_jsonl_free(&save);
     tu_jsonl_free(&ref);
 }
 
 /* ---------------------------------------------------------------- 3. crash */
 
-/* Starts `vdist ARGS` (one rank, no mpirun) in g_env.tmp in a process group of its own,
- * output to log; returns its pid (= its process group), or -1. */
-static pid_t spawn_vdist(const char *args, const char *log)
+/* Starts `vdist ARGS` on `ranks` ranks (as run_vdist does) in g_env.tmp in a process group
+ * of its own, output to log; returns its pid (= its process group), or -1. */
+static pid_t spawn_vdist(int ranks, const char *args, const char *log)
 {
-    snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s %s", g_env.tmp,
-             g_env.vdist, args);
+    char launcher[256];
+    mpirun_prefix(launcher, sizeof launcher, ranks);
+    snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_env.tmp,
+             launcher, g_env.vdist, args);
     char shell[16384];
-    snprintf(shell, sizeof shell, "exec '%s' %s > '%s' 2>&1", g_env.vdist, args, log);
+    snprintf(shell, sizeof shell, "exec %s'%s' %s > '%s' 2>&1", launcher, g_env.vdist, args,
+             log);
     fflush(stdout);
     pid_t const pid = fork();
     if (pid == 0) {
@@ -558,34 +667,93 @@ static pid_t spawn_vdist(const char *args, const char *log)
     return pid;
 }
 
+/* The state letter and parent of process pid from /proc/PID/stat; false when it is gone. */
+static bool proc_stat(long pid, char *state, long *ppid)
+{
+    char path[64], stat[512];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    size_t const len = fread(stat, 1, sizeof stat - 1, f);
+    fclose(f);
+    stat[len] = '\0';
+    /* "pid (comm) state ppid ...": the name may hold blanks and parentheses */
+    const char *p = strrchr(stat, ')');
+    return p && sscanf(p + 1, " %c %ld", state, ppid) == 2;
+}
+
+/* The children of pid (at most cap); how many. */
+static int children_of(pid_t pid, pid_t *out, int cap)
+{
+    DIR *d = opendir("/proc");
+    int n = 0;
+    for (struct dirent *e; d && n < cap && (e = readdir(d));) {
+        char *end, state;
+        long ppid;
+        long const child = strtol(e->d_name, &end, 10);
+        if (!*end && child > 0 && proc_stat(child, &state, &ppid) && ppid == pid)
+            out[n++] = (pid_t)child;
+    }
+    if (d) closedir(d);
+    return n;
+}
+
+/* Whether pid has ended: gone, or a zombie. */
+static bool ended(pid_t pid)
+{
+    char state;
+    long ppid;
+    return !proc_stat(pid, &state, &ppid) || state == 'Z';
+}
+
+/* SIGKILLs a run started by spawn_vdist and waits for it; its wait status into *status.
+ * mpirun starts each rank in a process group of its own: they are killed first, by pid,
+ * so that no rank outlives the others (a rank left running would go on writing). */
+static void kill_run(pid_t pid, int *status)
+{
+    pid_t ranks[64];
+    int const n = children_of(pid, ranks, 64);
+    for (int i = 0; i < n; i++) kill(ranks[i], SIGKILL);
+    kill(-pid, SIGKILL);
+    waitpid(pid, status, 0);
+    double const t0 = tu_now_s();
+    for (int i = 0; i < n; i++)
+        while (!ended(ranks[i]) && tu_now_s() - t0 < 10.0) {
+            struct timespec const ts = {0, 2000000};
+            nanosleep(&ts, NULL);
+        }
+}
+
 /* The resumed run's metrics file: the crashed run's lines of steps 1..k (k the checkpoint
- * it resumed from), then its own k+1..CRASH_STEPS, one line per step in order, each equal
- * to the uninterrupted run's line bit for bit. Missing steps are named. */
-static void crash_metrics_check(const struct tu_jsonl *got, const struct tu_jsonl *full, long k)
+ * it resumed from), then its own k+1..steps, one line per step in order, each equal to the
+ * uninterrupted run's line bit for bit. Missing steps are named. */
+static void crash_metrics_check(const struct tu_jsonl *got, const struct tu_jsonl *full, long k,
+                                int steps)
 {
     static int count[CRASH_STEPS + 1];
+    CU_ASSERT_FATAL(steps <= CRASH_STEPS);
     memset(count, 0, sizeof count);
     bool ordered = true;
     long prev = 0;
     for (int i = 0; i < got->n; i++) {
         long const s = line_step(got, i);
-        if (s >= 1 && s <= CRASH_STEPS) count[s]++;
+        if (s >= 1 && s <= steps) count[s]++;
         ordered = ordered && s > prev;
         prev = s;
     }
     char missing[512] = "";
     int nmissing = 0, twice = 0;
     size_t len = 0;
-    for (int s = 1; s <= CRASH_STEPS; s++) {
+    for (int s = 1; s <= steps; s++) {
         twice += count[s] > 1;
         if (count[s] == 0 && nmissing++ < 20 && len + 16 < sizeof missing)
             len += (size_t)snprintf(missing + len, sizeof missing - len, "%s%d",
                                     len ? ", " : "", s);
     }
-    EXPECT(nmissing == 0 && twice == 0 && ordered && got->n == CRASH_STEPS,
+    EXPECT(nmissing == 0 && twice == 0 && ordered && got->n == steps,
            "the resumed run's metrics file must hold one line per step 1..%d in order (the "
            "crashed run's lines up to the checkpoint's step %ld, then the resumed run's): %d "
-           "lines, %d steps missing (%s)%s, %d steps twice, %s%s", CRASH_STEPS, k, got->n,
+           "lines, %d steps missing (%s)%s, %d steps twice, %s%s", steps, k, got->n,
            nmissing, missing, nmissing > 20 ? ", ..." : "", twice,
            ordered ? "in order" : "out of order",
            nmissing == 1 && count[k] == 0
@@ -598,7 +766,7 @@ static void crash_metrics_check(const struct tu_jsonl *got, const struct tu_json
     int bad = 0;
     for (int i = 0; i < got->n; i++) {
         long const s = line_step(got, i);
-        if (s < 1 || s > CRASH_STEPS) continue;
+        if (s < 1 || s > steps) continue;
         if (got->line[i] && json_equal(got->line[i], full->line[s - 1])) continue;
         if (bad++ < 3)
             EXPECT(false, "the resumed run's metrics: step %ld must equal the uninterrupted "
@@ -608,31 +776,39 @@ static void crash_metrics_check(const struct tu_jsonl *got, const struct tu_json
     if (bad > 3) EXPECT(false, "the resumed run's metrics: %d lines differ in all", bad);
 }
 
-static void test_crash(void)
+/* Under directory d, on `ranks` ranks with the options `opts`, `steps` steps: an
+ * uninterrupted run, and the same run with a checkpoint every step SIGKILLed once two
+ * checkpoints are complete; then what a user finds (`vdist ckpt latest`, `vdist ckpt
+ * verify`, leftovers of cut-short saves never chosen) and the resumed run, bit for bit
+ * like the uninterrupted one. */
+static void crash_resume(const char *d, int ranks, const char *opts, int steps)
 {
-    mkdir(tp("t3"), 0755);
+    mkdir(tp(d), 0755);
+    char ck[64], ck_tmp[96];
+    snprintf(ck, sizeof ck, "%s/ck", d);
+    snprintf(ck_tmp, sizeof ck_tmp, "<TMP>/%s/ck/", d);
     char common[2048];
     /* The cosine schedule (warmup 5) also checks that the resumed run takes the same
      * learning rates: train.steps is the same in every run. */
     snprintf(common, sizeof common,
-             "%s --train.steps=%d --train.lr_schedule=cosine --train.warmup=5 "
+             "%s %s --train.steps=%d --train.lr_schedule=cosine --train.warmup=5 "
              "--log.interval=1000",
-             base_args(), CRASH_STEPS);
+             base_args(), opts, steps);
 
     /* The uninterrupted run. */
-    run_vdist(1, "%s --log.metrics=%s --train.export_to=%s", common, tp("t3/full.jsonl"),
-              tp("t3/full"));
+    run_vdist(ranks, "%s --log.metrics=%s --train.export_to=%s", common,
+              tp2(d, "full.jsonl"), tp2(d, "full"));
     CU_ASSERT_FATAL(EXPECT_RAN());
     struct tu_jsonl full;
-    CU_ASSERT_FATAL(metrics_read(&full, tp("t3/full.jsonl"), "the uninterrupted run"));
-    CU_ASSERT_FATAL(metrics_steps(&full, 1, CRASH_STEPS, "the uninterrupted run"));
+    CU_ASSERT_FATAL(metrics_read(&full, tp2(d, "full.jsonl"), "the uninterrupted run"));
+    CU_ASSERT_FATAL(metrics_steps(&full, 1, steps, "the uninterrupted run"));
 
-    /* The run that crashes: a checkpoint after every step, killed (the whole process
-     * group, SIGKILL) as soon as two checkpoints are complete. */
+    /* The run that crashes: a checkpoint after every step, killed (every process, SIGKILL)
+     * as soon as two checkpoints are complete. */
     char args[4096];
     snprintf(args, sizeof args, "%s --ckpt.dir=%s --ckpt.interval=1 --log.metrics=%s", common,
-             tp("t3/ck"), tp("t3/metrics.jsonl"));
-    pid_t const pid = spawn_vdist(args, tp("t3/crashed.log"));
+             tp(ck), tp2(d, "metrics.jsonl"));
+    pid_t const pid = spawn_vdist(ranks, args, tp2(d, "crashed.log"));
     CU_ASSERT_FATAL(pid > 0);
     char latest[PATH_MAX] = "";
     long seen = -1;
@@ -644,20 +820,17 @@ static void test_crash(void)
             exited = true;
             break;
         }
-        if (ckpt_latest(tp("t3/ck"), latest, sizeof latest) == 0 && latest[0]) {
+        if (ckpt_latest(tp(ck), latest, sizeof latest) == 0 && latest[0]) {
             seen = path_step(latest);
             if (seen >= 2) break;
         }
         struct timespec const ts = {0, 2000000};
         nanosleep(&ts, NULL);
     }
-    if (!exited) {
-        kill(-pid, SIGKILL);
-        waitpid(pid, &status, 0);
-    }
+    if (!exited) kill_run(pid, &status);
     double const killed_at = tu_now_s() - t0;
     free(g_run.out);
-    g_run.out = tu_file_read_masked(tp("t3/crashed.log"), g_env.tmp);
+    g_run.out = tu_file_read_masked(tp2(d, "crashed.log"), g_env.tmp);
     g_run.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     g_run.out_shown = false;
     CU_ASSERT_FATAL(EXPECT(!exited && WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL &&
@@ -666,67 +839,78 @@ static void test_crash(void)
                            "and die of SIGKILL (it %s; newest checkpoint seen: step %ld)",
                            g_run.cmd, exited ? "exited on its own" : "was killed", seen));
     char names[4096];
-    list_dir(tp("t3/ck"), names, sizeof names);
+    list_dir(tp(ck), names, sizeof names);
     printf("\n    (killed after %.2f s with step %ld complete; left: %s)", killed_at, seen,
            names);
 
     /* What a user finds: `vdist ckpt latest` names a complete checkpoint, and it verifies. */
-    run_vdist(1, "ckpt latest %s", tp("t3/ck"));
+    run_vdist(1, "ckpt latest %s", tp(ck));
     CU_ASSERT_FATAL(EXPECT_RAN());
     char found[PATH_MAX] = "";
     sscanf(g_run.out, "%4095s", found);
-    long const k = path_step(found);
-    CU_ASSERT_FATAL(EXPECT(strncmp(found, "<TMP>/t3/ck/step_", 17) == 0 && k >= seen,
-                           "`%s` must print the newest complete checkpoint <TMP>/t3/ck/"
-                           "step_NNNNNNNN (at least step %ld), got: %s", g_run.cmd, seen,
-                           g_run.out));
+    size_t const pre = strlen(ck_tmp);
+    long const k = strncmp(found, ck_tmp, pre) == 0 ? path_step(found) : -1;
+    CU_ASSERT_FATAL(EXPECT(k >= seen, "`%s` must print the newest complete checkpoint "
+                           "%sstep_NNNNNNNN (at least step %ld), got: %s", g_run.cmd, ck_tmp,
+                           seen, g_run.out));
     char ckname[32], ckpath[600];
     snprintf(ckname, sizeof ckname, "step_%08ld", k);
-    snprintf(ckpath, sizeof ckpath, "%s/t3/ck/%s", g_env.tmp, ckname);
+    snprintf(ckpath, sizeof ckpath, "%s/%s/%s", g_env.tmp, ck, ckname);
     run_vdist(1, "ckpt verify %s", ckpath);
     EXPECT(g_run.rc == 0 && out_has("OK"), "`%s` must pass (exit 0, \"OK\")", g_run.cmd);
 
     /* Leftovers of saves cut short must never be chosen, however whole they look: a
      * complete copy under a temporary name and an exact name without its manifest, both
      * newer than the checkpoint. */
-    char leftover_tmp[96], leftover_bare[96];
-    snprintf(leftover_tmp, sizeof leftover_tmp, "t3/ck/step_%08ld.tmp.99999.0", k + 5);
-    snprintf(leftover_bare, sizeof leftover_bare, "t3/ck/step_%08ld", k + 6);
+    char leftover_tmp[128], leftover_bare[128];
+    snprintf(leftover_tmp, sizeof leftover_tmp, "%s/step_%08ld.tmp.99999.0", ck, k + 5);
+    snprintf(leftover_bare, sizeof leftover_bare, "%s/step_%08ld", ck, k + 6);
     CU_ASSERT_FATAL(copy_tree(ckpath, tp(leftover_tmp)) && copy_tree(ckpath, tp(leftover_bare)));
-    char manifest[128];
+    char manifest[160];
     snprintf(manifest, sizeof manifest, "%s/manifest.json", leftover_bare);
     CU_ASSERT_FATAL(unlink(tp(manifest)) == 0);
-    run_vdist(1, "ckpt latest %s", tp("t3/ck"));
-    EXPECT(g_run.rc == 0 && strncmp(g_run.out, "<TMP>/t3/ck/", 12) == 0 &&
-               strncmp(g_run.out + 12, ckname, strlen(ckname)) == 0 &&
-               g_run.out[12 + strlen(ckname)] == '\n',
+    run_vdist(1, "ckpt latest %s", tp(ck));
+    EXPECT(g_run.rc == 0 && strncmp(g_run.out, ck_tmp, pre) == 0 &&
+               strncmp(g_run.out + pre, ckname, strlen(ckname)) == 0 &&
+               g_run.out[pre + strlen(ckname)] == '\n',
            "with the leftovers %s and %s (no manifest) beside it, `%s` must still print "
-           "<TMP>/t3/ck/%s", leftover_tmp, leftover_bare, g_run.cmd, ckname);
+           "%s%s", leftover_tmp, leftover_bare, g_run.cmd, ck_tmp, ckname);
 
     /* Resume: the same run (checkpoints only at the end now; the interval does not change
      * the arithmetic). */
-    run_vdist(1, "%s --ckpt.dir=%s --%s=auto --log.metrics=%s --train.export_to=%s", common,
-              tp("t3/ck"), g_key, tp("t3/metrics.jsonl"), tp("t3/resumed"));
+    run_vdist(ranks, "%s --ckpt.dir=%s --%s=auto --log.metrics=%s --train.export_to=%s",
+              common, tp(ck), g_key, tp2(d, "metrics.jsonl"), tp2(d, "resumed"));
     if (EXPECT_RAN()) {
         char want[256];
-        snprintf(want, sizeof want, "resumed from <TMP>/t3/ck/%s at step %ld", ckname, k);
+        snprintf(want, sizeof want, "resumed from %s%s at step %ld", ck_tmp, ckname, k);
         EXPECT(out_has(want), "`%s` must print \"%s\"", g_run.cmd, want);
         struct tu_jsonl got;
-        if (metrics_read(&got, tp("t3/metrics.jsonl"), "the resumed run"))
-            crash_metrics_check(&got, &full, k);
+        if (metrics_read(&got, tp2(d, "metrics.jsonl"), "the resumed run"))
+            crash_metrics_check(&got, &full, k, steps);
         tu_jsonl_free(&got);
-        expect_same_bytes(tp("t3/resumed/model.safetensors"), tp("t3/full/model.safetensors"),
+        expect_same_bytes(tp2(d, "resumed/model.safetensors"), tp2(d, "full/model.safetensors"),
                           "the resumed run's final weights");
         /* Its final save prunes what older saves left behind. */
-        list_dir(tp("t3/ck"), names, sizeof names);
-        bool clean = strstr(names, "step_00000400") != NULL;
+        char last[32];
+        snprintf(last, sizeof last, "step_%08d", steps);
+        list_dir(tp(ck), names, sizeof names);
+        bool clean = strstr(names, last) != NULL;
         for (char *p = names; clean && (p = strstr(p, "step_")); p += 5)
             clean = strlen(p) >= 13 && (p[13] == ' ' || p[13] == '\0');
         EXPECT(clean, "after the resumed run's last checkpoint, %s must hold only complete "
-               "checkpoints (step_00000400 among them; leftovers older than it pruned), "
-               "got: %s", tp("t3/ck"), names);
+               "checkpoints (%s among them; leftovers older than it pruned), got: %s", tp(ck),
+               last, names);
     }
     tu_jsonl_free(&full);
+}
+
+static void test_crash(void) { crash_resume("t3", 1, "", CRASH_STEPS); }
+
+/* The same with pp 2 on 2 ranks: every rank killed at once, each stage's shard of the
+ * checkpoint complete or ignored. */
+static void test_crash_pp(void)
+{
+    crash_resume("t9", 2, PP_MODEL " --parallel.pp=2", CRASH_STEPS_PP);
 }
 
 /* ---------------------------------------------------------------- 4. keep */
@@ -914,6 +1098,174 @@ static void test_fallback_and_export(void)
                       "weights exported from the checkpoint and loaded with train.init_from");
 }
 
+/* ---------------------------------------------------------------- 8. pipeline layouts */
+
+/* A checkpoint of pp2 x dp2 (4 layers, distributed optimizer over dp within each stage)
+ * resumed in the same layout (bit for bit against that layout's uninterrupted run) and in
+ * pp1, pp4, pp2 x vpp2, pp2 with an uneven split and pp2 x tp2 (within the tolerances of
+ * the 1-rank run); then a checkpoint of pp2 x vpp2 resumed on one rank. */
+static void test_pp_layouts(void)
+{
+    CU_ASSERT_FATAL(reference_pp());
+    struct tu_jsonl ref, full, save;
+    CU_ASSERT_FATAL(metrics_read(&ref, tp("ref4/metrics.jsonl"), "the 4-layer reference"));
+    /* targets[0] saves; targets[3] saves the second checkpoint. */
+    static const struct layout targets[] = {
+        {"4 ranks pp2 x dp2", 4, "--parallel.pp=2",
+         "layout: 4 ranks, attention tp 1 x cp 1 x dp 2 x pp 2, MoE etp 1 x ep 1 x edp 2 x pp 2",
+         "pipeline: 1f1b, pp 2 x vpp 1, 2 micro-batches per step and replica; rank 0's chunks: "
+         "layers 0-1;"},
+        {"1 rank", 1, "",
+         "layout: 1 ranks, attention tp 1 x cp 1 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 1 x pp 1",
+         NULL},
+        {"4 ranks pp4", 4, "--parallel.pp=4",
+         "layout: 4 ranks, attention tp 1 x cp 1 x dp 1 x pp 4, MoE etp 1 x ep 1 x edp 1 x pp 4",
+         "pipeline: 1f1b, pp 4 x vpp 1, 4 micro-batches per step and replica; rank 0's chunks: "
+         "layers 0-0;"},
+        {"2 ranks pp2 x vpp2", 2, "--parallel.pp=2 --parallel.vpp=2",
+         "layout: 2 ranks, attention tp 1 x cp 1 x dp 1 x pp 2, MoE etp 1 x ep 1 x edp 1 x pp 2",
+         "pipeline: interleaved, pp 2 x vpp 2, 4 micro-batches per step and replica; rank 0's "
+         "chunks: layers 0-0 layers 2-2;"},
+        {"2 ranks pp2 with pp_layers 1,3", 2, "--parallel.pp=2 --parallel.pp_layers=1,3",
+         "layout: 2 ranks, attention tp 1 x cp 1 x dp 1 x pp 2, MoE etp 1 x ep 1 x edp 1 x pp 2",
+         "pipeline: 1f1b, pp 2 x vpp 1, 4 micro-batches per step and replica; rank 0's chunks: "
+         "layers 0-0;"},
+        {"4 ranks pp2 x tp2", 4, "--parallel.pp=2 --parallel.tp=2",
+         "layout: 4 ranks, attention tp 2 x cp 1 x dp 1 x pp 2, MoE etp 2 x ep 1 x edp 1 x pp 2",
+         "pipeline: 1f1b, pp 2 x vpp 1, 4 micro-batches per step and replica; rank 0's chunks: "
+         "layers 0-1;"},
+    };
+
+    const struct layout *const saver = &targets[0];
+    /* The saving layout run through: the reference of the resume in that same layout. */
+    mkdir(tp("t8"), 0755);
+    run_vdist(saver->ranks, "%s %s --train.steps=%d %s --log.metrics=%s --train.export_to=%s",
+              base_args(), PP_MODEL, REF_STEPS, saver->opts, tp("t8/full.jsonl"), tp("t8/full"));
+    CU_ASSERT_FATAL(EXPECT_RAN());
+    expect_layout(saver);
+    CU_ASSERT_FATAL(metrics_read(&full, tp("t8/full.jsonl"), "pp2 x dp2 uninterrupted"));
+    double wl = 0, wg = 0, wp = 0;
+    if (metrics_steps(&full, 1, REF_STEPS, "pp2 x dp2 uninterrupted"))
+        metrics_close(&full, &ref, 1, REF_STEPS, "pp2 x dp2 uninterrupted", &wl, &wg);
+    expect_weights_close(tp("t8/full/model.safetensors"), tp("ref4/model.safetensors"),
+                         "pp2 x dp2 uninterrupted", &wp);
+    printf("\n    (pp2 x dp2 uninterrupted: max rel loss diff %.2e, grad_norm %.2e, max abs "
+           "param diff %.2e)", wl, wg, wp);
+
+    if (save_in(saver, "t8", PP_MODEL, &ref, &save) &&
+        metrics_equal(&save, &full, 1, SAVE_STEP, "the pp2 x dp2 save")) {
+        struct saved const same = {"t8", PP_MODEL, &save, &full, "t8/full/model.safetensors"};
+        struct saved const other = {"t8", PP_MODEL, &save, &ref, "ref4/model.safetensors"};
+        for (size_t k = 0; k < sizeof targets / sizeof targets[0]; k++)
+            resume_in(k == 0 ? &same : &other, &targets[k], k, k == 0);
+    }
+    tu_jsonl_free(&save);
+
+    /* Saved with two model chunks per rank, resumed with all four on one. */
+    if (save_in(&targets[3], "t8v", PP_MODEL, &ref, &save)) {
+        struct saved const s = {"t8v", PP_MODEL, &save, &ref, "ref4/model.safetensors"};
+        resume_in(&s, &targets[1], 0, false);
+    }
+    tu_jsonl_free(&save);
+    tu_jsonl_free(&full);
+    tu_jsonl_free(&ref);
+}
+
+/* ---------------------------------------------------------------- 9. pipeline exports */
+
+/* The tensors of two exports equal by name: the same names, shapes and values. A
+ * directory written by `vdist ckpt export` is compared file by file: the same index, and
+ * each shard it names (model-NNNNN-of-NNNNN.safetensors) tensor by tensor. */
+static void expect_same_tensors(const char *got, const char *want, const char *what)
+{
+    double d = 0.0;
+    char where[256] = "";
+    if (weights_compare(got, want, &d, where, sizeof where, what))
+        EXPECT(d == 0.0, "%s: every tensor of %s must equal its namesake in %s; '%s' differs "
+               "by %.3g", what, got, want, where, d);
+}
+
+static void expect_same_export_dirs(const char *got, const char *want, const char *what)
+{
+    char a[PATH_MAX], b[PATH_MAX];
+    snprintf(a, sizeof a, "%s/model.safetensors.index.json", got);
+    snprintf(b, sizeof b, "%s/model.safetensors.index.json", want);
+    expect_same_bytes(a, b, what);
+    struct dirent **names = NULL;
+    int const n = scandir(want, &names, NULL, alphasort);
+    int shards = 0;
+    for (int i = 0; i < n; i++) {
+        const char *nm = names[i]->d_name;
+        size_t const len = strlen(nm);
+        if (strncmp(nm, "model-", 6) == 0 && len > 12 &&
+            strcmp(nm + len - 12, ".safetensors") == 0) {
+            snprintf(a, sizeof a, "%s/%s", got, nm);
+            snprintf(b, sizeof b, "%s/%s", want, nm);
+            expect_same_tensors(a, b, what);
+            shards++;
+        }
+        free(names[i]);
+    }
+    free(names);
+    EXPECT(shards > 0, "%s: %s must hold model-*.safetensors shards", what, want);
+}
+
+/* Trained weights (the 4-layer reference's) loaded with train.init_from and trained one
+ * step at lr 0 with a checkpoint, on one rank, on pp2 and on pp2 x vpp2: the step's losses
+ * agree (the loaded layers run where they belong), and train.export_to and `vdist ckpt
+ * export` of the checkpoint give, tensor by tensor, the 1-rank run's (= the loaded) weights. */
+static void test_pp_export(void)
+{
+    CU_ASSERT_FATAL(reference_pp());
+    mkdir(tp("t10"), 0755);
+    static const struct layout runs[] = {
+        {"1 rank", 1, "",
+         "layout: 1 ranks, attention tp 1 x cp 1 x dp 1 x pp 1", NULL},
+        {"2 ranks pp2", 2, "--parallel.pp=2",
+         "layout: 2 ranks, attention tp 1 x cp 1 x dp 1 x pp 2",
+         "pipeline: 1f1b, pp 2 x vpp 1"},
+        {"2 ranks pp2 x vpp2", 2, "--parallel.pp=2 --parallel.vpp=2",
+         "layout: 2 ranks, attention tp 1 x cp 1 x dp 1 x pp 2",
+         "pipeline: interleaved, pp 2 x vpp 2"},
+    };
+    struct tu_jsonl one = {0};
+    for (size_t k = 0; k < sizeof runs / sizeof runs[0]; k++) {
+        /* run k's files: t10/kK/{ck,metrics.jsonl,export,hf} */
+        char d[32];
+        snprintf(d, sizeof d, "t10/k%zu", k);
+        mkdir(tp(d), 0755);
+        run_vdist(runs[k].ranks, "%s %s %s --train.steps=1 --train.lr=0 "
+                  "--train.weight_decay=0 --train.init_from=%s --ckpt.dir=%s "
+                  "--log.metrics=%s --train.export_to=%s",
+                  base_args(), PP_MODEL, runs[k].opts, tp("ref4"), tp2(d, "ck"),
+                  tp2(d, "metrics.jsonl"), tp2(d, "export"));
+        if (!EXPECT_RAN()) continue;
+        expect_layout(&runs[k]);
+        char label[160];
+        snprintf(label, sizeof label, "train.export_to on %s after train.init_from", runs[k].name);
+        if (k == 0) {
+            expect_same_bytes(tp2(d, "export/model.safetensors"), tp("ref4/model.safetensors"),
+                              label);
+            CU_ASSERT_FATAL(metrics_read(&one, tp2(d, "metrics.jsonl"), "the 1-rank run"));
+        } else {
+            expect_same_tensors(tp2(d, "export/model.safetensors"),
+                                tp("t10/k0/export/model.safetensors"), label);
+            struct tu_jsonl got;
+            double wl = 0, wg = 0;
+            snprintf(label, sizeof label, "step 1 on %s after train.init_from", runs[k].name);
+            if (metrics_read(&got, tp2(d, "metrics.jsonl"), label) &&
+                metrics_steps(&got, 1, 1, label))
+                metrics_close(&got, &one, 1, 1, label, &wl, &wg);
+            tu_jsonl_free(&got);
+        }
+        run_vdist(1, "ckpt export %s %s", tp2(d, "ck/step_00000001"), tp2(d, "hf"));
+        if (!EXPECT_RAN()) continue;
+        snprintf(label, sizeof label, "`vdist ckpt export` of the checkpoint of %s", runs[k].name);
+        if (k > 0) expect_same_export_dirs(tp2(d, "hf"), tp("t10/k0/hf"), label);
+    }
+    tu_jsonl_free(&one);
+}
+
 /* ---------------------------------------------------------------- main */
 
 /* Which key selects the checkpoint to resume from: the one `vdist train --help` lists. */
@@ -967,6 +1319,11 @@ int main(void)
         {"dp4 without distributed optimizer spreads shard writing; verifies", test_spread},
         {"auto falls back past a corrupt latest checkpoint; ckpt export -> train.init_from",
          test_fallback_and_export},
+        {"pipeline layouts: pp2 x dp2 resumed bit for bit in pp2 x dp2, close in pp1, pp4, "
+         "pp2 x vpp2, pp_layers 1,3, pp2 x tp2; pp2 x vpp2 resumed on 1 rank", test_pp_layouts},
+        {"crash under pp2: SIGKILL of every rank mid-run; resume is exact", test_crash_pp},
+        {"pp2 and pp2 x vpp2: train.init_from, train.export_to and ckpt export give the 1-rank "
+         "run's tensors", test_pp_export},
     };
     static const struct tu_suite suite = {
         .name = "checkpoints and resume",
