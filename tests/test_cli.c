@@ -223,7 +223,7 @@ static void test_help(void)
         "train.lr", "train.lr_schedule", "train.init_from", "train.export_to",
         "data.path", "data.dtype", "parallel.tp", "parallel.ep", "parallel.pp",
         "parallel.order", "ckpt.dir", "ckpt.interval", "ckpt.keep", "log.metrics",
-        "log.interval",
+        "log.trace", "log.interval",
     };
     for (int b = 0; b < 2; b++) {
         run_vdist("%s --help", b ? "bench" : "train");
