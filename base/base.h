@@ -1,6 +1,6 @@
 /* base/: the bottom layer every folder may include; it includes nothing of vdist. Error
- * values and fatal checks, allocation, and the file-system helpers the writers of files
- * share (ckpt/, launch/).
+ * values and fatal checks, allocation, the file-system helpers the writers of files share
+ * (ckpt/, launch/), and the trace recorder (base/trace.h, included at the end).
  *
  * Error rule: functions that can fail on input (a file, a config, a checkpoint) return 0
  * or a negative VD_E* code and record a message (vd_err_msg); RETURN_IF / FORWARD_IF add
@@ -111,5 +111,9 @@ int vd_replace_fd(int fd, const char *tmp, const char *path, enum vd_replace_ste
  * that goes on); after a failure before the rename it is closed either way. */
 int vd_replace_stream(FILE *f, bool keep_open, const char *tmp, const char *path,
                       enum vd_replace_step *failed);
+
+/* ---------------------------------------------------------------- trace (base/trace.c) */
+
+#include "base/trace.h"
 
 #endif

@@ -117,38 +117,45 @@ int dist_count(size_t count)
     return (int)count;
 }
 
-static void account(enum dist_kind kind, double t0, size_t nbytes)
+/* Charges a communication that began at t0 (vd_trace_now) to its group kind, and records
+ * it as a span "op kind" of category cat when tracing. */
+static void account(enum dist_kind kind, const char *cat, const char *op, double t0,
+                    size_t nbytes)
 {
-    stats[kind].seconds += MPI_Wtime() - t0;
+    double const t1 = vd_trace_now();
+    stats[kind].seconds += t1 - t0;
     stats[kind].nbytes += (double)nbytes;
     stats[kind].calls++;
+    vd_trace_span_nbytes(cat, t0, t1, nbytes, "%s %s", op, dist_kind_name(kind));
 }
+
+static const char COLL[] = "collective", P2P[] = "p2p";
 
 void dist_allreduce_sum(const struct dist_group *g, enum dist_kind kind, float *buf,
                         size_t count)
 {
     if (g->size == 1) return;
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, dist_count(count), MPI_FLOAT, MPI_SUM, g->comm));
-    account(kind, t0, count * sizeof *buf);
+    account(kind, COLL, "allreduce", t0, count * sizeof *buf);
 }
 
 void dist_allreduce_sum_f64(const struct dist_group *g, enum dist_kind kind, double *buf,
                             size_t count)
 {
     if (g->size == 1) return;
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, dist_count(count), MPI_DOUBLE, MPI_SUM, g->comm));
-    account(kind, t0, count * sizeof *buf);
+    account(kind, COLL, "allreduce", t0, count * sizeof *buf);
 }
 
 void dist_allreduce_max(const struct dist_group *g, enum dist_kind kind, float *buf,
                         size_t count)
 {
     if (g->size == 1) return;
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf, dist_count(count), MPI_FLOAT, MPI_MAX, g->comm));
-    account(kind, t0, count * sizeof *buf);
+    account(kind, COLL, "allreduce_max", t0, count * sizeof *buf);
 }
 
 void dist_allgather(const struct dist_group *g, enum dist_kind kind, float *out,
@@ -158,11 +165,11 @@ void dist_allgather(const struct dist_group *g, enum dist_kind kind, float *out,
         if (out != in) memmove(out, in, count * sizeof *out);
         return;
     }
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     bool const in_place = in == out + (size_t)g->rank * count;
     DIST_CHECK_MPI(MPI_Allgather(in_place ? MPI_IN_PLACE : in, dist_count(count), MPI_FLOAT,
                                  out, dist_count(count), MPI_FLOAT, g->comm));
-    account(kind, t0, count * (size_t)g->size * sizeof *out);
+    account(kind, COLL, "allgather", t0, count * (size_t)g->size * sizeof *out);
 }
 
 void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void *out,
@@ -172,12 +179,12 @@ void dist_allgather_bytes(const struct dist_group *g, enum dist_kind kind, void 
         if (out != in) memmove(out, in, nbytes);
         return;
     }
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     /* MPI forbids overlapping buffers: a contribution already in its slot goes in place */
     bool const in_place = (const char *)in == (const char *)out + (size_t)g->rank * nbytes;
     DIST_CHECK_MPI(MPI_Allgather(in_place ? MPI_IN_PLACE : in, dist_count(nbytes), MPI_BYTE,
                                  out, dist_count(nbytes), MPI_BYTE, g->comm));
-    account(kind, t0, nbytes * (size_t)g->size);
+    account(kind, COLL, "allgather", t0, nbytes * (size_t)g->size);
 }
 
 /* Reduce-scatter as pairwise messages and a local sum, in rounds of RS_CHUNK floats per
@@ -205,7 +212,7 @@ void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float 
     }
     VD_CHECK(out + count <= in || in + (size_t)q * count <= out,
              "dist_reduce_scatter: the output overlaps the input");
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     size_t const chunk = count < RS_CHUNK ? count : RS_CHUNK;
     if (rs_floats < (size_t)(q - 1) * chunk) {
         free(rs_scratch);
@@ -238,7 +245,7 @@ void dist_reduce_scatter(const struct dist_group *g, enum dist_kind kind, float 
             for (size_t i = 0; i < n; i++) o[i] += p[i];
         }
     }
-    account(kind, t0, count * (size_t)q * sizeof *out);
+    account(kind, COLL, "reduce_scatter", t0, count * (size_t)q * sizeof *out);
 }
 
 void dist_iallreduce_sum(const struct dist_group *g, float *buf, size_t count,
@@ -260,9 +267,9 @@ bool dist_test(MPI_Request *req)
 void dist_wait_all(MPI_Request *reqs, int n, enum dist_kind kind, size_t nbytes)
 {
     if (n == 0) return;
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     DIST_CHECK_MPI(MPI_Waitall(n, reqs, MPI_STATUSES_IGNORE));
-    account(kind, t0, nbytes);
+    account(kind, P2P, "wait", t0, nbytes);
 }
 
 static void check_tag(int tag)
@@ -304,9 +311,9 @@ void dist_bcast(const struct dist_group *g, enum dist_kind kind, void *buf, size
                 int root)
 {
     if (g->size == 1) return;
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     DIST_CHECK_MPI(MPI_Bcast(buf, dist_count(nbytes), MPI_BYTE, root, g->comm));
-    account(kind, t0, nbytes);
+    account(kind, COLL, "bcast", t0, nbytes);
 }
 
 void dist_gather_nbytes(const struct dist_group *g, enum dist_kind kind, size_t nbytes,
@@ -316,13 +323,13 @@ void dist_gather_nbytes(const struct dist_group *g, enum dist_kind kind, size_t 
         counts[0] = nbytes;
         return;
     }
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     int const mine = dist_count(nbytes);
     int *all = g->rank == root ? vd_calloc((size_t)g->size, sizeof *all) : NULL;
     DIST_CHECK_MPI(MPI_Gather(&mine, 1, MPI_INT, all, 1, MPI_INT, root, g->comm));
     for (int r = 0; all && r < g->size; r++) counts[r] = (size_t)all[r];
     free(all);
-    account(kind, t0, sizeof mine * (g->rank == root ? (size_t)g->size : 1));
+    account(kind, COLL, "gather", t0, sizeof mine * (g->rank == root ? (size_t)g->size : 1));
 }
 
 void dist_gatherv_bytes(const struct dist_group *g, enum dist_kind kind, void *out,
@@ -332,7 +339,7 @@ void dist_gatherv_bytes(const struct dist_group *g, enum dist_kind kind, void *o
         if (out != in && nbytes > 0) memmove(out, in, nbytes);
         return;
     }
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     bool const is_root = g->rank == root;
     /* MPI's counts and displacements are ints: each must fit, the last displacement too */
     int *icounts = is_root ? vd_calloc((size_t)g->size, sizeof *icounts) : NULL;
@@ -347,7 +354,7 @@ void dist_gatherv_bytes(const struct dist_group *g, enum dist_kind kind, void *o
                                MPI_BYTE, root, g->comm));
     free(icounts);
     free(displs);
-    account(kind, t0, is_root ? total : nbytes);
+    account(kind, COLL, "gatherv", t0, is_root ? total : nbytes);
 }
 
 /* dist_send and dist_send_bytes: count elements of type. */
@@ -355,9 +362,9 @@ static void send_typed(const struct dist_group *g, enum dist_kind kind, const vo
                        size_t count, MPI_Datatype type, size_t elem_nbytes, int peer, int tag)
 {
     check_tag(tag);
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     DIST_CHECK_MPI(MPI_Send(buf, dist_count(count), type, peer, tag, g->comm));
-    account(kind, t0, count * elem_nbytes);
+    account(kind, P2P, "send", t0, count * elem_nbytes);
 }
 
 /* dist_recv and dist_recv_bytes: count elements of type, exactly. */
@@ -365,7 +372,7 @@ static int recv_typed(const struct dist_group *g, enum dist_kind kind, void *buf
                       MPI_Datatype type, size_t elem_nbytes, int peer, int tag)
 {
     check_tag(tag);
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     MPI_Status st;
     int got = 0;
     DIST_CHECK_MPI(MPI_Recv(buf, dist_count(count), type,
@@ -373,7 +380,7 @@ static int recv_typed(const struct dist_group *g, enum dist_kind kind, void *buf
     DIST_CHECK_MPI(MPI_Get_count(&st, type, &got));
     VD_CHECK((size_t)got == count, "received %d elements from group rank %d (tag %d), expected "
              "%zu", got, st.MPI_SOURCE, tag, count);
-    account(kind, t0, count * elem_nbytes);
+    account(kind, P2P, "recv", t0, count * elem_nbytes);
     return st.MPI_SOURCE;
 }
 

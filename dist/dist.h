@@ -51,7 +51,9 @@ void dist_group_split(struct dist_group *out, const struct dist_group *parent, i
                       int key);
 void dist_group_free(struct dist_group *g);
 
-/* Checked collectives, timed per group kind (dist_comm_stats). In place when in == out. */
+/* Checked collectives, timed per group kind (dist_comm_stats) on the trace clock and, while
+ * tracing (base/trace.h), recorded as spans "op kind" (category "collective", or "p2p" for
+ * dist_wait_all, dist_send and dist_recv) with their bytes. In place when in == out. */
 enum dist_kind { DIST_TP, DIST_CP, DIST_DP, DIST_DPCP, DIST_TPCP, DIST_PP,
                  DIST_EP, DIST_ETP, DIST_EDP, DIST_ETPEP, DIST_WORLD, DIST_NKIND };
 void dist_allreduce_sum(const struct dist_group *g, enum dist_kind kind, float *buf,

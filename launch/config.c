@@ -215,6 +215,10 @@ static const struct key_def key_table[] = {
     /* [log] */
     {"log.metrics", KEY_STRING, "", "JSON-lines metrics file; empty = none",
      STR(log.metrics)},
+    {"log.trace", KEY_STRING, "",
+     "Chrome trace-event JSON of the run (one track per rank: steps, optimizer, "
+     "communication, checkpoints), for Perfetto or chrome://tracing; empty = none",
+     STR(log.trace)},
     {"log.interval", KEY_INT, "1", "steps between progress lines", INT_MIN1(log.interval)},
 };
 #define KEY_COUNT (sizeof key_table / sizeof key_table[0])

@@ -64,6 +64,7 @@ struct launch_ckpt {
 
 struct launch_log {
     char metrics[LAUNCH_PATH_MAX]; /* JSON-lines path, empty: none */
+    char trace[LAUNCH_PATH_MAX];   /* Chrome trace-event JSON path, empty: none */
     int interval;                  /* progress line every `interval` steps */
 };
 

@@ -22,6 +22,16 @@ int launch_bench_dispatch(const struct launch_config *c);
 /* `vdist bench ckpt`: checkpoint save/load speed, compression, disk speed, async blocking. */
 int launch_bench_ckpt(const struct launch_config *c);
 
+/* log.trace (launch/tracing.c). Open: nothing for an empty path; else, collectively, every
+ * rank opens its part of the trace and starts recording at one moment; 0, or VD_EINVAL /
+ * VD_EIO naming log.trace, agreed by all ranks, with no part file left. Close: collective
+ * when a trace is open, a no-op otherwise. With rc (the run's agreed result) 0, stops
+ * recording and rank 0 writes the trace from every rank's part (0 or the trace's agreed
+ * error); with rc < 0, drops the parts quietly and returns rc. No part file is left either
+ * way. */
+int launch_trace_open(const char *path);
+int launch_trace_close(const char *path, int rc);
+
 /* `vdist ckpt ...`: argv[0] is "ckpt". Returns the process exit code. */
 int launch_ckpt_main(int argc, char **argv);
 

@@ -127,7 +127,9 @@ static double train_step(struct par_model *pm, struct par_schedule *sched,
                                    .beta2 = (float)c->train.beta2, .eps = (float)c->train.eps,
                                    .weight_decay = (float)c->train.weight_decay,
                                    .clip = (float)c->train.clip};
+    double const t_opt = vd_trace_now();
     out->grad_norm = par_optimizer_step(pm, &hp);
+    vd_trace_span("optimizer", t_opt, vd_trace_now(), "optimizer step %d", step + 1);
     out->lm = st.lm;
     out->aux = st.aux;
     out->z = st.z;
@@ -267,10 +269,12 @@ struct ckpt_state {
 static int finish_checkpoint(const struct launch_config *c, struct ckpt_state *cs)
 {
     if (!cs->pending) return 0;
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     int rc = ckpt_save_finish(cs->pending);
     cs->pending = NULL;
-    cs->blocked_s += MPI_Wtime() - t0;
+    double const t1 = vd_trace_now();
+    cs->blocked_s += t1 - t0;
+    vd_trace_span("checkpoint", t0, t1, "ckpt_save_finish step %ld", cs->pending_step);
     if (rc == 0 && dist_world_rank() == 0) rc = ckpt_prune(c->ckpt.dir, c->ckpt.keep);
     rc = dist_agree(dist_world(), rc);
     if (rc == 0 && dist_world_rank() == 0)
@@ -305,7 +309,7 @@ static int save_checkpoint(const struct launch_config *c, const struct par_model
     struct ckpt_meta const meta = {.step = done, .adam_step = pm->adam_step,
                                    .seed = c->train.seed, .config = config, .layout = layout,
                                    .state = state};
-    double const t0 = MPI_Wtime();
+    double const t0 = vd_trace_now();
     cs->pending_step = done;
     cs->saves++;
     int rc;
@@ -319,7 +323,10 @@ static int save_checkpoint(const struct launch_config *c, const struct par_model
             printf("checkpoint %s/step_%08d complete\n", c->ckpt.dir, done);
     }
     free(config);
-    cs->blocked_s += MPI_Wtime() - t0;
+    double const t1 = vd_trace_now();
+    cs->blocked_s += t1 - t0;
+    vd_trace_span("checkpoint", t0, t1, "%s step %d",
+                  c->ckpt.async ? "ckpt_save_start" : "ckpt_save", done);
     return rc;
 }
 
@@ -596,6 +603,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     FILE *metrics = NULL;
     if (root && c->log.metrics[0]) rc = open_metrics(c->log.metrics, start, &metrics);
     rc = dist_agree(dist_world(), rc);
+    if (rc == 0) rc = launch_trace_open(c->log.trace);
     double const tokens_per_step = (double)c->train.global_batch * c->train.seq_len;
     double const flops_per_step = 3.0 * model_flops_per_token(&c->model, c->train.seq_len) *
                                   tokens_per_step;
@@ -607,10 +615,11 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         float const lr = model_lr_at(c->train.lr_schedule == LAUNCH_LR_COSINE,
                                      (float)c->train.lr, (float)c->train.lr_min,
                                      c->train.warmup, c->train.steps, s);
-        double const t0 = MPI_Wtime();
+        double const t0 = vd_trace_now();
         struct step_stats st;
         train_step(&pm, &sched, tok, c, s, lr, &st);
-        double const dt = MPI_Wtime() - t0;
+        double const t1 = vd_trace_now(), dt = t1 - t0;
+        vd_trace_span("step", t0, t1, "step %d", s + 1);
         if (s > start || c->train.steps == start + 1) {
             timed_s += dt;
             pipe_s[0] += st.pipe_s;
@@ -657,6 +666,7 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     if (rc == 0 && bench && root)
         print_bench(&pm, sched.act_nbytes, timed_steps, timed_s / timed_steps, res->tokens_per_s, res->mfu);
     if (rc == 0 && c->train.export_to[0]) rc = export_model(c, &pm);
+    rc = launch_trace_close(c->log.trace, rc);
     launch_tokens_close(tok);
     par_schedule_free(&sched);
     par_model_free(&pm);

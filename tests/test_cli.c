@@ -225,7 +225,7 @@ static void test_help(void)
         "train.lr", "train.lr_schedule", "train.init_from", "train.export_to",
         "data.path", "data.dtype", "parallel.tp", "parallel.ep", "parallel.pp",
         "parallel.vpp", "parallel.pp_layers", "parallel.pp_schedule", "parallel.order",
-        "ckpt.dir", "ckpt.interval", "ckpt.keep", "log.metrics", "log.interval",
+        "ckpt.dir", "ckpt.interval", "ckpt.keep", "log.metrics", "log.trace", "log.interval",
     };
     for (int b = 0; b < 2; b++) {
         run_vdist("%s --help", b ? "bench" : "train");

@@ -28,7 +28,8 @@ static const char *const all_keys[] = {
     "parallel.cp", "parallel.ep", "parallel.etp", "parallel.pp", "parallel.vpp",
     "parallel.pp_layers", "parallel.pp_schedule", "parallel.order",
     "parallel.distributed_optimizer", "parallel.dispatch_direct", "ckpt.dir", "ckpt.interval",
-    "ckpt.keep", "ckpt.resume", "ckpt.async", "ckpt.zstd_level", "log.metrics", "log.interval",
+    "ckpt.keep", "ckpt.resume", "ckpt.async", "ckpt.zstd_level", "log.metrics", "log.trace",
+    "log.interval",
 };
 #define NKEYS (sizeof all_keys / sizeof all_keys[0])
 
@@ -124,6 +125,7 @@ static void test_defaults(void)
     CU_ASSERT_EQUAL(c.ckpt.interval, 0);
     CU_ASSERT_EQUAL(c.ckpt.keep, 2);
     CU_ASSERT_STRING_EQUAL(c.log.metrics, "");
+    CU_ASSERT_STRING_EQUAL(c.log.trace, "");
     CU_ASSERT_EQUAL(c.log.interval, 1);
     CU_ASSERT_EQUAL(launch_config_validate(&c), 0);
 

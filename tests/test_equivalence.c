@@ -215,16 +215,7 @@ static const char *tail(const char *s, size_t n)
  * that reproduces the run from a shell. */
 static int run_vdist(int ranks, const char *args)
 {
-    char launcher[256] = "";
-    if (ranks > 1)
-        snprintf(launcher, sizeof launcher,
-                 "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d "
-                 "-x OMP_NUM_THREADS ", ranks);
-    snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_env.tmp,
-             launcher, g_env.vdist, args);
-    char command[20480];
-    snprintf(command, sizeof command, "%s'%s' %s", launcher, g_env.vdist, args);
-    return tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
+    return tu_vdist_run(&g_run, &g_env, ranks, CHILD_TIMEOUT_S, "%s", args);
 }
 
 /* ---------------------------------------------------------------- one training run */

@@ -160,13 +160,7 @@ __attribute__((format(printf, 2, 3))) static int run_vdist(int ranks, const char
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    char launcher[256];
-    mpirun_prefix(launcher, sizeof launcher, ranks);
-    snprintf(g_run.cmd, sizeof g_run.cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", g_env.tmp,
-             launcher, g_env.vdist, args);
-    char command[sizeof launcher + PATH_MAX + sizeof args + 8];
-    snprintf(command, sizeof command, "%s'%s' %s", launcher, g_env.vdist, args);
-    return tu_shell_run(&g_run, g_env.tmp, CHILD_TIMEOUT_S, command);
+    return tu_vdist_run(&g_run, &g_env, ranks, CHILD_TIMEOUT_S, "%s", args);
 }
 
 static bool out_has(const char *s) { return g_run.out && strstr(g_run.out, s) != NULL; }

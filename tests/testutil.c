@@ -209,6 +209,37 @@ int tu_shell_run(struct tu_run *run, const char *dir, int timeout_s, const char 
     return run->rc;
 }
 
+int tu_vdist_run(struct tu_run *run, const struct tu_env *env, int ranks, int timeout_s,
+                 const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *args = NULL;
+    int const n = vasprintf(&args, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        run->rc = -1;
+        return -1;
+    }
+    char launcher[256] = "";
+    if (ranks > 1)
+        snprintf(launcher, sizeof launcher,
+                 "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d "
+                 "-x OMP_NUM_THREADS ", ranks);
+    snprintf(run->cmd, sizeof run->cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", env->tmp,
+             launcher, env->vdist, args);
+    size_t const cap = strlen(launcher) + strlen(env->vdist) + strlen(args) + 8;
+    char *const command = malloc(cap);
+    run->rc = -1;
+    if (command) {
+        snprintf(command, cap, "%s'%s' %s", launcher, env->vdist, args);
+        tu_shell_run(run, env->tmp, timeout_s, command);
+    }
+    free(command);
+    free(args);
+    return run->rc;
+}
+
 bool tu_help_lists(const char *text, const char *key)
 {
     size_t const n = strlen(key);

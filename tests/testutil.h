@@ -5,7 +5,7 @@
  *   expectations           TU_EXPECT, tu_expect_show, tu_expect_refused_at
  *   a sweep's problems     tu_problems_reset, tu_problem, TU_EXPECT_NO_PROBLEMS
  *   running vdist          struct tu_env, tu_env_init, struct tu_run, tu_shell_run,
- *                          tu_run_free, tu_help_lists
+ *                          tu_vdist_run, tu_run_free, tu_help_lists
  *   files and directories  tu_now_s, tu_file_read, tu_file_read_masked, tu_file_write,
  *                          tu_file_exists, tu_path, tu_mask, tu_tmpdir_create,
  *                          tu_tmpdir_remove
@@ -131,6 +131,14 @@ int tu_env_init(struct tu_env *env, const char *who, const char *tmp_prefix);
  * "<TMP>") and run->rc: the exit status, 128 + signal when it died of one, 124 or 137 after
  * the timeout, -1 when it could not run; clears run->out_shown. Returns run->rc. */
 int tu_shell_run(struct tu_run *run, const char *dir, int timeout_s, const char *command);
+
+/* Runs `vdist ARGS` (env->vdist; ARGS printf-style) on `ranks` ranks (1: directly, as a
+ * user runs one rank; more: under mpirun --allow-run-as-root --oversubscribe --bind-to none,
+ * OMP_NUM_THREADS passed on) inside env->tmp through tu_shell_run, and writes into run->cmd
+ * a command line that reproduces the run from a shell. Returns run->rc. */
+__attribute__((format(printf, 5, 6))) int tu_vdist_run(struct tu_run *run,
+                                                       const struct tu_env *env, int ranks,
+                                                       int timeout_s, const char *fmt, ...);
 
 /* Whether a line of a help text lists `key`: starts, after blanks, with key and a blank. */
 bool tu_help_lists(const char *text, const char *key);
