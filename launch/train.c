@@ -455,8 +455,9 @@ static void print_pipeline(const struct launch_config *c, const struct par_model
     if (p->pp == 1) return;
     int const m = s->pipe.m;
     double const bubble = par_pp_bubble(s->pipe.kind, p->pp, p->vpp, m);
-    printf("pipeline: %s, pp %d x vpp %d, %d micro-batches per step and replica; rank 0's "
-           "chunks:", par_pp_schedule_name(s->pipe.kind), p->pp, p->vpp, m);
+    const char *const plural = m == 1 ? "" : "es";
+    printf("pipeline: %s, pp %d x vpp %d, %d micro-batch%s per step and replica; rank 0's "
+           "chunks:", par_pp_schedule_name(s->pipe.kind), p->pp, p->vpp, m, plural);
     for (int ch = 0; ch < pm->lay.nchunks; ch++)
         printf(" layers %d-%d", pm->lay.chunk_begin[ch], pm->lay.chunk_end[ch] - 1);
     printf("; activation sets in flight on rank 0: %d; theoretical bubble %.1f%%\n", s->nacts,
@@ -464,10 +465,10 @@ static void print_pipeline(const struct launch_config *c, const struct par_model
     /* (pp - 1) / (m + pp - 1) is the bubble of one chunk per rank; gpipe over vpp > 1
      * chunks (the only other schedule that runs m < pp) idles less */
     if (m < p->pp)
-        printf("warning: %d micro-batches per step and replica on %d pipeline stages: each "
+        printf("warning: %d micro-batch%s per step and replica on %d pipeline stages: each "
                "stage idles %.0f%% of the step%s; raise train.global_batch or lower "
                "train.micro_batch to fill the pipeline\n",
-               m, p->pp, 100.0 * bubble,
+               m, plural, p->pp, 100.0 * bubble,
                p->vpp == 1 ? " (bubble (pp - 1) / (m + pp - 1))" : "");
 }
 

@@ -34,6 +34,14 @@
  * writing directly between the ranks of this machine (6 cases). The program's "layout:"
  * line must show both grids as asked.
  *
+ * Pipeline parallelism (pp_layouts): 17 layouts on 2, 4 and 8 ranks -- pp2 under each
+ * schedule (1f1b, gpipe) and with one micro-batch per step (fewer than stages), pp2 x tp2,
+ * pp2 x dp2, expert parallelism folded inside the stages (up to pp2 x tp2 x dp2 | ep4, also
+ * with pp fastest in the rank order), pp4, an uneven parallel.pp_layers, interleaved pp2
+ * vpp2 (also x tp2 | ep2, and under gpipe) and pp4 vpp2 -- on models of 2, 4 or 8 layers
+ * (the reference has the same layers), dropless and with capacity 1.0 (see layers_seed for
+ * the deeper models' seeds and policies), with both dispatchers and both optimizers.
+ *
  * The 1-rank reference always uses the layout's micro_batch (dropping decisions depend on
  * the micro-batch), and is cached per (micro_batch, global_batch, extra options). A
  * negative control trains the reference with another seed and requires the comparison to
