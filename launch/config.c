@@ -71,6 +71,7 @@ static const char *const lr_schedule_values[] = {"constant", "cosine", NULL};
 static const char *const dtype_values[] = {"uint16", "uint32", NULL};
 static const char *const order_names[] = {"tp", "cp", "ep", "dp", "pp"};
 static const char *const pp_schedule_values[] = {"auto", "1f1b", "interleaved", "gpipe", NULL};
+static const char *const cp_comm_values[] = {"p2p", "allgather", NULL};
 #define ORDER_COUNT (sizeof order_names / sizeof order_names[0])
 
 /* Defaults of the model sizes are the `small` model of configs/small.ini (vocabulary 256,
@@ -168,6 +169,11 @@ static const struct key_def key_table[] = {
      INT_MIN1(parallel.tp)},
     {"parallel.cp", KEY_INT, "1", "context-parallel size (ring attention)",
      INT_MIN1(parallel.cp)},
+    {"parallel.cp_comm_type", KEY_ENUM, "p2p",
+     "context parallelism's key/value exchange: p2p (ring attention, transfers overlapped "
+     "with compute) or allgather (all-gather keys and values, reduce-scatter their "
+     "gradients)",
+     FIELD(parallel.cp_comm_type), 0, 0, 0, cp_comm_values},
     {"parallel.ep", KEY_INT, "1", "expert-parallel size; must divide num_local_experts",
      INT_MIN1(parallel.ep)},
     {"parallel.etp", KEY_INT, "0",

@@ -49,6 +49,7 @@ struct launch_parallel {
     int tp, cp, ep, etp, pp, vpp;
     char pp_layers[1024];   /* layers per model chunk joined by ','; empty: an even split */
     int pp_schedule;        /* 0 auto, then enum par_pp_schedule + 1 */
+    int cp_comm_type;       /* 0 p2p (ring), 1 allgather */
     char order[64];
     bool distributed_optimizer;
     bool dispatch_direct;

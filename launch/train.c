@@ -415,9 +415,6 @@ int launch_layout_make(const struct launch_config *c, struct dist_grid *grid)
     int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
     FORWARD_IF(dist_grid_init(grid, dist_world_size(), p->tp, p->cp, p->ep, etp, p->pp,
                               p->order));
-    RETURN_IF(p->cp != 1, VD_EINVAL,
-              "parallel.cp = %d: this version runs tensor, sequence, data, expert and pipeline "
-              "parallelism; context parallelism needs a size of 1", p->cp);
     int const dp = grid->dims.dp;
     RETURN_IF(c->train.global_batch % (dp * c->train.micro_batch), VD_EINVAL,
               "train.global_batch = %d is not divisible by data-parallel size %d x "
@@ -431,6 +428,11 @@ int launch_layout_make(const struct launch_config *c, struct dist_grid *grid)
     RETURN_IF(c->train.seq_len % p->tp, VD_EINVAL,
               "train.seq_len = %d is not divisible by parallel.tp = %d: sequence parallelism "
               "splits every sequence evenly over the tensor ranks", c->train.seq_len, p->tp);
+    RETURN_IF(p->cp > 1 && c->train.seq_len % (2 * p->cp * p->tp), VD_EINVAL,
+              "train.seq_len = %d is not divisible by 2 x parallel.cp x parallel.tp = %d: "
+              "context parallelism cuts every sequence into 2 cp equal chunks, and sequence "
+              "parallelism splits each rank's share evenly over the tensor ranks",
+              c->train.seq_len, 2 * p->cp * p->tp);
     return 0;
 }
 
@@ -568,7 +570,8 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     }
     if (root) print_layout(&grid);
     struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer,
-                                     .dispatch_direct = c->parallel.dispatch_direct};
+                                     .dispatch_direct = c->parallel.dispatch_direct,
+                                     .cp_allgather = c->parallel.cp_comm_type == 1};
     struct par_model pm;
     rc = par_model_init(&pm, &c->model, &lay, &groups, &opt, c->train.micro_batch,
                         c->train.seq_len);

@@ -41,7 +41,7 @@ void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
         sums[2 * E] += (double)ba->rlse[t] * ba->rlse[t];
     }
     dist_allreduce_sum_f64(&pm->groups.tpcp, DIST_TPCP, sums, (size_t)(2 * E + 1));
-    double const Ng = (double)pm->shape.N;
+    double const Ng = (double)pm->shape.Nmb;
     double aux = 0.0;
     for (int e = 0; e < E; e++) {
         ba->counts[e] = (float)sums[e];
@@ -79,13 +79,13 @@ static float decide_capacity(const struct par_model *pm, const int *topk, const 
 {
     const struct model_config *c = &pm->cfg;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
-    size_t const S = pm->shape.N * (size_t)k;
+    size_t const S = pm->shape.Nmb * (size_t)k;
     float margin = INFINITY;
     if (c->moe_capacity_factor <= 0.0) {
         memset(kept, 1, S);
         return margin;
     }
-    size_t const C = (size_t)ceil(c->moe_capacity_factor * (double)pm->shape.N * k / E);
+    size_t const C = (size_t)ceil(c->moe_capacity_factor * (double)pm->shape.Nmb * k / E);
     size_t *per_expert = pm->scr.expert_counts, *fill = per_expert + E + 1;
     if (c->moe_drop_policy == MODEL_DROP_POSITION) {
         memset(per_expert, 0, (size_t)E * sizeof *per_expert);
@@ -133,7 +133,7 @@ void par_moe_decide(struct par_model *pm, struct par_block_acts *ba)
 {
     const struct model_config *c = &pm->cfg;
     int const E = c->num_local_experts, k = c->num_experts_per_tok;
-    size_t const Ns = pm->shape.Ns, N = pm->shape.N, S = N * (size_t)k;
+    size_t const Ns = pm->shape.Ns, N = pm->shape.Nmb, S = N * (size_t)k;
     const struct dist_group *g = &pm->groups.tpcp;
     struct par_scratch *s = &pm->scr;
     /* Gathered in the group's rank order, then placed by token index. */

@@ -159,7 +159,7 @@ static void moe_backward(struct par_model *pm, struct par_block_acts *ba,
     /* Router: aux = alpha (E/k) sum_e (c_e/N) P_e with P_e = mean_t p_te, so
      * d aux / d p_te = alpha (E/k) c_e / N^2; z = beta mean_t lse_t^2 gives 2 beta lse_t / N. */
     double const t0 = omp_get_wtime();
-    double const Ng = (double)pm->shape.N;
+    double const Ng = (double)pm->shape.Nmb;
     float *aux_coef = s->aux_coef;
     for (int e = 0; e < E; e++)
         aux_coef[e] = (float)(c->router_aux_loss_coef * E / k * ba->counts[e] / (Ng * Ng) *
@@ -198,7 +198,7 @@ static void head_backward(struct par_model *pm, const struct par_acts *a, const 
     size_t const Vl = (size_t)(c->vocab_size / pm->lay.tp);
     int const v_begin = (int)Vl * pm->lay.tp_rank;
     model_crossentropy_backward(s->dlogits, a->logits, a->targets, a->rowmax, a->rowsum, N, Vl,
-                                v_begin, (float)(loss_scale / (double)N));
+                                v_begin, (float)(loss_scale / (double)pm->shape.Nmb));
     float *dhn = s->dgathered;
     model_matmul_backward(dhn, pm->g.head, s->dlogits, a->hn, pm->p.head, N, d, Vl, false);
     dist_reduce_scatter(&pm->groups.tp, DIST_TP, s->dnorm, dhn, Ns * d);
@@ -226,9 +226,12 @@ void par_stage_forward(struct par_model *pm, struct par_acts *a, const int *inpu
              "or the loss");
     struct par_mb_stats *st = &a->stats;
     memset(st, 0, sizeof *st);
-    if (ch->has_embed) memcpy(a->inputs, inputs, N * sizeof(int));
-    if (ch->has_head) memcpy(a->targets, targets, N * sizeof(int));
-    for (size_t t = 0; t < N; t++) a->pos[t] = (int)(t % (size_t)T);
+    for (size_t t = 0; t < N; t++) { /* this context-parallel rank's rows */
+        int const tok = pm->cp_token[t];
+        if (ch->has_embed) a->inputs[t] = inputs[tok];
+        if (ch->has_head) a->targets[t] = targets[tok];
+        a->pos[t] = tok % T;
+    }
     if (h_in) memcpy(a->resid, h_in, Ns * d * sizeof(float));
     for (int i = ch->first; i < ch->first + ch->count; i++) {
         const struct par_layer *L = &pm->layers[i];

@@ -42,7 +42,10 @@ void par_layout_from_grid(struct model_layout *lay, const struct dist_grid *grid
 
 struct par_shape {
     int B, T;    /* sequences of a micro-batch, positions each */
-    size_t N;    /* tokens of the micro-batch: B T */
+    size_t Nmb;  /* tokens of the micro-batch: B T */
+    int Tl;      /* positions of each sequence this context-parallel rank holds: T / cp, its
+                    chunks r and 2 cp - 1 - r of T / (2 cp) positions (zigzag) */
+    size_t N;    /* rows of this context-parallel rank (gathered over tp): B Tl */
     size_t Ns;   /* rows of the residual stream this rank holds: N / tp (sequence parallel) */
 };
 
@@ -64,8 +67,8 @@ struct par_block_acts {
     float *a_loc, *rstd1;          /* input_layernorm out (Ns, d), (Ns) */
     float *a;                      /* (N, d) a_loc gathered over tp */
     float *q, *k, *v;              /* post-RoPE (N, Hl hd), (N, Gl hd) */
-    float *probs;                  /* (B, Hl, T, T) */
     float *att;                    /* (N, Hl hd) */
+    float *lse;                    /* (N, Hl): log-sum-exp of each query row's scores */
     float *m_loc, *rstd2;          /* post_attention_layernorm out (Ns, d), (Ns) */
     float *rprobs, *rtopk_w, *rlse;/* router on local rows (Ns, E), (Ns, k), (Ns) */
     int *rtopk;                    /* (Ns, k) */
@@ -138,7 +141,13 @@ struct par_scratch {
     float *dtopk_w;       /* (Ns, k) */
     float *dx_perm, *dy_perm; /* (R, d) */
     float *expert_ws;     /* (R, 2 F_l): model_expert_backward's workspace */
-    float *attn_ws;       /* model_attention_scratch_floats(T): attention backward's */
+    float *attn_ws;       /* model_flash_scratch_floats: the attention kernels' */
+    float *attn_delta;    /* (N, Hl): the attention backward's row term */
+    float *kv_ring;       /* p2p: (2, 2 N Gl hd) the key/value block held and the next one;
+                             allgather: (cp, 2 N Gl hd) every rank's */
+    float *dkv_ring;      /* p2p: (2, 2 N Gl hd) their gradients arriving and leaving;
+                             allgather: (cp, 2 N Gl hd) */
+    float *dkv_part;      /* (2 N Gl hd): this rank's contribution to the held block's */
     float *aux_coef;      /* (E): d aux / d p_te per expert */
     /* the capacity decision over the micro-batch */
     int *gathered_token;  /* (N): micro-batch token of each gathered row */
@@ -167,6 +176,8 @@ struct par_hparams {
 
 struct par_options {
     bool distributed_optimizer; /* ZeRO-1: optimizer state sharded over the replicas */
+    bool cp_allgather;          /* context parallelism: all-gather keys and values over cp
+                                   instead of passing them around the ring */
     bool dispatch_direct;       /* all-to-all forward dispatch writes rows straight into
                                    same-node ranks' expert blocks (dist_direct) */
 };
@@ -210,6 +221,7 @@ struct par_model {
     struct par_chunk chunks[MODEL_CHUNKS_MAX];
     int nchunks;
     int *row_token;           /* (Ns): index in the micro-batch (b T + position) of each row */
+    int *cp_token;            /* (N): the same for each row of this context-parallel rank */
     int *etpep_ep, *etpep_etp;/* (etp ep): coordinates of each rank of the etp x ep group */
     int *etpep_of;            /* (etp ep): group rank at (etp coordinate a, ep b), a + etp b */
     float *rope_cos, *rope_sin; /* (T, hd / 2) */

@@ -18,9 +18,10 @@ void par_router_losses(struct par_model *pm, struct par_block_acts *ba,
  * distributed optimizer); par_optimizer_step waits for them. */
 void par_reduce_layer_start(struct par_model *pm, const struct par_layer *L);
 
-/* Mean cross-entropy of a->logits (N, V_l, this rank's vocabulary slice) against
- * a->targets, with the softmax statistics combined over the tensor group; leaves the
- * global row max and sum in a->rowmax, a->rowsum. */
+/* Cross-entropy of a->logits (N, V_l, this rank's vocabulary slice) against a->targets,
+ * with the softmax statistics combined over the tensor group; leaves the global row max
+ * and sum in a->rowmax, a->rowsum. Returns the micro-batch's mean: the rows of every
+ * context-parallel rank summed, over all B T tokens. */
 double par_vocab_crossentropy(struct par_model *pm, struct par_acts *a, int v_begin, size_t Vl);
 
 /* The attention seam: every block's core attention (after q/k/v and RoPE, before o_proj)

@@ -35,8 +35,8 @@ int par_schedule_init(struct par_schedule *s, const struct par_model *pm,
     size_t const msg = pm->shape.Ns * (size_t)pm->cfg.hidden_size;
     s->recv_buf = P > 1 ? vd_calloc(2 * msg, sizeof *s->recv_buf) : NULL;
     s->recv_req[0] = s->recv_req[1] = MPI_REQUEST_NULL;
-    s->inputs = vd_calloc(2 * pm->shape.N, sizeof *s->inputs);
-    s->targets = s->inputs + pm->shape.N;
+    s->inputs = vd_calloc(2 * pm->shape.Nmb, sizeof *s->inputs);
+    s->targets = s->inputs + pm->shape.Nmb;
     int const L = pm->cfg.num_hidden_layers;
     s->layer_dropped = vd_calloc((size_t)L + 1, sizeof *s->layer_dropped);
     s->layer_max = vd_calloc(2 * (size_t)L + 1, sizeof *s->layer_max);
@@ -167,7 +167,7 @@ static void finish_layers(struct par_schedule *s, const struct par_model *pm, in
     dist_allreduce_sum_f64(&pm->groups.pp, DIST_PP, s->layer_dropped, (size_t)L);
     dist_allreduce_sum_f64(&pm->groups.pp, DIST_PP, ms, (size_t)L);
     dist_allreduce_max(&pm->groups.pp, DIST_PP, s->layer_max, 2 * (size_t)L);
-    double const assignments = (double)n_micro * (double)pm->shape.N * k;
+    double const assignments = (double)n_micro * (double)pm->shape.Nmb * k;
     for (int l = 0; l < L; l++) {
         struct par_layer_stats *ls = &s->layer_stats[l];
         ls->dispatch_ms = ms[l];

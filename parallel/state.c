@@ -124,7 +124,7 @@ static size_t arena_build(void **base, void (*lay_out)(void *obj, const struct p
 
 /* The model's dimensions on this rank, as the buffer layouts use them. */
 struct dims {
-    size_t N, Ns, d, hd, Hl, Gl, E, k, E_local, Fl, Vl, A, q, Ng, etp;
+    size_t Nmb, N, Ns, d, hd, Hl, Gl, E, k, E_local, Fl, Vl, A, q, Ng, etp, cp;
     int B, T;
     bool tp_gather;
 };
@@ -132,8 +132,9 @@ struct dims {
 static struct dims dims_of(const struct par_model *pm)
 {
     const struct model_config *c = &pm->cfg;
-    struct dims m = {.N = pm->shape.N, .Ns = pm->shape.Ns, .d = (size_t)c->hidden_size,
-                     .B = pm->shape.B, .T = pm->shape.T};
+    struct dims m = {.Nmb = pm->shape.Nmb, .N = pm->shape.N, .Ns = pm->shape.Ns,
+                     .d = (size_t)c->hidden_size, .B = pm->shape.B, .T = pm->shape.T,
+                     .cp = (size_t)pm->groups.cp.size};
     m.hd = m.d / (size_t)c->num_attention_heads;
     m.Hl = (size_t)(c->num_attention_heads / pm->lay.tp);
     m.Gl = (size_t)(c->num_key_value_heads / pm->lay.tp);
@@ -180,8 +181,8 @@ static void layout_acts(void *obj, const struct par_model *pm, struct arena *ar)
         ba->q = arena_take(ar, N * m.Hl * m.hd * f);
         ba->k = arena_take(ar, N * m.Gl * m.hd * f);
         ba->v = arena_take(ar, N * m.Gl * m.hd * f);
-        ba->probs = arena_take(ar, (size_t)m.B * m.Hl * (size_t)m.T * (size_t)m.T * f);
         ba->att = arena_take(ar, N * m.Hl * m.hd * f);
+        ba->lse = arena_take(ar, N * m.Hl * f);
         ba->m_loc = arena_take(ar, Ns * d * f);
         ba->rstd2 = arena_take(ar, Ns * f);
         ba->rprobs = arena_take(ar, Ns * E * f);
@@ -245,15 +246,22 @@ static void layout_scratch(void *obj, const struct par_model *pm, struct arena *
     s->dx_perm = arena_take(ar, A * d * f);
     s->dy_perm = arena_take(ar, A * d * f);
     s->expert_ws = arena_take(ar, A * 2 * m.Fl * f);
-    s->attn_ws = arena_take(ar, model_attention_scratch_floats(m.T) * f);
+    s->attn_ws = arena_take(ar, model_flash_scratch_floats(pm->shape.Tl, (int)m.hd) * f);
+    s->attn_delta = arena_take(ar, N * m.Hl * f);
+    size_t const kv = 2 * N * m.Gl * m.hd; /* one rank's keys and values */
+    size_t const held = pm->opt.cp_allgather ? m.cp : 2;
+    s->kv_ring = m.cp > 1 ? arena_take(ar, held * kv * f) : NULL;
+    s->dkv_ring = m.cp > 1 ? arena_take(ar, held * kv * f) : NULL;
+    s->dkv_part = m.cp > 1 ? arena_take(ar, kv * f) : NULL;
     s->aux_coef = arena_take(ar, E * f);
-    s->gathered_token = arena_take(ar, N * sizeof(int));
-    s->gathered_topk = arena_take(ar, N * k * sizeof(int));
-    s->gathered_probs = arena_take(ar, N * E * f);
-    s->full_topk = arena_take(ar, N * k * sizeof(int));
-    s->full_probs = arena_take(ar, N * E * f);
-    s->full_kept = arena_take(ar, N * k);
-    s->by_expert = arena_take(ar, N * k * sizeof(int));
+    size_t const Nmb = m.Nmb; /* the capacity decision sees the whole micro-batch */
+    s->gathered_token = arena_take(ar, Nmb * sizeof(int));
+    s->gathered_topk = arena_take(ar, Nmb * k * sizeof(int));
+    s->gathered_probs = arena_take(ar, Nmb * E * f);
+    s->full_topk = arena_take(ar, Nmb * k * sizeof(int));
+    s->full_probs = arena_take(ar, Nmb * E * f);
+    s->full_kept = arena_take(ar, Nmb * k);
+    s->by_expert = arena_take(ar, Nmb * k * sizeof(int));
     s->expert_counts = arena_take(ar, 2 * (E + 1) * sizeof(size_t));
     s->router_sums = arena_take(ar, (2 * E + 1) * sizeof(double));
     s->xsend = arena_take(ar, Ns * k * (d > q ? d : q) * f);
@@ -343,13 +351,26 @@ static void locate_buckets(struct par_model *pm)
     }
 }
 
-/* Which micro-batch token each local row is (sequence parallelism: a contiguous slice per
- * tensor rank), and the coordinates of the etp x ep group's ranks. */
+/* Which micro-batch token (b T + position) each row is: the context-parallel rank's rows
+ * are, per sequence, its chunks r and 2 cp - 1 - r (zigzag, so that causal work balances);
+ * sequence parallelism gives each tensor rank a contiguous slice of them. And the
+ * coordinates of the etp x ep group's ranks. */
 static void locate_rows(struct par_model *pm)
 {
-    size_t const Ns = pm->shape.Ns;
+    size_t const Ns = pm->shape.Ns, N = pm->shape.N;
+    int const cp = pm->groups.cp.size, cr = pm->groups.cp.rank, Tl = pm->shape.Tl;
+    int const chunk = Tl / 2;
+    pm->cp_token = vd_calloc(N, sizeof *pm->cp_token);
+    for (size_t i = 0; i < N; i++) {
+        int const b = (int)(i / (size_t)Tl), j = (int)(i % (size_t)Tl);
+        int const pos = cp == 1      ? j
+                        : j < chunk ? cr * chunk + j
+                                    : (2 * cp - 1 - cr) * chunk + j - chunk;
+        pm->cp_token[i] = b * pm->shape.T + pos;
+    }
     pm->row_token = vd_calloc(Ns, sizeof *pm->row_token);
-    for (size_t i = 0; i < Ns; i++) pm->row_token[i] = (int)((size_t)pm->lay.tp_rank * Ns + i);
+    for (size_t i = 0; i < Ns; i++)
+        pm->row_token[i] = pm->cp_token[(size_t)pm->lay.tp_rank * Ns + i];
     size_t const q = (size_t)pm->groups.etpep.size;
     pm->etpep_ep = vd_calloc(q, sizeof(int));
     pm->etpep_etp = vd_calloc(q, sizeof(int));
@@ -385,12 +406,18 @@ int par_model_init(struct par_model *pm, const struct model_config *cfg,
     pm->lay = *lay;
     pm->groups = *groups;
     pm->opt = *opt;
+    int const cp = groups->cp.size;
     pm->shape.B = B;
     pm->shape.T = T;
-    pm->shape.N = (size_t)B * (size_t)T;
+    pm->shape.Nmb = (size_t)B * (size_t)T;
+    RETURN_IF(cp > 1 && T % (2 * cp), VD_EINVAL,
+              "seq_len = %d is not divisible by 2 x parallel.cp = %d (context parallelism cuts "
+              "each sequence into 2 cp equal chunks)", T, 2 * cp);
+    pm->shape.Tl = T / cp;
+    pm->shape.N = (size_t)B * (size_t)pm->shape.Tl;
     RETURN_IF(pm->shape.N % (size_t)lay->tp, VD_EINVAL,
-              "micro_batch * seq_len = %zu tokens is not divisible by parallel.tp = %d "
-              "(sequence parallelism splits them evenly)", pm->shape.N, lay->tp);
+              "micro_batch * seq_len / parallel.cp = %zu tokens is not divisible by parallel.tp "
+              "= %d (sequence parallelism splits them evenly)", pm->shape.N, lay->tp);
     pm->shape.Ns = pm->shape.N / (size_t)lay->tp;
     FORWARD_IF(model_table_build(&pm->tab, cfg, lay));
     par_optim_init(pm);
@@ -429,6 +456,7 @@ void par_model_free(struct par_model *pm)
     free(pm->layers);
     free(pm->reqs);
     free(pm->row_token);
+    free(pm->cp_token);
     free(pm->etpep_ep);
     free(pm->etpep_etp);
     free(pm->etpep_of);

@@ -20,5 +20,6 @@ double par_vocab_crossentropy(struct par_model *pm, struct par_acts *a, int v_be
     double loss = 0.0;
     for (size_t t = 0; t < N; t++)
         loss += (double)logf(a->rowsum[t]) + a->rowmax[t] - tlogit[t];
-    return loss / ((double)pm->shape.B * pm->shape.T);
+    dist_allreduce_sum_f64(&pm->groups.cp, DIST_CP, &loss, 1); /* the other rows */
+    return loss / (double)pm->shape.Nmb;
 }

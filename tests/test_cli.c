@@ -223,7 +223,8 @@ static void test_help(void)
         "model.moe_capacity_factor", "model.moe_drop_policy", "model.config",
         "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len",
         "train.lr", "train.lr_schedule", "train.init_from", "train.export_to",
-        "data.path", "data.dtype", "parallel.tp", "parallel.ep", "parallel.pp",
+        "data.path", "data.dtype", "parallel.tp", "parallel.cp", "parallel.cp_comm_type",
+        "parallel.ep", "parallel.pp",
         "parallel.vpp", "parallel.pp_layers", "parallel.pp_schedule", "parallel.order",
         "ckpt.dir", "ckpt.interval", "ckpt.keep", "log.metrics", "log.trace", "log.interval",
     };

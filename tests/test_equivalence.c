@@ -42,6 +42,12 @@
  * (the reference has the same layers), dropless and with capacity 1.0 (see layers_seed for
  * the deeper models' seeds and policies), with both dispatchers and both optimizers.
  *
+ * Context parallelism (cp_layouts): 12 layouts on 2, 4 and 8 ranks -- cp2, cp4, cp2 x tp2,
+ * cp2 x dp2, expert parallelism folded over the cp ranks (cp2 | ep2, cp2 x tp2 | ep4, cp2 x
+ * tp2 x dp2 | ep8 in another rank order), cp2 x pp2 -- with the ring (p2p) and the
+ * all-gather key/value exchange, dropless and with capacity 1.0 under both policies, both
+ * dispatchers and both optimizers, with and without gradient accumulation.
+ *
  * The 1-rank reference always uses the layout's micro_batch (dropping decisions depend on
  * the micro-batch), and is cached per (micro_batch, global_batch, extra options). A
  * negative control trains the reference with another seed and requires the comparison to
@@ -356,12 +362,19 @@ struct layout {
     int pp, vpp;
     const char *pp_schedule, *pp_layers;
     int layers;        /* model.num_hidden_layers, also of the reference; 0: tiny.ini's 2 */
+    /* context parallelism (cp_layouts); 0 / NULL: not passed (cp 1, p2p) */
+    int cp;
+    const char *cp_comm;
 };
+static int lay_cp(const struct layout *l) { return l->cp ? l->cp : 1; }
 static int lay_pp(const struct layout *l) { return l->pp ? l->pp : 1; }
-static int lay_ranks(const struct layout *l) { return l->tp * l->dp * lay_pp(l); }
+static int lay_ranks(const struct layout *l) { return l->tp * lay_cp(l) * l->dp * lay_pp(l); }
 static int lay_etp(const struct layout *l) { return l->etp ? l->etp : l->tp; }
 static int lay_ep(const struct layout *l) { return l->ep ? l->ep : 1; }
-static int lay_edp(const struct layout *l) { return l->tp * l->dp / (lay_etp(l) * lay_ep(l)); }
+static int lay_edp(const struct layout *l)
+{
+    return l->tp * lay_cp(l) * l->dp / (lay_etp(l) * lay_ep(l));
+}
 
 /* The seed of the cases and references of a model of `layers` layers (pp_layouts), in
  * place of EQ_SEED: its trajectories, and so its references' decision margins, are the
@@ -376,7 +389,8 @@ static int lay_edp(const struct layout *l) { return l->tp * l->dp / (lay_etp(l) 
 static int layers_seed(int layers) { return layers == 4 ? 17 : 19; }
 
 /* The trailing fields of a layout without pipeline parallelism. */
-#define NO_PP 0, 0, NULL, NULL, 0
+#define NO_PP 0, 0, NULL, NULL, 0, NO_CP
+#define NO_CP 0, NULL
 static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false, false, NO_PP};
 
 /* Trains tiny.ini for STEPS steps in the given layout, exporting to g_env.tmp/dir.
@@ -388,15 +402,20 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
 {
     memset(r, 0, sizeof *r);
     snprintf(r->dir, sizeof r->dir, "%s", dir);
-    snprintf(r->label, sizeof r->label, "layout %s%s%s (attention tp %d x dp %d x pp %d, MoE "
-             "etp %d x ep %d x edp %d x pp %d%s%s%s%s)", lay->name,
-             dispatcher ? ", dispatcher " : "", dispatcher ? dispatcher : "", lay->tp, lay->dp,
-             lay_pp(lay), lay_etp(lay), lay_ep(lay), lay_edp(lay), lay_pp(lay),
+    snprintf(r->label, sizeof r->label, "layout %s%s%s (attention tp %d x cp %d x dp %d x pp %d, "
+             "MoE etp %d x ep %d x edp %d x pp %d%s%s%s%s)", lay->name,
+             dispatcher ? ", dispatcher " : "", dispatcher ? dispatcher : "", lay->tp,
+             lay_cp(lay), lay->dp, lay_pp(lay), lay_etp(lay), lay_ep(lay), lay_edp(lay),
+             lay_pp(lay),
              lay->pp_schedule ? ", schedule " : "", lay->pp_schedule ? lay->pp_schedule : "",
              lay->pp_layers ? ", pp_layers " : "", lay->pp_layers ? lay->pp_layers : "");
     char args[4096], par[512] = "";
     size_t n = 0;
     if (lay->pp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.pp=%d", lay->pp);
+    if (lay->cp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.cp=%d", lay->cp);
+    if (lay->cp_comm)
+        n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.cp_comm_type=%s",
+                              lay->cp_comm);
     if (lay->vpp) n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.vpp=%d", lay->vpp);
     if (lay->pp_schedule)
         n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.pp_schedule=%s",
@@ -442,12 +461,13 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
                        "x ep %d x edp %d x pp %d, order %63s", &ranks, &t, &c, &d, &pp, &et,
                     &ep, &ed, &mpp, order) == 10;
     const char *const want_order = lay->order ? lay->order : "tp-cp-ep-dp-pp";
-    if (!EXPECT(parsed && ranks == lay_ranks(lay) && t == lay->tp && c == 1 && d == lay->dp &&
+    if (!EXPECT(parsed && ranks == lay_ranks(lay) && t == lay->tp && c == lay_cp(lay) &&
+                    d == lay->dp &&
                     pp == lay_pp(lay) && et == lay_etp(lay) && ep == lay_ep(lay) &&
                     ed == lay_edp(lay) && mpp == lay_pp(lay) && strcmp(order, want_order) == 0,
-                "%s: `%s` must run %d ranks as attention tp %d x cp 1 x dp %d x pp %d, MoE etp "
+                "%s: `%s` must run %d ranks as attention tp %d x cp %d x dp %d x pp %d, MoE etp "
                 "%d x ep %d x edp %d x pp %d, order %s; its layout line says: %.200s", r->label,
-                r->cmd, lay_ranks(lay), lay->tp, lay->dp, lay_pp(lay), lay_etp(lay),
+                r->cmd, lay_ranks(lay), lay->tp, lay_cp(lay), lay->dp, lay_pp(lay), lay_etp(lay),
                 lay_ep(lay), lay_edp(lay), lay_pp(lay), want_order,
                 p ? p : "(no \"layout:\" line)"))
         return;
@@ -775,27 +795,53 @@ static const char *const dispatchers[] = {"alltoall", "allgather"};
  * `accum` micro_batch 2 (4 micro-batches per step: 1F1B's steady state, interleaving),
  * without it one micro-batch (fewer micro-batches than stages). */
 static const struct layout pp_layouts[] = {
-    {"pp2", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0},
-    {"pp2, one micro-batch", 1, 1, 0, 0, NULL, false, false, 2, 0, NULL, NULL, 0},
-    {"pp2 gpipe", 1, 1, 0, 0, NULL, true, false, 2, 0, "gpipe", NULL, 0},
-    {"pp2 x tp2", 2, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0},
-    {"pp2 x tp2, one micro-batch", 2, 1, 0, 0, NULL, false, false, 2, 0, NULL, NULL, 0},
-    {"pp2 x dp2", 1, 2, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0},
-    {"pp2 x tp2 | ep2", 2, 1, 1, 2, NULL, true, false, 2, 0, NULL, NULL, 0},
-    {"pp2 x dp2 | ep2, gpipe", 1, 2, 1, 2, NULL, true, false, 2, 0, "gpipe", NULL, 0},
-    {"pp2 x tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, true, false, 2, 0, NULL, NULL, 0},
+    {"pp2", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0, NO_CP},
+    {"pp2, one micro-batch", 1, 1, 0, 0, NULL, false, false, 2, 0, NULL, NULL, 0, NO_CP},
+    {"pp2 gpipe", 1, 1, 0, 0, NULL, true, false, 2, 0, "gpipe", NULL, 0, NO_CP},
+    {"pp2 x tp2", 2, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0, NO_CP},
+    {"pp2 x tp2, one micro-batch", 2, 1, 0, 0, NULL, false, false, 2, 0, NULL, NULL, 0, NO_CP},
+    {"pp2 x dp2", 1, 2, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0, NO_CP},
+    {"pp2 x tp2 | ep2", 2, 1, 1, 2, NULL, true, false, 2, 0, NULL, NULL, 0, NO_CP},
+    {"pp2 x dp2 | ep2, gpipe", 1, 2, 1, 2, NULL, true, false, 2, 0, "gpipe", NULL, 0, NO_CP},
+    {"pp2 x tp2 x dp2 | ep4", 2, 2, 1, 4, NULL, true, false, 2, 0, NULL, NULL, 0, NO_CP},
     {"pp2 x tp2 x dp2 | ep4 (pp fastest)", 2, 2, 1, 4, "pp-tp-cp-ep-dp", true, false, 2, 0,
-     NULL, NULL, 0},
-    {"pp4 (4 layers)", 1, 1, 0, 0, NULL, true, false, 4, 0, NULL, NULL, 4},
-    {"pp2 layers 1,3 (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, "1,3", 4},
-    {"pp2 vpp2 (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, NULL, NULL, 4},
-    {"pp2 vpp2 x tp2 | ep2 (4 layers)", 2, 1, 1, 2, NULL, true, false, 2, 2, NULL, NULL, 4},
-    {"pp2 vpp2 gpipe (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, "gpipe", NULL, 4},
-    {"pp4 vpp2 (8 layers)", 1, 1, 0, 0, NULL, true, false, 4, 2, NULL, NULL, 8},
+     NULL, NULL, 0, NO_CP},
+    {"pp4 (4 layers)", 1, 1, 0, 0, NULL, true, false, 4, 0, NULL, NULL, 4, NO_CP},
+    {"pp2 layers 1,3 (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, "1,3", 4, NO_CP},
+    {"pp2 vpp2 (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, NULL, NULL, 4, NO_CP},
+    {"pp2 vpp2 x tp2 | ep2 (4 layers)", 2, 1, 1, 2, NULL, true, false, 2, 2, NULL, NULL, 4,
+     NO_CP},
+    {"pp2 vpp2 gpipe (4 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, "gpipe", NULL, 4, NO_CP},
+    {"pp4 vpp2 (8 layers)", 1, 1, 0, 0, NULL, true, false, 4, 2, NULL, NULL, 8, NO_CP},
     {"pp2 vpp2 layers 1,2,3,2 (8 layers)", 1, 1, 0, 0, NULL, true, false, 2, 2, NULL,
-     "1,2,3,2", 8},
+     "1,2,3,2", 8, NO_CP},
 };
 #define NPP_LAYOUTS (sizeof pp_layouts / sizeof pp_layouts[0])
+
+/* Context parallelism (shared/docs/parallelism.md): each sequence cut into 2 cp chunks,
+ * zigzag over the cp ranks, keys and values passed around the ring (p2p) or all-gathered,
+ * with tensor, data and pipeline parallelism, and expert parallelism folded over the cp
+ * ranks (EP over TP x CP). tiny.ini's 16 positions give chunks of 4 (cp 2) or 2 (cp 4,
+ * cp 2 x tp 2). Each runs dropless and with capacity 1.0 under both policies, the
+ * dispatcher and the optimizer alternating. */
+static const struct layout cp_layouts[] = {
+    {"cp2", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
+    {"cp2 allgather", 1, 1, 0, 0, NULL, false, false, 0, 0, NULL, NULL, 0, 2, "allgather"},
+    {"cp4", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 4, NULL},
+    {"cp4 allgather", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 4, "allgather"},
+    {"cp2 x tp2", 2, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
+    {"cp2 x dp2", 1, 2, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
+    {"cp2 x dp2 allgather", 1, 2, 0, 0, NULL, false, false, 0, 0, NULL, NULL, 0, 2,
+     "allgather"},
+    {"cp2 | ep2", 1, 1, 1, 2, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
+    {"cp2 x tp2 | ep4", 2, 1, 1, 4, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
+    {"cp2 x tp2 | ep4 allgather", 2, 1, 1, 4, NULL, false, false, 0, 0, NULL, NULL, 0, 2,
+     "allgather"},
+    {"cp2 x pp2", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0, 2, NULL},
+    {"cp2 x tp2 x dp2 | ep8 (dp-cp-tp order)", 2, 2, 1, 8, "dp-cp-tp-ep-pp", true, false, 0,
+     0, NULL, NULL, 0, 2, NULL},
+};
+#define NCP_LAYOUTS (sizeof cp_layouts / sizeof cp_layouts[0])
 
 /* The seed of the initial weights (train.seed) of every case and reference.
  *
@@ -913,6 +959,10 @@ static void build_cases(void)
         for (int v = 0; v < (pp_layouts[l].layers ? 2 : 3); v++)
             add_case(&pp_layouts[l], dispatchers[(l + (size_t)v) % 2], (l + (size_t)v) % 2 == 0,
                      pp_layouts[l].accum, variant_extra[v], variant_name[v]);
+    for (size_t l = 0; l < NCP_LAYOUTS; l++)
+        for (int v = 0; v < 3; v++)
+            add_case(&cp_layouts[l], dispatchers[(l + (size_t)v) % 2], (l + (size_t)v) % 2 == 1,
+                     cp_layouts[l].accum, variant_extra[v], variant_name[v]);
     /* VDIST_EQ_ONLY=text keeps the cases whose name contains it (a debugging aid: the
      * coverage demands then apply to those alone). */
     const char *const only = getenv("VDIST_EQ_ONLY");
@@ -1326,8 +1376,10 @@ static void print_summary(double total_s)
     double worst_loss = 0, worst_param = 0, worst_rel = 0, worst_gnorm = 0, worst_drift = 0;
     double least_margin = -1;
     double ep_worst_loss = 0, ep_worst_param = 0, ep_worst_gnorm = 0, ep_seconds = 0;
-    int passed = 0, ran = 0, ep_cases = 0, ep_passed = 0, pp_cases = 0, pp_passed = 0;
+    int passed = 0, ran = 0, ep_cases = 0, ep_passed = 0;
+    int pp_cases = 0, pp_passed = 0, cp_cases = 0, cp_passed = 0;
     double pp_worst_loss = 0, pp_worst_param = 0, pp_worst_gnorm = 0, pp_seconds = 0;
+    double cp_worst_loss = 0, cp_worst_param = 0, cp_worst_gnorm = 0, cp_seconds = 0;
     const char *least_margin_case = "-", *worst_drift_case = "-";
     for (int i = 0; i < g_ncases; i++) {
         const struct eq_case *c = &g_cases[i];
@@ -1338,9 +1390,11 @@ static void print_summary(double total_s)
         int const ranks = lay_ranks(c->lay);
         const char *opt = c->dopt ? "dist" : "repl", *accum = c->accum ? "yes" : "no";
         const char *disp = c->dispatcher ? c->dispatcher : "-";
-        bool const pp = c->lay->pp != 0, ep = c->dispatcher != NULL && !pp;
+        bool const cp = c->lay->cp != 0, pp = c->lay->pp != 0 && !cp;
+        bool const ep = c->dispatcher != NULL && !pp && !cp;
         ep_cases += ep;
         pp_cases += pp;
+        cp_cases += cp;
         if (!c->ran) {
             print_row(c->lay->name, ranks, disp, opt, mbgb, accum, cap, -1, NULL, 0, "NOT RUN");
             continue;
@@ -1359,6 +1413,13 @@ static void print_summary(double total_s)
             (least_margin < 0 || c->cmp.min_ref_margin < least_margin)) {
             least_margin = c->cmp.min_ref_margin;
             least_margin_case = c->name;
+        }
+        if (cp) {
+            cp_passed += c->passed;
+            cp_worst_loss = fmax(cp_worst_loss, c->cmp.max_rel_loss);
+            cp_worst_param = fmax(cp_worst_param, c->cmp.max_abs_param);
+            cp_worst_gnorm = fmax(cp_worst_gnorm, c->cmp.max_rel_gnorm);
+            cp_seconds += c->seconds;
         }
         if (pp) {
             pp_passed += c->passed;
@@ -1412,6 +1473,10 @@ static void print_summary(double total_s)
            "layers) = %d cases, %d passed; worst: relative loss %.2e, absolute parameter %.2e, relative "
            "grad_norm %.2e; %.1f s\n", (int)NPP_LAYOUTS, pp_cases, pp_passed, pp_worst_loss,
            pp_worst_param, pp_worst_gnorm, pp_seconds);
+    printf("context-parallel layouts: %d layouts x 3 (dropless, capacity 1.0 position, probs) "
+           "= %d cases, %d passed; worst: relative loss %.2e, absolute parameter %.2e, "
+           "relative grad_norm %.2e; %.1f s\n", (int)NCP_LAYOUTS, cp_cases, cp_passed,
+           cp_worst_loss, cp_worst_param, cp_worst_gnorm, cp_seconds);
 }
 
 /* ---------------------------------------------------------------- main */
