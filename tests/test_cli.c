@@ -4,8 +4,9 @@
  * synthetic dataset toward its entropy floor with a complete metrics file, failed
  * exports that leave nothing half-written, the all-to-all dispatcher on a kernel that
  * refuses its direct writes between ranks, pipeline sizes refused on every rank (mpirun,
- * each rank's exit status printed by a shell around it) and the warning of a pipeline
- * with fewer micro-batches than stages.
+ * each rank's exit status printed by a shell around it), context-parallel sizes and
+ * exchanges refused the same way, and the warning of a pipeline with fewer micro-batches
+ * than stages.
  *
  * For that last test this executable is also a launcher: started with
  * VDIST_CLI_DENY_WRITEV=1 and a program with its arguments, it installs a seccomp filter
@@ -236,7 +237,8 @@ static void test_help(void)
             EXPECT(tu_help_lists(g_run.out, keys[i]),
                    "`%s` must list the key %s at the start of a line", g_run.cmd, keys[i]);
         EXPECT(out_has("position|probs") && out_has("constant|cosine") &&
-                   out_has("uint16|uint32") && out_has("auto|1f1b|interleaved|gpipe"),
+                   out_has("uint16|uint32") && out_has("auto|1f1b|interleaved|gpipe") &&
+                   out_has("p2p|allgather"),
                "`%s` must show the allowed values of the enumerations", g_run.cmd);
     }
 
@@ -918,16 +920,32 @@ static void expect_refused_on_every_rank(int ranks, const char *a, const char *b
     EXPECT_REFUSED(a, b);
 }
 
+/* A layout refused through the real program on `ranks` ranks: what the message must hold. */
+struct refusal_case {
+    int ranks;
+    const char *opts;
+    const char *expect[2];
+};
+
+/* Runs each case (tiny.ini, 2 steps, the options of the case) and expects it refused
+ * before the first step on every rank with a message that holds both strings. */
+static void expect_refusals(const struct refusal_case *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        char args[PATH_MAX * 3];
+        snprintf(args, sizeof args, "train --config %s --data.path=%s --train.steps=2 "
+                 "--train.peak_gflops=100 %s", config_path("tiny"), synth64(), cases[i].opts);
+        run_ranks(cases[i].ranks, args);
+        expect_refused_on_every_rank(cases[i].ranks, cases[i].expect[0], cases[i].expect[1]);
+    }
+}
+
 /* Pipeline sizes that only the program's checks see together (the model's layers, the
  * world size, the micro-batches per replica), each run on 2 ranks (one on 3): refused
  * before the first step on every rank with a message naming the sizes. */
 static void test_pp_refusals(void)
 {
-    static const struct {
-        int ranks;
-        const char *opts;
-        const char *expect[2]; /* what the message must hold */
-    } cases[] = {
+    static const struct refusal_case cases[] = {
         {2, "--parallel.pp=2 --parallel.vpp=2 --model.num_hidden_layers=6",
          {"num_hidden_layers = 6", "parallel.pp = 2 x parallel.vpp = 2 = 4"}},
         {2, "--parallel.pp=2 --model.num_hidden_layers=4 --parallel.pp_layers=1,1,2",
@@ -946,13 +964,24 @@ static void test_pp_refusals(void)
         {2, "--parallel.vpp=2", {"parallel.vpp = 2", "parallel.pp = 1"}},
         {3, "--parallel.pp=2", {"world size 3", "pp 2"}},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char args[PATH_MAX * 3];
-        snprintf(args, sizeof args, "train --config %s --data.path=%s --train.steps=2 "
-                 "--train.peak_gflops=100 %s", config_path("tiny"), synth64(), cases[i].opts);
-        run_ranks(cases[i].ranks, args);
-        expect_refused_on_every_rank(cases[i].ranks, cases[i].expect[0], cases[i].expect[1]);
-    }
+    expect_refusals(cases, sizeof cases / sizeof cases[0]);
+}
+
+/* Context-parallel sizes and exchanges the program cannot run, on 2 to 4 ranks: a
+ * sequence that does not cut into 2 cp chunks whose rows split over tp (seq_len 12 with
+ * cp 2 x tp 2 passes each of the single-size checks), one that does not cut into 2 cp
+ * chunks, a cp group larger than the world, and an exchange that does not exist. */
+static void test_cp_refusals(void)
+{
+    static const struct refusal_case cases[] = {
+        {4, "--parallel.cp=2 --parallel.tp=2 --train.seq_len=12",
+         {"train.seq_len = 12", "2 x parallel.cp x parallel.tp = 8"}},
+        {3, "--parallel.cp=3", {"train.seq_len = 16", "2 * parallel.cp = 6"}},
+        {2, "--parallel.cp=4", {"world size 2", "cp 4"}},
+        {2, "--parallel.cp=2 --parallel.cp_comm_type=ring",
+         {"parallel.cp_comm_type = 'ring'", "allowed values are p2p, allgather"}},
+    };
+    expect_refusals(cases, sizeof cases / sizeof cases[0]);
 }
 
 /* One micro-batch a step on two stages: the run trains, after a warning that states the
@@ -1003,6 +1032,8 @@ int main(int argc, char **argv)
          test_direct_writes_refused},
         {"pipeline sizes refused on every rank before training, naming the sizes",
          test_pp_refusals},
+        {"context-parallel sizes and an unknown cp_comm_type refused on every rank before "
+         "training, naming the sizes and the allowed values", test_cp_refusals},
         {"pp2 with one micro-batch a step trains after a warning stating the 50% bubble",
          test_pp_bubble_warning},
     };

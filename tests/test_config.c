@@ -111,6 +111,7 @@ static void test_defaults(void)
     CU_ASSERT_EQUAL(c.data.dtype, LAUNCH_DTYPE_UINT16);
     CU_ASSERT_EQUAL(c.parallel.tp, 1);
     CU_ASSERT_EQUAL(c.parallel.cp, 1);
+    CU_ASSERT_EQUAL(c.parallel.cp_comm_type, 0); /* p2p */
     CU_ASSERT_EQUAL(c.parallel.ep, 1);
     CU_ASSERT_EQUAL(c.parallel.etp, 0); /* 0: the same as parallel.tp */
     CU_ASSERT_EQUAL(c.parallel.pp, 1);
@@ -273,6 +274,7 @@ static void test_parse_errors(void)
         {"parallel.pp_layers", "2;2", "expected integers >= 1 joined by ','"},
         {"parallel.pp_layers", "-1,3", "expected integers >= 1 joined by ','"},
         {"parallel.pp_schedule", "zigzag", "allowed values are auto, 1f1b, interleaved, gpipe"},
+        {"parallel.cp_comm_type", "ring", "allowed values are p2p, allgather"},
     };
     struct launch_config c, before;
     launch_config_defaults(&c);
@@ -316,6 +318,8 @@ static void test_parse_errors(void)
     CU_ASSERT_EQUAL(c.model.moe_capacity_factor, 0.0);
     CU_ASSERT_EQUAL(launch_config_set(&c, "model.moe_drop_policy", "probs"), 0);
     CU_ASSERT_EQUAL(c.model.moe_drop_policy, MODEL_DROP_PROBS);
+    CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.cp_comm_type", "allgather"), 0);
+    CU_ASSERT_EQUAL(c.parallel.cp_comm_type, 1);
     CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.order", "pp-dp-ep-cp-tp"), 0);
     CU_ASSERT_STRING_EQUAL(c.parallel.order, "pp-dp-ep-cp-tp");
     CU_ASSERT_EQUAL(launch_config_set(&c, "train.lr", "2.5e-4"), 0);

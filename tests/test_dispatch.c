@@ -31,7 +31,6 @@
  * the driver can show that a wrong element is reported and fails the run. */
 #include <CUnit/CUnit.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -148,32 +147,12 @@ static const char *const check_names[NCHECK] = {
     "row_token", "kept", "dropped/tokens_max", "out", "m_loc changed", "send plan",
     "y_ret", "counts_matrix", "rows/expert_off", "x_perm", "dm", "dtopk_w"};
 
-enum { PRINT_PER_CHECK = 3 };
-
 struct tally {
-    long long wrong[NCHECK];
-    int printed[NCHECK];
+    struct tu_tally t; /* wrong elements per check; t.where: "layout dispatcher scenario" */
     /* what the scenario exercised: dropped assignments (counted once per micro-batch),
      * ranks with no kept local slot (they send nothing), local experts that get no row */
     long long cover[3];
-    const char *where; /* "layout dispatcher scenario" */
 };
-
-/* Counts one wrong element of check c and prints the first few with this rank's view. */
-static void wrong_at(struct tally *ty, enum check c, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void wrong_at(struct tally *ty, enum check c, const char *fmt, ...)
-{
-    ty->wrong[c]++;
-    if (ty->printed[c]++ >= PRINT_PER_CHECK) return;
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    printf("  [rank %d] %s: %s: %s\n", dist_world_rank(), ty->where, check_names[c], msg);
-    fflush(stdout);
-}
 
 /* ---------------------------------------------------------------- exact values */
 
@@ -350,13 +329,13 @@ static void check_x_perm(const struct ctx *cx, const struct scenario *sc,
         expect_total += expect_n[le];
     }
     if (ba->rows != expect_total)
-        wrong_at(ty, C_ROWS, "rows %zu, expected %zu", ba->rows, expect_total);
+        tu_wrong_at(&ty->t, C_ROWS, "rows %zu, expected %zu", ba->rows, expect_total);
     for (int le = 0; le <= cx->El; le++) {
         size_t want = 0;
         for (int i = 0; i < le; i++) want += expect_n[i];
         if (ba->expert_off[le] != want)
-            wrong_at(ty, C_ROWS, "expert_off[%d] = %zu, expected %zu", le, ba->expert_off[le],
-                     want);
+            tu_wrong_at(&ty->t, C_ROWS, "expert_off[%d] = %zu, expected %zu", le,
+                        ba->expert_off[le], want);
     }
     /* Walk the blocks by the expected offsets, so a wrong offset does not hide the rows. */
     size_t r0 = 0;
@@ -369,8 +348,8 @@ static void check_x_perm(const struct ctx *cx, const struct scenario *sc,
             const float *row = ba->x_perm + r * D;
             int const g = decode_row(cx, row);
             if (g < 0) {
-                wrong_at(ty, C_XPERM, "expert %d row %zu is not a row of m (first value %g)",
-                         e, r, (double)row[0]);
+                tu_wrong_at(&ty->t, C_XPERM, "expert %d row %zu is not a row of m (first value %g)",
+                            e, r, (double)row[0]);
                 continue;
             }
             int const rep = g / N, t = g % N;
@@ -379,23 +358,23 @@ static void check_x_perm(const struct ctx *cx, const struct scenario *sc,
             for (int j = 0; j < k; j++)
                 routed |= bf->mbs[rep].kept[t * k + j] && bf->mbs[rep].topk[t * k + j] == e;
             if (src < 0 || !routed || bf->seen[g]) {
-                wrong_at(ty, C_XPERM,
-                         "expert %d row %zu holds token %d of replica %d (%s)", e, r, t, rep,
-                         src < 0 ? "from outside the etp x ep group"
-                                 : !routed ? "not routed to this expert, or dropped"
-                                           : "a second time");
+                tu_wrong_at(&ty->t, C_XPERM,
+                            "expert %d row %zu holds token %d of replica %d (%s)", e, r, t, rep,
+                            src < 0 ? "from outside the etp x ep group"
+                                    : !routed ? "not routed to this expert, or dropped"
+                                              : "a second time");
                 continue;
             }
             bf->seen[g] = 1;
             if (src != prev_src) {
                 if (src_seen[src])
-                    wrong_at(ty, C_XPERM, "expert %d row %zu: rows of source %d not contiguous",
-                             e, r, src);
+                    tu_wrong_at(&ty->t, C_XPERM,
+                                "expert %d row %zu: rows of source %d not contiguous", e, r, src);
                 src_seen[src] = 1;
             } else if (g <= prev_g) {
-                wrong_at(ty, C_XPERM,
-                         "expert %d row %zu: token %d after token %d of the same source", e, r,
-                         g, prev_g);
+                tu_wrong_at(&ty->t, C_XPERM,
+                            "expert %d row %zu: token %d after token %d of the same source", e, r,
+                            g, prev_g);
             }
             prev_src = src;
             prev_g = g;
@@ -420,7 +399,7 @@ static void check_a2a(const struct ctx *cx, const struct scenario *sc,
     for (int r = 0; r < Ns; r++)
         for (int j = 0; j < k; j++) kept_local += mine->kept[row_token[r] * k + j];
     if (ba->send_rows != kept_local)
-        wrong_at(ty, C_SEND, "send_rows %zu, expected %zu", ba->send_rows, kept_local);
+        tu_wrong_at(&ty->t, C_SEND, "send_rows %zu, expected %zu", ba->send_rows, kept_local);
     /* The expected send row of each kept local slot: expert-major, (token, slot) order. */
     int a = 0;
     for (int e = 0; e < E; e++)
@@ -432,23 +411,24 @@ static void check_a2a(const struct ctx *cx, const struct scenario *sc,
                 if (mine->topk[s] != e) continue;
                 if (!kept) {
                     if (got != -1)
-                        wrong_at(ty, C_SEND, "dropped slot (row %d, j %d) has send row %d", r, j,
-                                 got);
+                        tu_wrong_at(&ty->t, C_SEND, "dropped slot (row %d, j %d) has send row %d",
+                                    r, j, got);
                     continue;
                 }
                 if (got != a)
-                    wrong_at(ty, C_SEND, "slot (row %d, j %d) of expert %d: send row %d, "
-                             "expected %d", r, j, e, got, a);
+                    tu_wrong_at(&ty->t, C_SEND,
+                                "slot (row %d, j %d) of expert %d: send row %d, expected %d", r,
+                                j, e, got, a);
                 else if (ba->send_slot[a] != r * k + j)
-                    wrong_at(ty, C_SEND, "send_slot[%d] = %d, expected slot %d", a,
-                             ba->send_slot[a], r * k + j);
+                    tu_wrong_at(&ty->t, C_SEND, "send_slot[%d] = %d, expected slot %d", a,
+                                ba->send_slot[a], r * k + j);
                 a++;
             }
     size_t const n = ba->send_rows < (size_t)Ns * k ? ba->send_rows : (size_t)Ns * k;
     for (size_t i = 0; i < n; i++) {
         int const slot = ba->send_slot[i];
         if (slot < 0 || slot >= Ns * k) {
-            wrong_at(ty, C_YRET, "send_slot[%zu] = %d is not a local slot", i, slot);
+            tu_wrong_at(&ty->t, C_YRET, "send_slot[%zu] = %d is not a local slot", i, slot);
             continue;
         }
         int const r = slot / k, e = mine->topk[row_token[r] * k + slot % k];
@@ -458,9 +438,9 @@ static void check_a2a(const struct ctx *cx, const struct scenario *sc,
             for (int c = 0; c < D; c++) {
                 float const want = a2 == 0 ? ba->m_loc[(size_t)r * D + c] : 0.0f;
                 if (memcmp(&got[c], &want, sizeof want) != 0) {
-                    wrong_at(ty, C_YRET, "send row %zu (local row %d, expert %d) from ETP rank "
-                             "%d, column %d: %g, expected %g", i, r, e, a2, c, (double)got[c],
-                             (double)want);
+                    tu_wrong_at(&ty->t, C_YRET, "send row %zu (local row %d, expert %d) "
+                                "from ETP rank %d, column %d: %g, expected %g", i, r, e, a2, c,
+                                (double)got[c], (double)want);
                     break;
                 }
             }
@@ -484,8 +464,9 @@ static void check_counts(const struct ctx *cx, const struct scenario *sc,
                 for (int j = 0; j < k; j++) want += b->kept[t * k + j] && b->topk[t * k + j] == e;
             int const got = ba->counts_matrix[(size_t)i * E + e];
             if (got != want)
-                wrong_at(ty, C_COUNTS, "member %d (world rank %d) to expert %d: %d, expected %d",
-                         i, cx->members[i], e, got, want);
+                tu_wrong_at(&ty->t, C_COUNTS,
+                            "member %d (world rank %d) to expert %d: %d, expected %d", i,
+                            cx->members[i], e, got, want);
         }
     }
 }
@@ -505,7 +486,8 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
     for (int r = 0; r < Ns; r++) {
         int const t = pm->row_token[r];
         if (t != cx->my.tp * Ns + r) {
-            wrong_at(ty, C_ROWTOK, "row %d is token %d, expected %d", r, t, cx->my.tp * Ns + r);
+            tu_wrong_at(&ty->t, C_ROWTOK, "row %d is token %d, expected %d", r, t,
+                        cx->my.tp * Ns + r);
             continue;
         }
         int const g = rep * N + t;
@@ -533,16 +515,17 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
         for (int j = 0; j < k; j++) {
             int const t = cx->my.tp * Ns + r;
             if (ba->kept[r * k + j] != mine->kept[t * k + j])
-                wrong_at(ty, C_KEPT, "token %d slot %d (expert %d, p %g): kept %d, expected %d",
-                         t, j, mine->topk[t * k + j],
-                         (double)mine->probs[t * E + mine->topk[t * k + j]],
-                         ba->kept[r * k + j], mine->kept[t * k + j]);
+                tu_wrong_at(&ty->t, C_KEPT,
+                            "token %d slot %d (expert %d, p %g): kept %d, expected %d", t, j,
+                            mine->topk[t * k + j],
+                            (double)mine->probs[t * E + mine->topk[t * k + j]],
+                            ba->kept[r * k + j], mine->kept[t * k + j]);
         }
     if (ba->dropped != mine->dropped)
-        wrong_at(ty, C_STATS, "dropped %ld, expected %ld", ba->dropped,
-                 mine->dropped);
+        tu_wrong_at(&ty->t, C_STATS, "dropped %ld, expected %ld", ba->dropped, mine->dropped);
     if (ba->tokens_max != mine->tokens_max)
-        wrong_at(ty, C_STATS, "tokens_max %ld, expected %ld", ba->tokens_max, mine->tokens_max);
+        tu_wrong_at(&ty->t, C_STATS, "tokens_max %ld, expected %ld", ba->tokens_max,
+                    mine->tokens_max);
 
     /* Forward. */
     size_t const A = rows_max(pm);
@@ -559,13 +542,13 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
                 if (mine->kept[t * k + j]) want += w_value(g, j) * m_value(g, c);
             float const got = bf->out[(size_t)r * D + c];
             if (tu_exact_differs(got, want))
-                wrong_at(ty, C_OUT, "token %d column %d: %g, expected %lld", t, c, (double)got,
-                         want);
+                tu_wrong_at(&ty->t, C_OUT, "token %d column %d: %g, expected %lld", t, c,
+                            (double)got, want);
         }
     }
     for (size_t i = 0; i < (size_t)Ns * D; i++)
         if (memcmp(&ba->m_loc[i], &bf->m_copy[i], sizeof(float)) != 0)
-            wrong_at(ty, C_MLOC, "element %zu", i);
+            tu_wrong_at(&ty->t, C_MLOC, "element %zu", i);
     check_x_perm(cx, sc, pm, ba, bf, ty);
     if (pm->cfg.moe_token_dispatcher_type == MODEL_DISPATCH_ALLTOALL) {
         int row_token[N];
@@ -587,8 +570,8 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
                 if (mine->kept[t * k + j]) want += w_value(g, j) * dout_value(g, c);
             float const got = bf->dm[(size_t)r * D + c];
             if (tu_exact_differs(got, want))
-                wrong_at(ty, C_DM, "token %d column %d: %g, expected %lld", t, c, (double)got,
-                         want);
+                tu_wrong_at(&ty->t, C_DM, "token %d column %d: %g, expected %lld", t, c,
+                            (double)got, want);
         }
         long long dot = 0;
         for (int c = 0; c < D; c++) dot += dout_value(g, c) * m_value(g, c);
@@ -596,8 +579,8 @@ static void run_scenario(const struct ctx *cx, const struct scenario *sc,
             long long const want = mine->kept[t * k + j] ? dot : 0;
             float const got = bf->dtopk[r * k + j];
             if (tu_exact_differs(got, want))
-                wrong_at(ty, C_DTOPK, "token %d slot %d (%s): %g, expected %lld", t, j,
-                         mine->kept[t * k + j] ? "kept" : "dropped", (double)got, want);
+                tu_wrong_at(&ty->t, C_DTOPK, "token %d slot %d (%s): %g, expected %lld", t, j,
+                            mine->kept[t * k + j] ? "kept" : "dropped", (double)got, want);
         }
     }
 }
@@ -642,17 +625,8 @@ static long long run_layout(const struct layout *l, int disp)
     char where[256];
     for (int kk = 1; kk <= 2; kk++) {
         struct model_config cfg;
-        model_config_defaults(&cfg);
-        cfg.vocab_size = V;
-        cfg.hidden_size = D;
-        cfg.intermediate_size = F;
-        cfg.num_hidden_layers = 1;
-        cfg.num_attention_heads = H;
-        cfg.num_key_value_heads = G;
-        cfg.num_local_experts = E;
-        cfg.num_experts_per_tok = kk;
+        tu_model_config(&cfg, &(struct tu_model_sizes){V, D, F, 1, H, G, E, kk});
         cfg.moe_token_dispatcher_type = dispatchers[disp];
-        VD_CHECK(model_config_validate(&cfg) == 0, "%s", vd_err_msg());
         struct par_model pm;
         struct par_options const opt = {.distributed_optimizer = false,
                                          .dispatch_direct = dispatch_direct[disp]};
@@ -670,36 +644,24 @@ static long long run_layout(const struct layout *l, int disp)
         for (int si = 0; si < NSCEN; si++) {
             const struct scenario *sc = &scenarios[si];
             if (sc->k != kk) continue;
-            struct tally ty;
-            memset(&ty, 0, sizeof ty);
             snprintf(where, sizeof where, "%s %s %s", l->name, dispatcher_names[disp],
                      sc->name);
-            ty.where = where;
+            struct tally ty = {.t = {.names = check_names, .nchecks = NCHECK, .where = where}};
             if (pm.groups.etpep.rank != cx.my_index ||
                 pm.groups.etpep.size != cx.nmembers)
-                wrong_at(&ty, C_COUNTS, "etp x ep group rank %d of %d, grid says %d of %d",
+                tu_wrong_at(&ty.t, C_COUNTS, "etp x ep group rank %d of %d, grid says %d of %d",
                          pm.groups.etpep.rank, pm.groups.etpep.size, cx.my_index,
                          cx.nmembers);
             int const want_direct = dispatch_direct[disp] ? cx.nmembers - 1 : 0;
             if (pm.direct.peers != want_direct)
-                wrong_at(&ty, C_COUNTS, "direct writes to %d of %d peers, expected %d",
+                tu_wrong_at(&ty.t, C_COUNTS, "direct writes to %d of %d peers, expected %d",
                          pm.direct.peers, cx.nmembers - 1, want_direct);
             run_scenario(&cx, sc, &pm, &acts.blocks[0], &bf, &ty);
-            long long all[NCHECK];
-            DIST_CHECK_MPI(MPI_Allreduce(ty.wrong, all, NCHECK, MPI_LONG_LONG, MPI_SUM,
-                                         MPI_COMM_WORLD));
-            long long sum = 0, cov[3];
-            for (int c = 0; c < NCHECK; c++) sum += all[c];
+            long long all[NCHECK], cov[3];
+            layout_wrong += tu_tally_world(&ty.t, all);
             DIST_CHECK_MPI(MPI_Allreduce(ty.cover, cov, 3, MPI_LONG_LONG, MPI_SUM,
                                          MPI_COMM_WORLD));
             for (int c = 0; c < 3; c++) cover[c] += cov[c];
-            layout_wrong += sum;
-            if (sum != 0 && rank == 0) {
-                printf("  %s: wrong %lld:", where, sum);
-                for (int c = 0; c < NCHECK; c++)
-                    if (all[c]) printf(" %s %lld", check_names[c], all[c]);
-                printf("\n");
-            }
         }
         par_acts_free(&acts);
         par_model_free(&pm);
@@ -725,15 +687,8 @@ static long long run_layout(const struct layout *l, int disp)
 
 static int mpi_main(int argc, char **argv, int ranks)
 {
-    dist_init(&argc, &argv);
+    if (!tu_mpi_start(&self, &argc, &argv, ranks)) return 2;
     int const world = dist_world_size(), rank = dist_world_rank();
-    if (world != ranks) {
-        if (rank == 0)
-            printf("VDIST_DISPATCH_RANKS=%d but the world has %d ranks\n", ranks, world);
-        fflush(stdout);
-        dist_finalize();
-        return 2;
-    }
     const char *const corrupt = getenv(self.corrupt_env);
     tu_exact_corrupt(rank == 0 && corrupt && strcmp(corrupt, "1") == 0);
     long long total = 0;

@@ -34,6 +34,9 @@
  *      1 rank, pp2 and pp2 x vpp2, one step at lr 0 with a checkpoint: the step's losses
  *      agree with the 1-rank run's, and train.export_to and `vdist ckpt export` of the
  *      checkpoint hold the 1-rank run's tensors, equal by name.
+ *  10. context parallelism: saved on 2 ranks cp2 (ring exchange), resumed in the same layout
+ *      bit for bit against its uninterrupted run (metrics and exported weights), and on 1
+ *      rank, in cp4 and in cp2 with the all-gather exchange within the tolerances of 2.
  *
  * "Bit for bit" for metrics means every field of every line except the timings (step_ms,
  * tokens_per_s, mfu, moe_layers[].dispatch_ms) compares equal as JSON: the values are the
@@ -636,6 +639,46 @@ static void test_other_layouts(void)
     tu_jsonl_free(&ref);
 }
 
+/* Under directory dir, with the model options `model`: targets[0]'s uninterrupted run of
+ * REF_STEPS steps (dir/full.jsonl, dir/full) within the tolerances of the 1-rank reference
+ * (metrics ref, weights ref_weights under g_env.tmp); its save at SAVE_STEP, equal to that
+ * run bit for bit; and that checkpoint resumed in every target: in targets[0] bit for bit
+ * against the uninterrupted run, in the others within the tolerances of the reference. */
+static void resume_everywhere(const char *dir, const char *model, const struct layout *targets,
+                              size_t ntargets, const struct tu_jsonl *ref,
+                              const char *ref_weights)
+{
+    const struct layout *const saver = &targets[0];
+    char label[160], full_weights[64];
+    snprintf(label, sizeof label, "%s uninterrupted", saver->name);
+    snprintf(full_weights, sizeof full_weights, "%s/full/model.safetensors", dir);
+    mkdir(tp(dir), 0755);
+    run_vdist(saver->ranks, "%s %s --train.steps=%d %s --log.metrics=%s --train.export_to=%s",
+              base_args(), model, REF_STEPS, saver->opts, tp2(dir, "full.jsonl"),
+              tp2(dir, "full"));
+    CU_ASSERT_FATAL(EXPECT_RAN());
+    expect_layout(saver);
+    struct tu_jsonl full, save;
+    CU_ASSERT_FATAL(metrics_read(&full, tp2(dir, "full.jsonl"), label));
+    double wl = 0, wg = 0, wp = 0;
+    if (metrics_steps(&full, 1, REF_STEPS, label))
+        metrics_close(&full, ref, 1, REF_STEPS, label, &wl, &wg);
+    expect_weights_close(tp(full_weights), tp(ref_weights), label, &wp);
+    printf("\n    (%s: max rel loss diff %.2e, grad_norm %.2e, max abs param diff %.2e)",
+           label, wl, wg, wp);
+
+    snprintf(label, sizeof label, "the save on %s", saver->name);
+    if (save_in(saver, dir, model, ref, &save) &&
+        metrics_equal(&save, &full, 1, SAVE_STEP, label)) {
+        struct saved const same = {dir, model, &save, &full, full_weights};
+        struct saved const other = {dir, model, &save, ref, ref_weights};
+        for (size_t k = 0; k < ntargets; k++)
+            resume_in(k == 0 ? &same : &other, &targets[k], k, k == 0);
+    }
+    tu_jsonl_free(&save);
+    tu_jsonl_free(&full);
+}
+
 /* ---------------------------------------------------------------- 3. crash */
 
 /* Starts `vdist ARGS` on `ranks` ranks (as run_vdist does) in g_env.tmp in a process group
@@ -1101,7 +1144,7 @@ static void test_fallback_and_export(void)
 static void test_pp_layouts(void)
 {
     CU_ASSERT_FATAL(reference_pp());
-    struct tu_jsonl ref, full, save;
+    struct tu_jsonl ref, save;
     CU_ASSERT_FATAL(metrics_read(&ref, tp("ref4/metrics.jsonl"), "the 4-layer reference"));
     /* targets[0] saves; targets[3] saves the second checkpoint. */
     static const struct layout targets[] = {
@@ -1130,30 +1173,8 @@ static void test_pp_layouts(void)
          "layers 0-1;"},
     };
 
-    const struct layout *const saver = &targets[0];
-    /* The saving layout run through: the reference of the resume in that same layout. */
-    mkdir(tp("t8"), 0755);
-    run_vdist(saver->ranks, "%s %s --train.steps=%d %s --log.metrics=%s --train.export_to=%s",
-              base_args(), PP_MODEL, REF_STEPS, saver->opts, tp("t8/full.jsonl"), tp("t8/full"));
-    CU_ASSERT_FATAL(EXPECT_RAN());
-    expect_layout(saver);
-    CU_ASSERT_FATAL(metrics_read(&full, tp("t8/full.jsonl"), "pp2 x dp2 uninterrupted"));
-    double wl = 0, wg = 0, wp = 0;
-    if (metrics_steps(&full, 1, REF_STEPS, "pp2 x dp2 uninterrupted"))
-        metrics_close(&full, &ref, 1, REF_STEPS, "pp2 x dp2 uninterrupted", &wl, &wg);
-    expect_weights_close(tp("t8/full/model.safetensors"), tp("ref4/model.safetensors"),
-                         "pp2 x dp2 uninterrupted", &wp);
-    printf("\n    (pp2 x dp2 uninterrupted: max rel loss diff %.2e, grad_norm %.2e, max abs "
-           "param diff %.2e)", wl, wg, wp);
-
-    if (save_in(saver, "t8", PP_MODEL, &ref, &save) &&
-        metrics_equal(&save, &full, 1, SAVE_STEP, "the pp2 x dp2 save")) {
-        struct saved const same = {"t8", PP_MODEL, &save, &full, "t8/full/model.safetensors"};
-        struct saved const other = {"t8", PP_MODEL, &save, &ref, "ref4/model.safetensors"};
-        for (size_t k = 0; k < sizeof targets / sizeof targets[0]; k++)
-            resume_in(k == 0 ? &same : &other, &targets[k], k, k == 0);
-    }
-    tu_jsonl_free(&save);
+    resume_everywhere("t8", PP_MODEL, targets, sizeof targets / sizeof targets[0], &ref,
+                      "ref4/model.safetensors");
 
     /* Saved with two model chunks per rank, resumed with all four on one. */
     if (save_in(&targets[3], "t8v", PP_MODEL, &ref, &save)) {
@@ -1161,7 +1182,6 @@ static void test_pp_layouts(void)
         resume_in(&s, &targets[1], 0, false);
     }
     tu_jsonl_free(&save);
-    tu_jsonl_free(&full);
     tu_jsonl_free(&ref);
 }
 
@@ -1260,6 +1280,36 @@ static void test_pp_export(void)
     tu_jsonl_free(&one);
 }
 
+/* ---------------------------------------------------------------- 10. context parallelism */
+
+/* A checkpoint of cp2 (ring exchange) resumed in cp2 (bit for bit against its
+ * uninterrupted run) and in 1 rank, cp4 and cp2 with the all-gather exchange (within the
+ * tolerances of the 1-rank run): the checkpoint does not depend on how the sequence was cut. */
+static void test_cp_layouts(void)
+{
+    CU_ASSERT_FATAL(reference());
+    struct tu_jsonl ref;
+    CU_ASSERT_FATAL(metrics_read(&ref, tp("ref/metrics.jsonl"), "the reference"));
+    static const struct layout targets[] = {
+        {"2 ranks cp2", 2, "--parallel.cp=2",
+         "layout: 2 ranks, attention tp 1 x cp 2 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 2 x pp 1",
+         NULL},
+        {"1 rank", 1, "",
+         "layout: 1 ranks, attention tp 1 x cp 1 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 1 x pp 1",
+         NULL},
+        {"4 ranks cp4", 4, "--parallel.cp=4",
+         "layout: 4 ranks, attention tp 1 x cp 4 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 4 x pp 1",
+         NULL},
+        {"2 ranks cp2 with the all-gather exchange", 2,
+         "--parallel.cp=2 --parallel.cp_comm_type=allgather",
+         "layout: 2 ranks, attention tp 1 x cp 2 x dp 1 x pp 1, MoE etp 1 x ep 1 x edp 2 x pp 1",
+         NULL},
+    };
+    resume_everywhere("t11", "", targets, sizeof targets / sizeof targets[0], &ref,
+                      "ref/model.safetensors");
+    tu_jsonl_free(&ref);
+}
+
 /* ---------------------------------------------------------------- main */
 
 /* Which key selects the checkpoint to resume from: the one `vdist train --help` lists. */
@@ -1318,6 +1368,8 @@ int main(void)
         {"crash under pp2: SIGKILL of every rank mid-run; resume is exact", test_crash_pp},
         {"pp2 and pp2 x vpp2: train.init_from, train.export_to and ckpt export give the 1-rank "
          "run's tensors", test_pp_export},
+        {"context parallelism: cp2 resumed bit for bit in cp2, close in 1 rank, cp4 and cp2 "
+         "with the all-gather exchange", test_cp_layouts},
     };
     static const struct tu_suite suite = {
         .name = "checkpoints and resume",

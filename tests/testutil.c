@@ -15,6 +15,8 @@
 
 #include <CUnit/Basic.h>
 
+#include "dist/dist.h"
+
 /* ---------------------------------------------------------------- a suite's main */
 
 enum { MAX_TESTS = 256 };
@@ -542,3 +544,60 @@ bool tu_exact_differs(float got, long long expect)
 }
 
 void tu_exact_corrupt(bool on) { g_corrupt_pending = on; }
+
+void tu_model_config(struct model_config *cfg, const struct tu_model_sizes *s)
+{
+    model_config_defaults(cfg);
+    cfg->vocab_size = s->vocab;
+    cfg->hidden_size = s->d;
+    cfg->intermediate_size = s->ffn;
+    cfg->num_hidden_layers = s->layers;
+    cfg->num_attention_heads = s->heads;
+    cfg->num_key_value_heads = s->kv_heads;
+    cfg->num_local_experts = s->experts;
+    cfg->num_experts_per_tok = s->k;
+    VD_CHECK(model_config_validate(cfg) == 0, "%s", vd_err_msg());
+}
+
+bool tu_mpi_start(const struct tu_mpirun *how, int *argc, char ***argv, int ranks)
+{
+    dist_init(argc, argv);
+    int const world = dist_world_size();
+    if (world == ranks) return true;
+    if (dist_world_rank() == 0)
+        printf("%s=%d but the world has %d ranks\n", how->ranks_env, ranks, world);
+    fflush(stdout);
+    dist_finalize();
+    return false;
+}
+
+void tu_wrong_at(struct tu_tally *ty, int c, const char *fmt, ...)
+{
+    VD_CHECK(c >= 0 && c < ty->nchecks && ty->nchecks <= TU_CHECKS_MAX,
+             "check %d of a tally of %d", c, ty->nchecks);
+    ty->wrong[c]++;
+    if (ty->printed[c]++ >= 3) return;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    printf("  [rank %d] %s: %s: %s\n", dist_world_rank(), ty->where, ty->names[c], msg);
+    fflush(stdout);
+}
+
+long long tu_tally_world(const struct tu_tally *ty, long long *all)
+{
+    DIST_CHECK_MPI(MPI_Allreduce(ty->wrong, all, ty->nchecks, MPI_LONG_LONG, MPI_SUM,
+                                 MPI_COMM_WORLD));
+    long long sum = 0;
+    for (int c = 0; c < ty->nchecks; c++) sum += all[c];
+    if (sum != 0 && dist_world_rank() == 0) {
+        printf("  %s: wrong %lld:", ty->where, sum);
+        for (int c = 0; c < ty->nchecks; c++)
+            if (all[c]) printf(" %s %lld", ty->names[c], all[c]);
+        printf("\n");
+        fflush(stdout);
+    }
+    return sum;
+}

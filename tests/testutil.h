@@ -12,8 +12,10 @@
  *   metrics files          struct tu_jsonl, tu_jsonl_read, tu_jsonl_free
  *   safetensors files      struct tu_st_set, tu_st_set_load, tu_st_set_find,
  *                          tu_st_set_free, tu_st_read_whole
- *   MPI suites             struct tu_mpirun, tu_mpirun_self, tu_exited_zero, tu_fill_nan,
- *                          tu_exact_corrupt, tu_exact_differs
+ *   test models            struct tu_model_sizes, tu_model_config
+ *   MPI suites             struct tu_mpirun, tu_mpirun_self, tu_exited_zero, tu_mpi_start,
+ *                          tu_fill_nan, tu_exact_corrupt, tu_exact_differs, struct
+ *                          tu_tally, tu_wrong_at, tu_tally_world
  *
  * Error rule: a helper that checks something a test relies on (tu_st_set_load,
  * tu_expect_refused_at, tu_expect_no_problems_at) makes its CUnit assertions through
@@ -208,6 +210,16 @@ bool tu_st_set_load(struct tu_st_set *s, const char *path);
 int tu_st_set_find(const struct tu_st_set *s, const char *name);
 void tu_st_set_free(struct tu_st_set *s);
 
+/* ---------------------------------------------------------------- test models */
+
+/* The sizes of a small model a suite builds in code. */
+struct tu_model_sizes {
+    int vocab, d, ffn, layers, heads, kv_heads, experts, k;
+};
+/* cfg with those sizes and model_config_defaults for everything else; aborts (VD_CHECK)
+ * when they do not validate. */
+void tu_model_config(struct model_config *cfg, const struct tu_model_sizes *s);
+
 /* ---------------------------------------------------------------- MPI suites */
 
 /* An MPI suite is one file and two programs: main runs the CUnit driver unless ranks_env is
@@ -239,5 +251,29 @@ void tu_fill_nan(float *x, size_t count);
  * program calls it on world rank 0 when how->corrupt_env is "1"). */
 bool tu_exact_differs(float got, long long expect);
 void tu_exact_corrupt(bool on);
+
+/* The MPI program's start: dist_init, then whether the world has `ranks` ranks (the count
+ * the driver put in how->ranks_env). When it has not, rank 0 says so, the program leaves
+ * MPI (dist_finalize) and false comes back: main then returns 2. */
+bool tu_mpi_start(const struct tu_mpirun *how, int *argc, char ***argv, int ranks);
+
+/* Wrong elements of one case of an exact-mode MPI program, counted per check. Set names,
+ * nchecks and where; zero the rest. */
+enum { TU_CHECKS_MAX = 16 };
+struct tu_tally {
+    const char *const *names; /* each check's name, nchecks of them */
+    int nchecks;              /* at most TU_CHECKS_MAX */
+    const char *where;        /* the case, e.g. "<layout> <dispatcher> <scenario>" */
+    long long wrong[TU_CHECKS_MAX];
+    int printed[TU_CHECKS_MAX];
+};
+/* Counts one wrong element of check c; the first three of each check are printed as
+ * "  [rank R] <where>: <check>: <message>". */
+__attribute__((format(printf, 3, 4))) void tu_wrong_at(struct tu_tally *ty, int c,
+                                                       const char *fmt, ...);
+/* Collective over the world: every rank's counts of ty summed into all (nchecks of them)
+ * and their total returned; rank 0 prints "  <where>: wrong N: <check> n ..." naming the
+ * checks that were wrong when the total is not 0. */
+long long tu_tally_world(const struct tu_tally *ty, long long *all);
 
 #endif
