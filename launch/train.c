@@ -602,6 +602,12 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     double const peak = measured ? launch_measure_sgemm_gflops() : c->train.peak_gflops;
     res->peak_gflops = peak;
     if (root) print_plan(c, &pm, sched.act_nbytes, threads, peak, measured);
+    if (root && grid.dims.cp > 1)
+        printf("context: cp %d, %s, each rank holds chunks of %d positions of every "
+               "sequence (zigzag)\n", grid.dims.cp,
+               c->parallel.cp_comm_type ? "keys and values all-gathered (allgather)"
+                                        : "ring attention (p2p)",
+               c->train.seq_len / (2 * grid.dims.cp));
     if (root) print_pipeline(c, &pm, &sched);
 
     FILE *metrics = NULL;

@@ -370,6 +370,15 @@ void par_moe_dispatch_backward(struct par_model *pm, struct par_block_acts *ba,
                                const struct model_layer_ptrs *w, struct model_layer_ptrs *gw,
                                const float *dout, float *dm, float *dtopk_w);
 
+/* The attention seam: every block's core attention (after q/k/v and RoPE, before o_proj)
+ * goes through these, context parallelism's ring or all-gather over the cp group included
+ * (parallel/attention.c). */
+/* att (N, Hl hd) and lse (N, Hl) from q, k, v (post-RoPE) of ba. */
+void par_attention_forward(struct par_model *pm, struct par_block_acts *ba);
+/* dq, dk, dv (overwritten) from datt. */
+void par_attention_backward(struct par_model *pm, const struct par_block_acts *ba,
+                            const float *datt, float *dq, float *dk, float *dv);
+
 /* Per-kind wall time of the last forward and backward, for the benchmark's split. */
 enum par_timer { PAR_T_ATTN, PAR_T_ROUTER, PAR_T_EXPERTS, PAR_T_DISPATCH, PAR_T_OTHER,
                  PAR_T_COUNT };

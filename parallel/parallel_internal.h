@@ -24,14 +24,6 @@ void par_reduce_layer_start(struct par_model *pm, const struct par_layer *L);
  * context-parallel rank summed, over all B T tokens. */
 double par_vocab_crossentropy(struct par_model *pm, struct par_acts *a, int v_begin, size_t Vl);
 
-/* The attention seam: every block's core attention (after q/k/v and RoPE, before o_proj)
- * goes through these, so context parallelism plugs in here (parallel/attention.c). */
-/* att (N, Hl hd) from q, k, v (post-RoPE) of ba; saves what the backward needs in ba. */
-void par_attention_forward(struct par_model *pm, struct par_block_acts *ba);
-/* dq, dk, dv (overwritten) from datt. */
-void par_attention_backward(struct par_model *pm, const struct par_block_acts *ba,
-                            const float *datt, float *dq, float *dk, float *dv);
-
 /* Plans the flat ranges and allocates the optimizer state (AdamW moments, reduced-gradient
  * shards) of a model whose table is built; par_optim_free releases them. */
 void par_optim_init(struct par_model *pm);

@@ -48,9 +48,6 @@
 
 #include "dist/dist.h"
 #include "parallel/parallel.h"
-/* The attention seam is internal to parallel/ (layers.c is its one caller); this suite
- * tests it on its own, so it reaches behind the folder's public header. */
-#include "parallel/parallel_internal.h"
 #include "tests/testutil.h"
 
 /* ---------------------------------------------------------------- layouts */
