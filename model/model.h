@@ -245,5 +245,4 @@ void model_adamw_update(float *p, const float *g, float *m, float *v, size_t n,
 /* Learning rate at step s (0-based) for `cosine` (warmup W, total S) or constant. */
 float model_lr_at(int cosine, float lr_max, float lr_min, int warmup, int total, int step);
 
-#include "model/flash_tmp.h" /* TEMP */
 #endif
