@@ -21,6 +21,10 @@ int launch_layout_rank(const struct launch_config *c, const struct dist_grid *gr
 int launch_bench_dispatch(const struct launch_config *c);
 /* `vdist bench ckpt`: checkpoint save/load speed, compression, disk speed, async blocking. */
 int launch_bench_ckpt(const struct launch_config *c);
+/* `vdist bench attention`: the attention kernels (stored probabilities vs flash) on one
+ * rank at several sequence lengths; argv[0..argc) are its options (launch/bench_attn.c). */
+int launch_bench_attention(const struct launch_config *c, int argc, char **argv);
+void launch_bench_attention_help(FILE *out);
 
 /* log.trace (launch/tracing.c). Open: nothing for an empty path; else, collectively, every
  * rank opens its part of the trace and starts recording at one moment; 0, or VD_EINVAL /

@@ -17,13 +17,15 @@ static void usage(FILE *out)
             "  mpirun -np N vdist bench comm [--config FILE] [--parallel.tp=N ...] [options]\n"
             "  mpirun -np N vdist bench dispatch --config FILE [--parallel.ep=N ...]\n"
             "  [mpirun -np N] vdist bench ckpt --config FILE [--ckpt.dir=DIR ...]\n"
+            "  vdist bench attention --config FILE [--seq-lens T1,T2,...] [--mem-cap GIB]\n"
             "  vdist data text IN OUT | synth OUT [options] | info FILE\n"
             "  vdist ckpt inspect DIR | verify DIR | latest ROOT | export DIR OUT\n"
             "  vdist train --help          every configuration key, its default and meaning\n"
             "  vdist data --help\n\n"
             "bench trains like train and then reports tokens/s, MFU, the time split of a\n"
             "step and the peak RSS against the memory plan. bench comm sweeps message sizes\n"
-            "over the collectives of every group kind of the layout (time, algbw, busbw).\n");
+            "over the collectives of every group kind of the layout (time, algbw, busbw).\n"
+            "bench attention times the attention kernels (stored probabilities, flash).\n");
 }
 
 /* A configuration override is --section.key[=value]; anything else belongs to the mode. */
@@ -40,23 +42,27 @@ static int run_train(int argc, char **argv, bool bench)
     bool const comm = bench && argc > 1 && strcmp(argv[1], "comm") == 0;
     bool const dispatch = bench && argc > 1 && strcmp(argv[1], "dispatch") == 0;
     bool const ckpt = bench && argc > 1 && strcmp(argv[1], "ckpt") == 0;
+    bool const attn = bench && argc > 1 && strcmp(argv[1], "attention") == 0;
+    bool const has_opts = comm || attn; /* options of their own besides config keys */
     const char *config_path = NULL;
     char **keys = vd_calloc((size_t)argc + 1, sizeof *keys);
     char **opts = vd_calloc((size_t)argc + 1, sizeof *opts);
     int nkeys = 0, nopts = 0;
     bool help = false;
-    for (int i = comm || dispatch || ckpt ? 2 : 1; i < argc; i++) {
+    for (int i = comm || dispatch || ckpt || attn ? 2 : 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) help = true;
         else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) config_path = argv[++i];
         else if (strncmp(argv[i], "--config=", 9) == 0) config_path = argv[i] + 9;
-        else if (!comm || is_config_key(argv[i])) keys[nkeys++] = argv[i];
+        else if (!has_opts || is_config_key(argv[i])) keys[nkeys++] = argv[i];
         else opts[nopts++] = argv[i];
         /* a key given as "--section.key value" takes the next word along */
-        if (comm && is_config_key(argv[i]) && !strchr(argv[i], '=') && i + 1 < argc)
+        if (has_opts && is_config_key(argv[i]) && !strchr(argv[i], '=') && i + 1 < argc)
             keys[nkeys++] = argv[++i];
     }
     if (help) {
-        if (dist_world_rank() == 0) {
+        if (dist_world_rank() == 0 && attn) {
+            launch_bench_attention_help(stdout);
+        } else if (dist_world_rank() == 0) {
             printf("usage: vdist %s [--config FILE] [--section.key=value ...]%s\n\n",
                    comm ? "bench comm" : bench ? "bench" : "train", comm ? " [options]" : "");
             if (comm) launch_bench_comm_help(stdout);
@@ -73,6 +79,7 @@ static int run_train(int argc, char **argv, bool bench)
     if (rc == 0 && comm) rc = launch_bench_comm(&cfg, nopts, opts);
     else if (rc == 0 && dispatch) rc = launch_bench_dispatch(&cfg);
     else if (rc == 0 && ckpt) rc = launch_bench_ckpt(&cfg);
+    else if (rc == 0 && attn) rc = launch_bench_attention(&cfg, nopts, opts);
     else if (rc == 0) rc = launch_train_run(&cfg, bench, &res);
     free(keys);
     free(opts);

@@ -192,6 +192,50 @@ void model_attention_backward(float *dq, float *dk, float *dv, const float *dout
 /* T * T per OpenMP thread (omp_get_max_threads() at the time of the call). */
 size_t model_attention_scratch_floats(int T);
 
+/* Blockwise attention with an online softmax (model/flash.c): the same attention as
+ * model_attention_* without storing probabilities (memory O(T x block) per head), on one
+ * (query block, key block) pair at a time so that context parallelism can run it on
+ * pieces of a sequence and merge them.
+ *
+ * Where a pair lies: per sequence b (0..B-1), Tq query rows starting at row b * q_seq of
+ * q / out / dout / dq / lse / delta, and Tk key rows starting at row b * k_seq of
+ * k / v / dk / dv. Row strides: Hl * hd floats for q, out, dout, dq; Gl * hd for k, v, dk,
+ * dv; Hl for lse and delta (one value per query row and head). Query head i uses
+ * key/value head i / (Hl / Gl). Scores are scaled by 1 / sqrt(hd). Every query row sees at
+ * least one key. Results are bit-identical for any number of OpenMP threads. */
+enum model_attn_mask {
+    MODEL_MASK_FULL,   /* every query row sees every key row */
+    MODEL_MASK_CAUSAL, /* Tq == Tk, aligned: query row t sees key rows 0..t */
+};
+struct model_attn_blocks {
+    int B, Tq, Tk;
+    size_t q_seq, k_seq;
+    int Hl, Gl, hd;
+    enum model_attn_mask mask;
+};
+/* out (normalised attention output) and lse (log-sum-exp of each query row's scaled
+ * scores over this key block). merge = false: overwrite; merge = true: out and lse already
+ * hold the result over other key blocks of the same queries, and are replaced by the
+ * result over all of them (combined by log-sum-exp; a row with lse = -INFINITY holds
+ * nothing yet, and its out is not read). scratch: model_flash_scratch_floats(Tk, hd). */
+void model_flash_forward(float *out, float *lse, const float *q, const float *k,
+                         const float *v, const struct model_attn_blocks *g, bool merge,
+                         float *scratch);
+/* delta = rowsum(dout * out) per query row and head, the backward's row term (out and lse
+ * are the final ones over all key blocks). */
+void model_flash_delta(float *delta, const float *dout, const float *out,
+                       const struct model_attn_blocks *g);
+/* The backward of one (query block, key block) pair: recomputes the probabilities from
+ * q, k and the final lse block by block, and accumulates dq +=, dk +=, dv += (the caller
+ * zeroes them). scratch: model_flash_scratch_floats(Tk, hd). */
+void model_flash_backward(float *dq, float *dk, float *dv, const float *dout,
+                          const float *lse, const float *delta, const float *q,
+                          const float *k, const float *v, const struct model_attn_blocks *g,
+                          float *scratch);
+/* Floats of scratch the two calls need for keys of Tk rows, for every OpenMP thread
+ * (omp_get_max_threads() at the time of the call): O(block x (block + hd)) per thread. */
+size_t model_flash_scratch_floats(int Tk, int hd);
+
 /* ---------------------------------------------------------------- router */
 
 /* Per-token routing of n tokens: probs (n, E) = softmax(logits); topk experts (n, k) and

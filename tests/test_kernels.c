@@ -695,6 +695,468 @@ static void test_attention_edge_sizes(void)
     free(scratch), free(want), free(zero), free(wdv);
 }
 
+/* ---------------------------------------------------------------- flash attention */
+
+/* Element offsets of a (query block, key block) pair as model.h lays it out. */
+static size_t fl_qoff(const struct model_attn_blocks *g, int b, int t, int h)
+{
+    return (((size_t)b * g->q_seq + (size_t)t) * (size_t)g->Hl + (size_t)h) * (size_t)g->hd;
+}
+
+static size_t fl_koff(const struct model_attn_blocks *g, int b, int u, int j)
+{
+    return (((size_t)b * g->k_seq + (size_t)u) * (size_t)g->Gl + (size_t)j) * (size_t)g->hd;
+}
+
+static size_t fl_row(const struct model_attn_blocks *g, int b, int t, int h)
+{
+    return ((size_t)b * g->q_seq + (size_t)t) * (size_t)g->Hl + (size_t)h;
+}
+
+/* Attention of one block pair in double with an explicit (Tq, Tk) softmax. Writes out and
+ * lse of the block's rows (padding rows between sequences are left as they are), and when
+ * dout is given, adds the gradients to dq, dk, dv: with P = softmax(S),
+ * dv = P^T dout, dS = P (dout v^T - rowsum(dout * out)), dq = dS k / sqrt(hd),
+ * dk = dS^T q / sqrt(hd). */
+static void ref_flash(const struct model_attn_blocks *g, const float *q, const float *k,
+                      const float *v, const float *dout, double *out, double *lse, double *dq,
+                      double *dk, double *dv)
+{
+    int const hd = g->hd, grp = g->Hl / g->Gl;
+    double const scale = 1.0 / sqrt((double)hd);
+    double *P = dbuf((size_t)g->Tq * g->Tk), *o = dbuf((size_t)hd);
+    for (int b = 0; b < g->B; b++)
+        for (int h = 0; h < g->Hl; h++) {
+            int const j = h / grp;
+            for (int t = 0; t < g->Tq; t++) {
+                double *pr = P + (size_t)t * g->Tk, mx = -INFINITY, sum = 0;
+                const float *qr = q + fl_qoff(g, b, t, h);
+                for (int u = 0; u < g->Tk; u++) {
+                    pr[u] = -INFINITY;
+                    if (g->mask == MODEL_MASK_CAUSAL && u > t) continue;
+                    const float *kr = k + fl_koff(g, b, u, j);
+                    double s = 0;
+                    for (int c = 0; c < hd; c++) s += (double)qr[c] * kr[c];
+                    pr[u] = s * scale;
+                    mx = fmax(mx, pr[u]);
+                }
+                for (int u = 0; u < g->Tk; u++) sum += exp(pr[u] - mx);
+                for (int u = 0; u < g->Tk; u++) pr[u] = exp(pr[u] - mx) / sum;
+                lse[fl_row(g, b, t, h)] = mx + log(sum);
+                for (int c = 0; c < hd; c++) {
+                    o[c] = 0;
+                    for (int u = 0; u < g->Tk; u++) o[c] += pr[u] * v[fl_koff(g, b, u, j) + c];
+                    out[fl_qoff(g, b, t, h) + c] = o[c];
+                }
+                if (!dout) continue;
+                const float *dr = dout + fl_qoff(g, b, t, h);
+                double D = 0;
+                for (int c = 0; c < hd; c++) D += dr[c] * o[c];
+                for (int u = 0; u < g->Tk; u++) {
+                    size_t const ku = fl_koff(g, b, u, j);
+                    double dp = 0;
+                    for (int c = 0; c < hd; c++) dp += (double)dr[c] * v[ku + c];
+                    double const ds = pr[u] * (dp - D) * scale;
+                    for (int c = 0; c < hd; c++) {
+                        dq[fl_qoff(g, b, t, h) + c] += ds * k[ku + c];
+                        dk[ku + c] += ds * qr[c];
+                        dv[ku + c] += pr[u] * dr[c];
+                    }
+                }
+            }
+        }
+    free(P), free(o);
+}
+
+/* Inputs, outputs and scratch of one block pair. Outputs start as SENTINEL (out, lse,
+ * delta) or small random values (dq, dk, dv: the backward accumulates onto them). */
+struct fl_data {
+    struct model_attn_blocks g;
+    size_t nq, nk, nr; /* floats of q-shaped, k-shaped and lse-shaped tensors */
+    float *q, *k, *v, *dout, *out, *lse, *delta, *dq, *dk, *dv, *scratch;
+};
+
+static struct model_attn_blocks fl_blocks(int B, int Tq, int Tk, int pad, int Hl, int Gl,
+                                          int hd, enum model_attn_mask mask)
+{
+    struct model_attn_blocks g = {B, Tq, Tk, (size_t)(Tq + pad), (size_t)(Tk + 2 * pad),
+                                  Hl, Gl, hd, mask};
+    return g;
+}
+
+static void fl_alloc(struct fl_data *d, const struct model_attn_blocks *g, uint64_t seed)
+{
+    d->g = *g;
+    d->nr = (size_t)g->B * g->q_seq * g->Hl;
+    d->nq = d->nr * g->hd;
+    d->nk = (size_t)g->B * g->k_seq * g->Gl * g->hd;
+    rng_seed(seed);
+    d->q = fbuf(d->nq), d->dout = fbuf(d->nq), d->out = fbuf(d->nq), d->dq = fbuf(d->nq);
+    d->k = fbuf(d->nk), d->v = fbuf(d->nk), d->dk = fbuf(d->nk), d->dv = fbuf(d->nk);
+    d->lse = fbuf(d->nr), d->delta = fbuf(d->nr);
+    /* exactly what the API asks for: a short buffer shows up under ASan */
+    d->scratch = fbuf(model_flash_scratch_floats(g->Tk, g->hd));
+    fill_sym(d->q, d->nq, 1.5);
+    fill_sym(d->k, d->nk, 1.5);
+    fill_sym(d->v, d->nk, 1.0);
+    fill_sym(d->dout, d->nq, 1.0);
+    fill_sym(d->dq, d->nq, 0.1);
+    fill_sym(d->dk, d->nk, 0.1);
+    fill_sym(d->dv, d->nk, 0.1);
+    fill_const(d->out, d->nq, SENTINEL);
+    fill_const(d->lse, d->nr, SENTINEL);
+    fill_const(d->delta, d->nr, SENTINEL);
+}
+
+static void fl_free(struct fl_data *d)
+{
+    free(d->q), free(d->k), free(d->v), free(d->dout), free(d->out), free(d->lse);
+    free(d->delta), free(d->dq), free(d->dk), free(d->dv), free(d->scratch);
+}
+
+/* Forward (overwriting), delta, backward (accumulating). */
+static void fl_run(struct fl_data *d)
+{
+    model_flash_forward(d->out, d->lse, d->q, d->k, d->v, &d->g, false, d->scratch);
+    model_flash_delta(d->delta, d->dout, d->out, &d->g);
+    model_flash_backward(d->dq, d->dk, d->dv, d->dout, d->lse, d->delta, d->q, d->k, d->v,
+                         &d->g, d->scratch);
+}
+
+static double *ddup(const float *x, size_t n)
+{
+    double *p = dbuf(n);
+    for (size_t i = 0; i < n; i++) p[i] = x[i];
+    return p;
+}
+
+/* Gradients add up over up to 200 keys of terms of both signs, each off by a few fp32
+ * ulp, and dS = P (dP - delta) cancels: 1e-4 relative (1e-5 absolute for the sums that
+ * cancel to near zero); the largest error measured at these sizes is under 1/20 of it.
+ * A wrong term is O(1). */
+#define BWD_RTOL 1e-4
+#define BWD_ATOL 1e-5
+
+/* (B, Tq, Tk, pad, Hl, Gl, hd, mask): lengths off the 64 x 128 tiles, one row, one key,
+ * GQA, MHA and MQA, several sequences with padding rows between them (q_seq = Tq + pad,
+ * k_seq = Tk + 2 pad), full blocks of unequal lengths. */
+static const int flash_cases[][8] = {
+    {2, 1, 1, 3, 4, 2, 8, MODEL_MASK_CAUSAL},     {2, 7, 7, 2, 4, 2, 8, MODEL_MASK_CAUSAL},
+    {2, 67, 67, 5, 4, 4, 8, MODEL_MASK_CAUSAL},   {1, 200, 200, 0, 4, 2, 16, MODEL_MASK_CAUSAL},
+    {2, 200, 200, 11, 2, 1, 4, MODEL_MASK_CAUSAL}, {2, 7, 67, 1, 4, 2, 8, MODEL_MASK_FULL},
+    {2, 67, 7, 3, 4, 4, 8, MODEL_MASK_FULL},      {1, 1, 200, 0, 4, 2, 8, MODEL_MASK_FULL},
+    {2, 200, 1, 2, 4, 2, 8, MODEL_MASK_FULL},     {2, 130, 257, 1, 4, 1, 8, MODEL_MASK_FULL},
+};
+
+static struct model_attn_blocks flash_case(size_t s)
+{
+    const int *c = flash_cases[s];
+    return fl_blocks(c[0], c[1], c[2], c[3], c[4], c[5], c[6], (enum model_attn_mask)c[7]);
+}
+
+/* Forward and backward against ref_flash; padding rows keep their prior values. */
+static void test_flash_vs_reference(void)
+{
+    for (size_t s = 0; s < sizeof flash_cases / sizeof flash_cases[0]; s++) {
+        struct model_attn_blocks const g = flash_case(s);
+        struct fl_data d;
+        fl_alloc(&d, &g, 100 + s);
+        double *out = ddup(d.out, d.nq), *lse = ddup(d.lse, d.nr), *delta = ddup(d.delta, d.nr);
+        double *dq = ddup(d.dq, d.nq), *dk = ddup(d.dk, d.nk), *dv = ddup(d.dv, d.nk);
+        ref_flash(&g, d.q, d.k, d.v, d.dout, out, lse, dq, dk, dv);
+        for (int b = 0; b < g.B; b++)
+            for (int t = 0; t < g.Tq; t++)
+                for (int h = 0; h < g.Hl; h++) {
+                    double D = 0;
+                    for (int c = 0; c < g.hd; c++)
+                        D += d.dout[fl_qoff(&g, b, t, h) + c] * out[fl_qoff(&g, b, t, h) + c];
+                    delta[fl_row(&g, b, t, h)] = D;
+                }
+        fl_run(&d);
+        EXPECT_CLOSE("flash out", d.out, out, d.nq, FWD_RTOL, FWD_ATOL);
+        EXPECT_CLOSE("flash lse", d.lse, lse, d.nr, FWD_RTOL, FWD_ATOL);
+        EXPECT_CLOSE("flash delta", d.delta, delta, d.nr, FWD_RTOL, FWD_ATOL);
+        EXPECT_CLOSE("flash dq", d.dq, dq, d.nq, BWD_RTOL, BWD_ATOL);
+        EXPECT_CLOSE("flash dk", d.dk, dk, d.nk, BWD_RTOL, BWD_ATOL);
+        EXPECT_CLOSE("flash dv", d.dv, dv, d.nk, BWD_RTOL, BWD_ATOL);
+        fl_free(&d);
+        free(out), free(lse), free(delta), free(dq), free(dk), free(dv);
+    }
+}
+
+struct fl_fd_ctx {
+    struct fl_data *d;
+};
+
+static double flash_loss(void *p)
+{
+    struct fl_data *d = ((struct fl_fd_ctx *)p)->d;
+    model_flash_forward(d->out, d->lse, d->q, d->k, d->v, &d->g, false, d->scratch);
+    /* padding rows of out hold SENTINEL, dout is zero there */
+    return dot_fd(d->out, d->dout, d->nq);
+}
+
+/* Zeroes the padding rows of dout so that L = sum(out * dout) sees only the block. */
+static void fl_zero_padding(struct fl_data *d)
+{
+    for (int b = 0; b < d->g.B; b++)
+        for (size_t t = (size_t)d->g.Tq; t < d->g.q_seq; t++)
+            memset(d->dout + fl_qoff(&d->g, b, (int)t, 0), 0,
+                   (size_t)d->g.Hl * d->g.hd * sizeof(float));
+}
+
+static void test_flash_finite_differences(void)
+{
+    struct model_attn_blocks const cases[] = {
+        fl_blocks(2, 7, 7, 2, 4, 2, 4, MODEL_MASK_CAUSAL),
+        fl_blocks(2, 5, 9, 1, 2, 1, 4, MODEL_MASK_FULL),
+        /* over two 128-key tiles and three 64-row tiles, the last ones ragged */
+        fl_blocks(1, 133, 133, 0, 2, 1, 2, MODEL_MASK_CAUSAL),
+    };
+    for (size_t s = 0; s < sizeof cases / sizeof cases[0]; s++) {
+        struct fl_data d;
+        fl_alloc(&d, &cases[s], 200 + s);
+        fl_zero_padding(&d);
+        memset(d.dq, 0, d.nq * sizeof(float));
+        memset(d.dk, 0, d.nk * sizeof(float));
+        memset(d.dv, 0, d.nk * sizeof(float));
+        fl_run(&d);
+        struct fl_fd_ctx ctx = {&d};
+        EXPECT_FD("q (flash)", d.q, d.nq, d.dq, flash_loss, &ctx);
+        EXPECT_FD("k (flash)", d.k, d.nk, d.dk, flash_loss, &ctx);
+        EXPECT_FD("v (flash)", d.v, d.nk, d.dv, flash_loss, &ctx);
+        fl_free(&d);
+    }
+}
+
+/* A causal sequence cut into chunks of unequal length, as context parallelism cuts it. */
+enum { FL_CHUNKS = 4 };
+static const int fl_chunk_len[FL_CHUNKS] = {50, 67, 13, 70};
+
+static int fl_chunk_start(int a)
+{
+    int s = 0;
+    for (int i = 0; i < a; i++) s += fl_chunk_len[i];
+    return s;
+}
+
+/* The pair (query chunk a, key chunk b <= a) of the whole block w: full below the
+ * diagonal, causal on it. */
+static struct model_attn_blocks fl_pair(const struct model_attn_blocks *w, int a, int b)
+{
+    struct model_attn_blocks p = *w;
+    p.Tq = fl_chunk_len[a];
+    p.Tk = fl_chunk_len[b];
+    p.mask = a == b ? MODEL_MASK_CAUSAL : MODEL_MASK_FULL;
+    return p;
+}
+
+/* Key chunk of the i-th call for query chunk a in one of three orders: ascending (the
+ * first call overwrites), descending, and the diagonal first; the last two merge from
+ * the start onto lse = -INFINITY and out = NaN. */
+static int fl_order(int order, int a, int i)
+{
+    if (order == 0) return i;
+    if (order == 1) return a - i;
+    return i == 0 ? a : i - 1;
+}
+
+/* out, lse (d->out, d->lse) merged over the key chunks of every query chunk; skip >= 0
+ * leaves that key chunk out (to show that the comparison notices). */
+static void fl_forward_chunked(struct fl_data *d, int order, int skip)
+{
+    struct model_attn_blocks const *w = &d->g;
+    size_t const qs = (size_t)w->Hl * w->hd, ks = (size_t)w->Gl * w->hd;
+    for (int b = 0; order != 0 && b < w->B; b++) {
+        fill_const(d->out + fl_qoff(w, b, 0, 0), (size_t)w->Tq * qs, NAN);
+        fill_const(d->lse + fl_row(w, b, 0, 0), (size_t)w->Tq * w->Hl, -INFINITY);
+    }
+    for (int a = 0; a < FL_CHUNKS; a++) {
+        size_t const ra = (size_t)fl_chunk_start(a);
+        for (int i = 0; i <= a; i++) {
+            int const b = fl_order(order, a, i);
+            if (b == skip) continue;
+            size_t const rb = (size_t)fl_chunk_start(b);
+            struct model_attn_blocks const p = fl_pair(w, a, b);
+            model_flash_forward(d->out + ra * qs, d->lse + ra * w->Hl, d->q + ra * qs,
+                                d->k + rb * ks, d->v + rb * ks, &p, order != 0 || i > 0,
+                                d->scratch);
+        }
+    }
+}
+
+/* dq, dk, dv accumulated over every (query chunk, key chunk) pair, with the final lse and
+ * delta of the whole rows; pairs in descending query chunk order. */
+static void fl_backward_chunked(struct fl_data *d)
+{
+    struct model_attn_blocks const *w = &d->g;
+    size_t const qs = (size_t)w->Hl * w->hd, ks = (size_t)w->Gl * w->hd;
+    model_flash_delta(d->delta, d->dout, d->out, w);
+    for (int a = FL_CHUNKS - 1; a >= 0; a--)
+        for (int b = 0; b <= a; b++) {
+            size_t const ra = (size_t)fl_chunk_start(a), rb = (size_t)fl_chunk_start(b);
+            struct model_attn_blocks const p = fl_pair(w, a, b);
+            model_flash_backward(d->dq + ra * qs, d->dk + rb * ks, d->dv + rb * ks,
+                                 d->dout + ra * qs, d->lse + ra * w->Hl, d->delta + ra * w->Hl,
+                                 d->q + ra * qs, d->k + rb * ks, d->v + rb * ks, &p,
+                                 d->scratch);
+        }
+}
+
+/* Two copies of the same inputs for the chunked sequence (2 sequences of all the chunks,
+ * padded), the whole run (forward, delta, backward) on the first. */
+static void fl_whole_and_part(struct fl_data *whole, struct fl_data *part, uint64_t seed)
+{
+    int const T = fl_chunk_start(FL_CHUNKS);
+    struct model_attn_blocks const w = fl_blocks(2, T, T, 5, 4, 2, 8, MODEL_MASK_CAUSAL);
+    fl_alloc(whole, &w, seed);
+    fl_alloc(part, &w, seed);
+    fl_run(whole);
+}
+
+/* The whole causal attention of a 200-row sequence against its 4 chunks merged in any
+ * order (forward), and against the pairs' backwards accumulated. Merging is exact up to
+ * fp32 rounding of the combination, hence the tolerances of a double reference. */
+static void test_flash_merge(void)
+{
+    struct fl_data whole, part;
+    fl_whole_and_part(&whole, &part, 300);
+    for (int order = 0; order < 3; order++) {
+        fl_forward_chunked(&part, order, -1);
+        EXPECT_CLOSEF("merged out vs whole", part.out, whole.out, whole.nq, FWD_RTOL, 1e-6);
+        EXPECT_CLOSEF("merged lse vs whole", part.lse, whole.lse, whole.nr, FWD_RTOL, 1e-6);
+    }
+    fl_backward_chunked(&part);
+    EXPECT_CLOSEF("chunked delta vs whole", part.delta, whole.delta, whole.nr, FWD_RTOL, 1e-6);
+    EXPECT_CLOSEF("chunked dq vs whole", part.dq, whole.dq, whole.nq, BWD_RTOL, BWD_ATOL);
+    EXPECT_CLOSEF("chunked dk vs whole", part.dk, whole.dk, whole.nk, BWD_RTOL, BWD_ATOL);
+    EXPECT_CLOSEF("chunked dv vs whole", part.dv, whole.dv, whole.nk, BWD_RTOL, BWD_ATOL);
+    fl_free(&whole), fl_free(&part);
+}
+
+/* The flash kernels against model_attention_* (materialised probabilities) at lengths
+ * from one tile to several, contiguous sequences. */
+static void test_flash_vs_old_kernel(void)
+{
+    static const int lens[] = {64, 131, 300};
+    int const B = 2, Hl = 4, Gl = 2, hd = 16;
+    for (size_t s = 0; s < sizeof lens / sizeof lens[0]; s++) {
+        int const T = lens[s];
+        struct model_attn_blocks const g = fl_blocks(B, T, T, 0, Hl, Gl, hd, MODEL_MASK_CAUSAL);
+        struct fl_data d;
+        fl_alloc(&d, &g, 400 + s);
+        memset(d.dq, 0, d.nq * sizeof(float));
+        memset(d.dk, 0, d.nk * sizeof(float));
+        memset(d.dv, 0, d.nk * sizeof(float));
+        fl_run(&d);
+        float *out = fbuf(d.nq), *probs = fbuf((size_t)B * Hl * T * T);
+        float *scratch = attn_scratch(T);
+        float *dq = fbuf(d.nq), *dk = fbuf(d.nk), *dv = fbuf(d.nk);
+        model_attention_forward(out, probs, d.q, d.k, d.v, B, T, Hl, Gl, hd);
+        model_attention_backward(dq, dk, dv, d.dout, probs, d.q, d.k, d.v, B, T, Hl, Gl, hd,
+                                 scratch);
+        EXPECT_CLOSEF("flash out vs model_attention_forward", d.out, out, d.nq, FWD_RTOL, 1e-6);
+        EXPECT_CLOSEF("flash dq vs model_attention_backward", d.dq, dq, d.nq, BWD_RTOL, BWD_ATOL);
+        EXPECT_CLOSEF("flash dk vs model_attention_backward", d.dk, dk, d.nk, BWD_RTOL, BWD_ATOL);
+        EXPECT_CLOSEF("flash dv vs model_attention_backward", d.dv, dv, d.nk, BWD_RTOL, BWD_ATOL);
+        fl_free(&d);
+        free(out), free(probs), free(scratch), free(dq), free(dk), free(dv);
+    }
+}
+
+/* Everything the kernels write, for the comparison across thread counts. */
+static void fl_run_threads(struct fl_data *d, const struct model_attn_blocks *g, int nthreads)
+{
+    omp_set_num_threads(nthreads);
+    fl_alloc(d, g, 500);
+    fl_run(d);
+    /* and a full block merged onto the result, as context parallelism does */
+    struct model_attn_blocks h = *g;
+    h.mask = MODEL_MASK_FULL;
+    h.Tq = 67;
+    model_flash_forward(d->out, d->lse, d->q, d->k, d->v, &h, true, d->scratch);
+    omp_set_num_threads(max_threads_saved);
+}
+
+static int fl_same_bits(const char *what, const float *a, const float *b, size_t n)
+{
+    if (memcmp(a, b, n * sizeof *a) == 0) return 1;
+    fprintf(stderr, "\n    %s: results differ between thread counts", what);
+    return 0;
+}
+
+/* Each output element is summed in one fixed order whatever the threads: bit-identical. */
+static void test_flash_thread_determinism(void)
+{
+    struct model_attn_blocks const g = fl_blocks(2, 200, 200, 3, 4, 2, 16, MODEL_MASK_CAUSAL);
+    struct fl_data one;
+    fl_run_threads(&one, &g, 1);
+    for (int nth = 2; nth <= 3; nth++) {
+        struct fl_data d;
+        fl_run_threads(&d, &g, nth);
+        CU_ASSERT(fl_same_bits("flash out", d.out, one.out, d.nq));
+        CU_ASSERT(fl_same_bits("flash lse", d.lse, one.lse, d.nr));
+        CU_ASSERT(fl_same_bits("flash delta", d.delta, one.delta, d.nr));
+        CU_ASSERT(fl_same_bits("flash dq", d.dq, one.dq, d.nq));
+        CU_ASSERT(fl_same_bits("flash dk", d.dk, one.dk, d.nk));
+        CU_ASSERT(fl_same_bits("flash dv", d.dv, one.dv, d.nk));
+        fl_free(&d);
+    }
+    fl_free(&one);
+}
+
+/* Elements of got outside the tolerance of want, silently. */
+static size_t fl_count_far(const float *got, const float *want, size_t n, double rtol,
+                           double atol)
+{
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad += !near(got[i], want[i], rtol, atol);
+    return bad;
+}
+
+/* The comparisons above catch a wrong kernel: a corrupted element of q changes one
+ * (row, head) of out, a key chunk left out of a merge changes the later query chunks, a
+ * final lse off by 1e-3 on one row changes dq of that row. */
+static void test_flash_errors_are_caught(void)
+{
+    struct fl_data whole, part;
+    fl_whole_and_part(&whole, &part, 600);
+    struct model_attn_blocks const w = whole.g;
+    size_t const row = fl_row(&w, 1, 77, 3);
+    part.q[row * w.hd + 2] += 0.5f;
+    model_flash_forward(part.out, part.lse, part.q, part.k, part.v, &w, false, part.scratch);
+    size_t const bad_q = fl_count_far(part.out, whole.out, whole.nq, FWD_RTOL, 1e-6);
+    CU_ASSERT(bad_q > 0 && bad_q <= (size_t)w.hd);
+    part.q[row * w.hd + 2] -= 0.5f;
+
+    fl_forward_chunked(&part, 1, 2);
+    CU_ASSERT(fl_count_far(part.out, whole.out, whole.nq, FWD_RTOL, 1e-6) > 0);
+
+    fl_forward_chunked(&part, 1, -1);
+    CU_ASSERT_EQUAL(fl_count_far(part.out, whole.out, whole.nq, FWD_RTOL, 1e-6), 0);
+    part.lse[row] += 1e-3f;
+    fl_backward_chunked(&part);
+    CU_ASSERT(fl_count_far(part.dq, whole.dq, whole.nq, BWD_RTOL, BWD_ATOL) > 0);
+    fl_free(&whole), fl_free(&part);
+}
+
+/* B = 0 writes nothing. */
+static void test_flash_no_sequences(void)
+{
+    struct model_attn_blocks g = fl_blocks(1, 5, 5, 0, 4, 2, 4, MODEL_MASK_CAUSAL);
+    struct fl_data d;
+    fl_alloc(&d, &g, 700);
+    fill_const(d.dq, d.nq, SENTINEL);
+    fill_const(d.dk, d.nk, SENTINEL);
+    fill_const(d.dv, d.nk, SENTINEL);
+    d.g.B = 0;
+    fl_run(&d);
+    CU_ASSERT(all_equal(d.out, d.nq, SENTINEL) && all_equal(d.lse, d.nr, SENTINEL));
+    CU_ASSERT(all_equal(d.delta, d.nr, SENTINEL) && all_equal(d.dq, d.nq, SENTINEL));
+    CU_ASSERT(all_equal(d.dk, d.nk, SENTINEL) && all_equal(d.dv, d.nk, SENTINEL));
+    fl_free(&d);
+}
+
 /* ---------------------------------------------------------------- router */
 
 static void test_router_forward(void)
@@ -1445,6 +1907,19 @@ int main(void)
         {"attention backward vs finite differences (T 5, and T over 2 causal blocks)",
          test_attention_backward},
         {"attention with B = 0 and T = 1", test_attention_edge_sizes},
+        {"flash attention forward and backward vs double reference (causal, full, GQA, "
+         "ragged lengths, strided sequences)",
+         test_flash_vs_reference},
+        {"flash attention backward vs finite differences", test_flash_finite_differences},
+        {"flash attention: key chunks merged in any order and pair backwards accumulated "
+         "equal the whole",
+         test_flash_merge},
+        {"flash attention vs model_attention_forward/backward at T 64, 131, 300",
+         test_flash_vs_old_kernel},
+        {"flash attention is bit-identical at 1, 2 and 3 threads", test_flash_thread_determinism},
+        {"flash attention comparisons catch a corrupted q, a missing key chunk, a wrong lse",
+         test_flash_errors_are_caught},
+        {"flash attention with B = 0", test_flash_no_sequences},
         {"router forward: softmax, lse, top-k, renormalised weights", test_router_forward},
         {"router top-k ties go to the lower index", test_router_ties},
         {"router backward vs finite differences (topk_w, aux, z, dropped slots)",
