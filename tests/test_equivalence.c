@@ -1354,6 +1354,22 @@ static void print_row(const char *layout, int ranks, const char *disp, const cha
            rg, sec, result);
 }
 
+/* Cases of one family of layouts (the summary's closing lines): how many ran and passed,
+ * the worst relative loss, absolute parameter and relative grad_norm differences. */
+struct tally {
+    int cases, passed;
+    double loss, param, gnorm, seconds;
+};
+
+static void tally_add(struct tally *t, const struct eq_case *c)
+{
+    t->passed += c->passed;
+    t->loss = fmax(t->loss, c->cmp.max_rel_loss);
+    t->param = fmax(t->param, c->cmp.max_abs_param);
+    t->gnorm = fmax(t->gnorm, c->cmp.max_rel_gnorm);
+    t->seconds += c->seconds;
+}
+
 static void print_summary(double total_s)
 {
     printf("\nequivalence with the 1-rank run, %d steps of configs/tiny.ini with train.seed "
@@ -1375,11 +1391,8 @@ static void print_summary(double total_s)
            "rel param", "rel gnorm", "s", "result");
     double worst_loss = 0, worst_param = 0, worst_rel = 0, worst_gnorm = 0, worst_drift = 0;
     double least_margin = -1;
-    double ep_worst_loss = 0, ep_worst_param = 0, ep_worst_gnorm = 0, ep_seconds = 0;
-    int passed = 0, ran = 0, ep_cases = 0, ep_passed = 0;
-    int pp_cases = 0, pp_passed = 0, cp_cases = 0, cp_passed = 0;
-    double pp_worst_loss = 0, pp_worst_param = 0, pp_worst_gnorm = 0, pp_seconds = 0;
-    double cp_worst_loss = 0, cp_worst_param = 0, cp_worst_gnorm = 0, cp_seconds = 0;
+    int passed = 0, ran = 0;
+    struct tally ept = {0}, ppt = {0}, cpt = {0}; /* expert, pipeline, context layouts */
     const char *least_margin_case = "-", *worst_drift_case = "-";
     for (int i = 0; i < g_ncases; i++) {
         const struct eq_case *c = &g_cases[i];
@@ -1392,9 +1405,9 @@ static void print_summary(double total_s)
         const char *disp = c->dispatcher ? c->dispatcher : "-";
         bool const cp = c->lay->cp != 0, pp = c->lay->pp != 0 && !cp;
         bool const ep = c->dispatcher != NULL && !pp && !cp;
-        ep_cases += ep;
-        pp_cases += pp;
-        cp_cases += cp;
+        ept.cases += ep;
+        ppt.cases += pp;
+        cpt.cases += cp;
         if (!c->ran) {
             print_row(c->lay->name, ranks, disp, opt, mbgb, accum, cap, -1, NULL, 0, "NOT RUN");
             continue;
@@ -1414,27 +1427,9 @@ static void print_summary(double total_s)
             least_margin = c->cmp.min_ref_margin;
             least_margin_case = c->name;
         }
-        if (cp) {
-            cp_passed += c->passed;
-            cp_worst_loss = fmax(cp_worst_loss, c->cmp.max_rel_loss);
-            cp_worst_param = fmax(cp_worst_param, c->cmp.max_abs_param);
-            cp_worst_gnorm = fmax(cp_worst_gnorm, c->cmp.max_rel_gnorm);
-            cp_seconds += c->seconds;
-        }
-        if (pp) {
-            pp_passed += c->passed;
-            pp_worst_loss = fmax(pp_worst_loss, c->cmp.max_rel_loss);
-            pp_worst_param = fmax(pp_worst_param, c->cmp.max_abs_param);
-            pp_worst_gnorm = fmax(pp_worst_gnorm, c->cmp.max_rel_gnorm);
-            pp_seconds += c->seconds;
-        }
-        if (ep) {
-            ep_passed += c->passed;
-            ep_worst_loss = fmax(ep_worst_loss, c->cmp.max_rel_loss);
-            ep_worst_param = fmax(ep_worst_param, c->cmp.max_abs_param);
-            ep_worst_gnorm = fmax(ep_worst_gnorm, c->cmp.max_rel_gnorm);
-            ep_seconds += c->seconds;
-        }
+        if (cp) tally_add(&cpt, c);
+        if (pp) tally_add(&ppt, c);
+        if (ep) tally_add(&ept, c);
         char result[96] = "ok";
         if (!c->passed && c->cmp.first_bad_step)
             snprintf(result, sizeof result, "FAIL (from step %d, reference margin %.2e)",
@@ -1467,16 +1462,16 @@ static void print_summary(double total_s)
     printf("expert-parallel layouts: %d layouts x 2 dispatchers x 3 (dropless, capacity 1.0 "
            "position, probs), and %d layouts x alltoall with MPI messages only x 3 = %d cases, "
            "%d passed; worst: relative loss %.2e, absolute parameter %.2e, relative grad_norm "
-           "%.2e; %.1f s\n", (int)NEP_LAYOUTS, (int)NMPI_LAYOUTS, ep_cases, ep_passed,
-           ep_worst_loss, ep_worst_param, ep_worst_gnorm, ep_seconds);
+           "%.2e; %.1f s\n", (int)NEP_LAYOUTS, (int)NMPI_LAYOUTS, ept.cases, ept.passed,
+           ept.loss, ept.param, ept.gnorm, ept.seconds);
     printf("pipeline layouts: %d layouts x dropless, capacity 1.0 position (and probs with 2 "
            "layers) = %d cases, %d passed; worst: relative loss %.2e, absolute parameter %.2e, relative "
-           "grad_norm %.2e; %.1f s\n", (int)NPP_LAYOUTS, pp_cases, pp_passed, pp_worst_loss,
-           pp_worst_param, pp_worst_gnorm, pp_seconds);
+           "grad_norm %.2e; %.1f s\n", (int)NPP_LAYOUTS, ppt.cases, ppt.passed, ppt.loss,
+           ppt.param, ppt.gnorm, ppt.seconds);
     printf("context-parallel layouts: %d layouts x 3 (dropless, capacity 1.0 position, probs) "
            "= %d cases, %d passed; worst: relative loss %.2e, absolute parameter %.2e, "
-           "relative grad_norm %.2e; %.1f s\n", (int)NCP_LAYOUTS, cp_cases, cp_passed,
-           cp_worst_loss, cp_worst_param, cp_worst_gnorm, cp_seconds);
+           "relative grad_norm %.2e; %.1f s\n", (int)NCP_LAYOUTS, cpt.cases, cpt.passed,
+           cpt.loss, cpt.param, cpt.gnorm, cpt.seconds);
 }
 
 /* ---------------------------------------------------------------- main */
