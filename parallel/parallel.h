@@ -323,7 +323,8 @@ struct par_schedule {
                                      done, and the pool grows while none is */
     int nsends;
     int *inputs, *targets;        /* (B, T) of the micro-batch being fed */
-    double *layer_dropped;        /* (L + 1): dropped assignments per layer of the model */
+    double *layer_sums;           /* (2 L + 1): per layer of the model, dropped assignments,
+                                     then dispatch milliseconds */
     float *layer_max;             /* (2 L + 1): most kept by one expert, -margin */
     struct par_layer_stats *layer_stats;
 };

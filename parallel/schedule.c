@@ -38,7 +38,7 @@ int par_schedule_init(struct par_schedule *s, const struct par_model *pm,
     s->inputs = vd_calloc(2 * pm->shape.Nmb, sizeof *s->inputs);
     s->targets = s->inputs + pm->shape.Nmb;
     int const L = pm->cfg.num_hidden_layers;
-    s->layer_dropped = vd_calloc((size_t)L + 1, sizeof *s->layer_dropped);
+    s->layer_sums = vd_calloc(2 * (size_t)L + 1, sizeof *s->layer_sums);
     s->layer_max = vd_calloc(2 * (size_t)L + 1, sizeof *s->layer_max);
     s->layer_stats = vd_calloc((size_t)L + 1, sizeof *s->layer_stats);
     return 0;
@@ -55,7 +55,7 @@ void par_schedule_free(struct par_schedule *s)
     free(s->set_of);
     free(s->recv_buf);
     free(s->inputs);
-    free(s->layer_dropped);
+    free(s->layer_sums);
     free(s->layer_max);
     free(s->layer_stats);
     memset(s, 0, sizeof *s);
@@ -146,8 +146,8 @@ static void collect_layers(struct par_schedule *s, const struct par_model *pm,
     for (int bi = 0; bi < ch->nblocks; bi++) {
         const struct par_block_acts *ba = &a->blocks[bi];
         int const l = ch->layer0 + bi;
-        s->layer_dropped[l] += (double)ba->dropped;
-        s->layer_stats[l].dispatch_ms += ba->dispatch_s * 1e3;
+        s->layer_sums[l] += (double)ba->dropped;
+        s->layer_sums[L + l] += ba->dispatch_s * 1e3;
         s->layer_max[l] = fmaxf(s->layer_max[l], (float)ba->tokens_max);
         s->layer_max[L + l] = fmaxf(s->layer_max[L + l], -ba->margin);
     }
@@ -159,24 +159,21 @@ static void finish_layers(struct par_schedule *s, const struct par_model *pm, in
 {
     int const L = pm->cfg.num_hidden_layers;
     int const E = pm->cfg.num_local_experts, k = pm->cfg.num_experts_per_tok;
-    dist_allreduce_sum_f64(&pm->groups.dp, DIST_DP, s->layer_dropped, (size_t)L);
+    /* dropped assignments over the replicas (dispatch time stays this rank's) */
+    dist_allreduce_sum_f64(&pm->groups.dp, DIST_DP, s->layer_sums, (size_t)L);
     dist_allreduce_max(&pm->groups.dp, DIST_DP, s->layer_max, 2 * (size_t)L);
     /* each layer lives on one stage; the others hold zeros, or -inf margins */
-    double *ms = vd_calloc((size_t)L, sizeof *ms);
-    for (int l = 0; l < L; l++) ms[l] = s->layer_stats[l].dispatch_ms;
-    dist_allreduce_sum_f64(&pm->groups.pp, DIST_PP, s->layer_dropped, (size_t)L);
-    dist_allreduce_sum_f64(&pm->groups.pp, DIST_PP, ms, (size_t)L);
+    dist_allreduce_sum_f64(&pm->groups.pp, DIST_PP, s->layer_sums, 2 * (size_t)L);
     dist_allreduce_max(&pm->groups.pp, DIST_PP, s->layer_max, 2 * (size_t)L);
     double const assignments = (double)n_micro * (double)pm->shape.Nmb * k;
     for (int l = 0; l < L; l++) {
         struct par_layer_stats *ls = &s->layer_stats[l];
-        ls->dispatch_ms = ms[l];
-        ls->dropped_frac = s->layer_dropped[l] / assignments;
+        ls->dispatch_ms = s->layer_sums[L + l];
+        ls->dropped_frac = s->layer_sums[l] / assignments;
         ls->tokens_max = s->layer_max[l];
-        ls->tokens_mean = (assignments - s->layer_dropped[l]) / n_micro / E;
+        ls->tokens_mean = (assignments - s->layer_sums[l]) / n_micro / E;
         ls->margin = isinf(s->layer_max[L + l]) ? -1.0 : -(double)s->layer_max[L + l];
     }
-    free(ms);
 }
 
 /* ---------------------------------------------------------------- the step */
@@ -204,12 +201,9 @@ void par_schedule_step(struct par_schedule *s, struct par_model *pm,
     const struct dist_group *dp = &pm->groups.dp;
     VD_CHECK(n_micro == m * dp->size, "the schedule was planned for %d micro-batches per "
              "replica, the step has %d over %d replicas", m, n_micro, dp->size);
-    memset(s->layer_dropped, 0, ((size_t)L + 1) * sizeof *s->layer_dropped);
+    memset(s->layer_sums, 0, (2 * (size_t)L + 1) * sizeof *s->layer_sums);
     memset(s->layer_max, 0, (2 * (size_t)L + 1) * sizeof *s->layer_max);
-    for (int l = 0; l < L; l++) {
-        s->layer_max[L + l] = -INFINITY;
-        s->layer_stats[l].dispatch_ms = 0.0;
-    }
+    for (int l = 0; l < L; l++) s->layer_max[L + l] = -INFINITY;
     int backwards_left[MODEL_CHUNKS_MAX];
     for (int c = 0; c < pm->nchunks; c++) backwards_left[c] = m;
     size_t const msg = pm->shape.Ns * (size_t)pm->cfg.hidden_size;
