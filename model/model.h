@@ -179,7 +179,9 @@ void model_rope_apply(float *x, const int *pos, const float *cos_t, const float 
  * skipped). */
 #define MODEL_ATTN_BLOCK 64
 
-/* Causal grouped-query attention core on local heads, per sequence of T positions.
+/* The materialised-probabilities reference of the attention core (training uses the
+ * blockwise model_flash_* below; `vdist bench attention` and test_kernels compare them).
+ * Causal grouped-query attention on local heads, per sequence of T positions.
  * q (B*T, Hl*hd), k, v (B*T, Gl*hd), out (B*T, Hl*hd); probs (B, Hl, T, T) saved.
  * Query head i uses key/value head i / (Hl/Gl). */
 void model_attention_forward(float *out, float *probs, const float *q, const float *k,
