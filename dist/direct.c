@@ -35,8 +35,7 @@ void dist_direct_init(struct dist_direct *dd, const struct dist_group *g, bool e
     int *node_members = vd_calloc((size_t)q, sizeof *node_members);
 
     MPI_Comm node;
-    DIST_CHECK_MPI(MPI_Comm_split_type(g->comm, MPI_COMM_TYPE_SHARED, g->rank, MPI_INFO_NULL,
-                                       &node));
+    dist_node_split(g, &node);
     int node_size = 0;
     MPI_Comm_size(node, &node_size);
     DIST_CHECK_MPI(MPI_Allgather(&g->rank, 1, MPI_INT, node_members, 1, MPI_INT, node));

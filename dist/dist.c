@@ -47,14 +47,18 @@ int dist_world_rank(void) { return world.rank; }
 int dist_world_size(void) { return world.size; }
 const struct dist_group *dist_world(void) { return &world; }
 
-void dist_node_ranks(int *count, int *index)
+/* launch.ranks_per_node: nodes of this many consecutive world ranks; 0: the real ones. */
+static int declared_node_size;
+
+void dist_declare_nodes(int ranks_per_node) { declared_node_size = ranks_per_node; }
+
+void dist_node_split(const struct dist_group *g, MPI_Comm *node)
 {
-    MPI_Comm node;
-    DIST_CHECK_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world.rank,
-                                       MPI_INFO_NULL, &node));
-    MPI_Comm_size(node, count);
-    MPI_Comm_rank(node, index);
-    MPI_Comm_free(&node);
+    if (declared_node_size > 0)
+        DIST_CHECK_MPI(MPI_Comm_split(g->comm, world.rank / declared_node_size, g->rank, node));
+    else
+        DIST_CHECK_MPI(MPI_Comm_split_type(g->comm, MPI_COMM_TYPE_SHARED, g->rank,
+                                           MPI_INFO_NULL, node));
 }
 
 _Noreturn void dist_mpi_fatal(int rc, const char *call, const char *file, int line)

@@ -27,8 +27,12 @@ void dist_init(int *argc, char ***argv);
 void dist_finalize(void);
 int dist_world_rank(void);
 int dist_world_size(void);
-/* Ranks of the world on this node (shared memory), and this rank's index among them. */
-void dist_node_ranks(int *count, int *index);
+/* Declares nodes of ranks_per_node consecutive world ranks (launch.ranks_per_node, a
+ * cluster emulated on one machine), or 0 for the real nodes (ranks sharing memory): every
+ * decision of dist/ that depends on nodes follows it. */
+void dist_declare_nodes(int ranks_per_node);
+/* Splits g into the ranks of this rank's node (as declared); MPI_Comm_free the result. */
+void dist_node_split(const struct dist_group *g, MPI_Comm *node);
 /* The world as a group (never freed). */
 const struct dist_group *dist_world(void);
 

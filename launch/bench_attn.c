@@ -229,7 +229,7 @@ int launch_bench_attention(const struct launch_config *c, int argc, char **argv)
               "vdist bench attention measures one rank's kernels: run it without mpirun "
               "(or with -np 1); %d ranks were started",
               dist_world_size());
-    int const threads = launch_topo_set_threads(1);
+    int const threads = omp_get_max_threads();
     struct model_config const *m = &c->model;
     int const B = c->train.micro_batch, H = m->num_attention_heads;
     int const G = m->num_key_value_heads, hd = m->hidden_size / H;

@@ -64,7 +64,7 @@ static double disk_write_gbs(const char *dir, double nbytes)
 int launch_bench_ckpt(const struct launch_config *c)
 {
     struct dist_grid grid;
-    FORWARD_IF(launch_layout_make(c, &grid));
+    FORWARD_IF(launch_layout_make(c, dist_world_size(), &grid));
     struct par_groups groups;
     par_groups_create(&groups, &grid);
     struct model_layout lay;

@@ -103,7 +103,7 @@ static double run_alltoall(void *p)
 int launch_bench_dispatch(const struct launch_config *c)
 {
     struct dist_grid grid;
-    FORWARD_IF(launch_layout_make(c, &grid));
+    FORWARD_IF(launch_layout_make(c, dist_world_size(), &grid));
     struct par_groups groups;
     par_groups_create(&groups, &grid);
     RETURN_IF(grid.dims.pp != 1, VD_EINVAL,

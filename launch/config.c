@@ -72,6 +72,7 @@ static const char *const dtype_values[] = {"uint16", "uint32", NULL};
 static const char *const order_names[] = {"tp", "cp", "ep", "dp", "pp"};
 static const char *const pp_schedule_values[] = {"auto", "1f1b", "interleaved", "gpipe", NULL};
 static const char *const cp_comm_values[] = {"p2p", "allgather", NULL};
+static const char *const bind_values[] = {"auto", "none", NULL};
 #define ORDER_COUNT (sizeof order_names / sizeof order_names[0])
 
 /* Defaults of the model sizes are the `small` model of configs/small.ini (vocabulary 256,
@@ -191,7 +192,8 @@ static const struct key_def key_table[] = {
      "backwards); auto = 1f1b when vpp = 1, interleaved otherwise",
      FIELD(parallel.pp_schedule), 0, 0, 0, pp_schedule_values},
     {"parallel.order", KEY_STRING, "tp-cp-ep-dp-pp",
-     "rank order, fastest-varying first: tp, cp, ep, dp, pp joined by '-'",
+     "rank order, fastest-varying first: tp, cp, ep, dp, pp joined by '-'; auto = the order "
+     "whose estimated traffic per step crosses the fewest node, then package, boundaries",
      FIELD(parallel.order), 0, 0, KF_ORDER, NULL},
     {"parallel.distributed_optimizer", KEY_BOOL, "true",
      "shard optimizer state over data-parallel ranks (ZeRO-1)",
@@ -201,6 +203,16 @@ static const struct key_def key_table[] = {
      "the same node (Linux cross-memory attach) where the kernel allows it; false = MPI "
      "messages only",
      FIELD(parallel.dispatch_direct), 0, 0, 0, NULL},
+    /* [launch] */
+    {"launch.bind", KEY_ENUM, "auto",
+     "auto: a rank the launcher left unbound is bound to its share of its node's cores (a "
+     "contiguous block inside one NUMA domain where the share allows) and runs that many "
+     "threads; a rank the launcher bound keeps its binding; none: leave binding alone",
+     FIELD(launch.bind), 0, 0, 0, bind_values},
+    {"launch.ranks_per_node", KEY_INT, "0",
+     "declare nodes of this many consecutive ranks (emulates a cluster on one machine for "
+     "the locality table, parallel.order = auto and direct writes); 0 = the real nodes",
+     INT_MIN0(launch.ranks_per_node)},
     /* [ckpt] */
     {"ckpt.dir", KEY_STRING, "", "checkpoint directory; empty = no checkpoints", STR(ckpt.dir)},
     {"ckpt.interval", KEY_INT, "0",
@@ -229,7 +241,8 @@ static const struct key_def key_table[] = {
 };
 #define KEY_COUNT (sizeof key_table / sizeof key_table[0])
 
-static const char *const section_names[] = {"model", "train", "data", "parallel", "ckpt", "log"};
+static const char *const section_names[] = {"model", "train", "data", "parallel", "launch",
+                                            "ckpt", "log"};
 #define SECTION_COUNT (sizeof section_names / sizeof section_names[0])
 
 /* ---------------------------------------------------------------- messages */
@@ -274,7 +287,7 @@ static void key_expect(const struct key_def *k, char *buf, size_t n)
         return;
     case KEY_STRING:
         if (k->flags & KF_ORDER)
-            buf_add(buf, n, "a permutation of tp, cp, ep, dp, pp joined by '-' "
+            buf_add(buf, n, "auto or a permutation of tp, cp, ep, dp, pp joined by '-' "
                             "(e.g. tp-cp-ep-dp-pp)");
         else if (k->flags & KF_COUNTS)
             buf_add(buf, n, "integers >= 1 joined by ',' (e.g. 3,5,5,3), at most %d of them",
@@ -456,6 +469,7 @@ int launch_pp_layers(const char *s, int *out, int cap)
 
 static bool order_ok(const char *s)
 {
+    if (strcmp(s, "auto") == 0) return true;
     bool seen[ORDER_COUNT] = {false};
     size_t count = 0;
     for (const char *p = s;; p++) {

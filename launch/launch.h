@@ -55,6 +55,13 @@ struct launch_parallel {
     bool dispatch_direct;
 };
 
+enum launch_bind { LAUNCH_BIND_AUTO = 0, LAUNCH_BIND_NONE = 1 };
+
+struct launch_launch {
+    int bind;             /* enum launch_bind */
+    int ranks_per_node;   /* declared node size; 0: the real nodes */
+};
+
 struct launch_ckpt {
     char dir[LAUNCH_PATH_MAX];  /* root of the run's checkpoints; empty: none */
     int interval, keep;
@@ -75,6 +82,7 @@ struct launch_config {
     struct launch_train train;
     struct launch_data data;
     struct launch_parallel parallel;
+    struct launch_launch launch;
     struct launch_ckpt ckpt;
     struct launch_log log;
 };

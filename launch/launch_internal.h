@@ -5,15 +5,170 @@
 #include "dist/dist.h"
 #include "launch/launch.h"
 
-/* Cores this rank may use (hwloc): those of its binding, or, when it is bound to the whole
- * machine, its share among the node's node_ranks ranks; at least 1. */
-int launch_topo_bound_cores(int node_ranks);
-/* Sets the OpenMP (and so OpenBLAS) thread count to OMP_NUM_THREADS or the cores above. */
-int launch_topo_set_threads(int node_ranks);
+/* ---------------------------------------------------------------- placement (pure) */
+/* launch/place.c: where ranks sit on cores, L3 caches, NUMA domains, packages and nodes,
+ * how well each group kind of both grids is kept together, and the rank order that keeps
+ * the most traffic inside nodes. A pure function of (topology, world, layout, order): the
+ * host is read only by launch_machine_load(""), so everything here is testable on hwloc
+ * synthetic topologies and XML files.
+ *
+ * Error rule: functions that read user input (a topology, a node size) return 0 or
+ * VD_EINVAL with a sentence saying what is wrong and what is allowed; the others take
+ * valid arguments and abort (VD_CHECK) otherwise. */
 
-/* The grid of c's parallel sizes over the world, checked against what this version runs
+/* Levels of locality, the nearest first: ranks that share a level share every one above. */
+enum launch_level { LAUNCH_LEVEL_CORE, LAUNCH_LEVEL_L3, LAUNCH_LEVEL_NUMA, LAUNCH_LEVEL_PACKAGE,
+                    LAUNCH_LEVEL_NODE, LAUNCH_LEVEL_NETWORK, LAUNCH_LEVEL_COUNT };
+/* "core", "l3", "numa", "package", "node", "network". */
+const char *launch_level_name(enum launch_level level);
+/* The levels inside a node that a rank's cores are located by (core, l3, numa, package). */
+enum { LAUNCH_NODE_LEVELS = LAUNCH_LEVEL_NODE };
+
+/* One node's cores in hwloc's logical order, and for each the logical index of the object
+ * above it at each level inside the node: [LAUNCH_LEVEL_CORE] its own index, then its L3,
+ * NUMA domain and package (-1 when the topology has no such object over it; NUMA domains
+ * are memory children in hwloc 2, found by cpuset). */
+struct launch_machine {
+    int ncores;
+    int *obj[LAUNCH_NODE_LEVELS];  /* (ncores) each */
+    int *os_index;                 /* (ncores) OS index of each core's first PU */
+    int count[LAUNCH_NODE_LEVELS]; /* objects of each level, 0 when absent */
+};
+/* topology: "" for this host, an hwloc XML file (a path that exists), or an hwloc synthetic
+ * description ("pack:2 [numa] l3:1 core:16 pu:1"). 0, or VD_EINVAL naming the text and why
+ * hwloc refused it; launch_machine_free it either way. */
+int launch_machine_load(struct launch_machine *m, const char *topology);
+void launch_machine_free(struct launch_machine *m);
+/* "2 package(s), 4 NUMA domain(s), 4 L3 cache(s), 32 cores" into buf. */
+void launch_machine_describe(const struct launch_machine *m, char *buf, size_t nbytes);
+
+/* Where one rank runs: its node and, per level inside the node, the object that holds all
+ * of its cores (-1 when its cores span several such objects, or the level is absent, or
+ * the rank's cores are not known). */
+enum { LAUNCH_HOST_MAX = 64, LAUNCH_CORES_TEXT = 48 };
+struct launch_slot {
+    int node;
+    int ncores;                      /* cores the rank may run on */
+    int id[LAUNCH_NODE_LEVELS];
+    char cores[LAUNCH_CORES_TEXT];   /* logical core indexes, e.g. "0-3" or "0,2" */
+    char host[LAUNCH_HOST_MAX];
+};
+/* Fills s for a rank on `node` whose cores are cores[0..n) (logical indexes of m). */
+void launch_slot_make(struct launch_slot *s, const struct launch_machine *m, int node,
+                      const int *cores, int n, const char *host);
+
+/* The share of a node's cores that rank `index` of `node_ranks` gets: cores_per_rank
+ * cores (ncores / node_ranks when 0) of logical indexes written to cores, a contiguous block
+ * inside one NUMA domain while the domains hold enough whole blocks, else contiguous in
+ * logical order. Returns the count, or 0 when the node has fewer cores than ranks x cores
+ * per rank (the share would oversubscribe). */
+int launch_place_share(const struct launch_machine *m, int node_ranks, int index,
+                       int cores_per_rank, int *cores);
+
+/* How ranks are dealt to nodes when no real job says it: block fills node 0 with ranks
+ * 0..K-1, then node 1; cyclic deals rank r to node r % nodes (Slurm's
+ * --distribution=cyclic). */
+enum launch_distribution { LAUNCH_DIST_BLOCK, LAUNCH_DIST_CYCLIC };
+/* The slots of `world` ranks on nodes of m with ranks_per_node ranks each (0: as many as
+ * whole shares of cores_per_rank fit), the last node holding the rest, each rank on its
+ * launch_place_share of its node. 0, or VD_EINVAL when the sizes are out of range (world
+ * < 1, cores_per_rank < 1, or ranks_per_node x cores_per_rank over the node's cores). */
+int launch_place_emulate(struct launch_slot *slots, const struct launch_machine *m, int world,
+                         int ranks_per_node, int cores_per_rank,
+                         enum launch_distribution dist);
+
+/* The nearest level that the n ranks members[] all share (core for one rank). */
+enum launch_level launch_place_group_level(const struct launch_slot *slots, const int *members,
+                                           int n);
+/* Locality of one group kind of grid g over the slots (one per world rank). */
+struct launch_locality {
+    int size, groups;
+    enum launch_level level;  /* the nearest level all ranks of every group share */
+    int cross_node;           /* groups spanning more than one node */
+    int cross_package;        /* groups spanning more than one package (or node) */
+};
+void launch_place_locality(struct launch_locality *out, const struct dist_grid *g,
+                           const struct launch_slot *slots, enum dist_kind kind);
+
+/* Estimated bytes each rank sends per optimizer step over its group of each kind, from the
+ * model and layout of c on grid g (launch/traffic.c; formulas in the README, section
+ * "Traffic estimates", shared with the planner). Kinds without traffic get 0. */
+void launch_traffic_estimate(double nbytes[DIST_NKIND], const struct launch_config *c,
+                             const struct dist_grid *g);
+/* How a kind's traffic spreads over its group (members in group order): evenly over the
+ * other members (collectives, all-to-all), all to the next member of a ring (cp p2p), or
+ * half to each neighbour of a chain (pp), or of a chain closed into a cycle (interleaved pp,
+ * whose last stage feeds the first). */
+enum launch_pattern { LAUNCH_PATTERN_SPREAD, LAUNCH_PATTERN_RING, LAUNCH_PATTERN_CHAIN,
+                      LAUNCH_PATTERN_CYCLE };
+enum launch_pattern launch_traffic_pattern(const struct launch_config *c, enum dist_kind kind);
+
+/* The traffic of every rank (launch_traffic_estimate) that crosses node boundaries and
+ * package boundaries (nodes included), summed over all ranks, per kind (may be NULL) and
+ * in total: bytes per step. */
+struct launch_crossing {
+    double node_nbytes, package_nbytes;
+    double kind_node_nbytes[DIST_NKIND];
+};
+void launch_place_crossing(struct launch_crossing *out, const struct launch_config *c,
+                           const struct dist_grid *g, const struct launch_slot *slots);
+
+/* Every rank order that gives a distinct valid pair of grids for c's layout on `world`
+ * ranks, with its crossing traffic, best first (fewest bytes across nodes, then across
+ * packages, then the default order, then the order's text): out[0] is what
+ * parallel.order = auto picks. Returns the count (at most 120), or VD_EINVAL when no order
+ * gives a valid grid (the message of the default order's refusal). */
+struct launch_order_estimate {
+    char order[16];
+    struct launch_crossing crossing;
+};
+enum { LAUNCH_ORDERS_MAX = 120 };
+int launch_place_orders(struct launch_order_estimate *out, const struct launch_config *c,
+                        int world, const struct launch_slot *slots);
+
+/* parallel.order = auto: sets c's order to out[0] of launch_place_orders on the slots and,
+ * when out is not NULL, prints every order's estimate there. The estimates are also left
+ * in est (LAUNCH_ORDERS_MAX entries) and their count in *norders (0 when c names its
+ * order), each when not NULL. 0, or VD_EINVAL as launch_place_orders. */
+int launch_place_resolve_order(struct launch_config *c, int world,
+                               const struct launch_slot *slots, FILE *out,
+                               struct launch_order_estimate *est, int *norders);
+/* Rank 0's report before training: the locality table of every group kind (size, groups,
+ * level shared, groups crossing nodes and packages) and a warning naming the kinds that
+ * cross nodes while another order keeps them inside (most frequent communicators first).
+ * Writes to out. */
+void launch_place_print(FILE *out, const struct launch_config *c, const struct dist_grid *g,
+                        const struct launch_slot *slots);
+
+/* ---------------------------------------------------------------- topology (hwloc, MPI) */
+/* launch/topo.c: the running job's placement. */
+struct launch_topo {
+    int world;
+    struct launch_slot *slots; /* (world) the same on every rank */
+    int threads;               /* OpenMP/BLAS threads of this rank: OMP_NUM_THREADS when set,
+                                  else its binding's cores, or its share of its node's
+                                  cores when it is not bound */
+    char bind_note[256];       /* what launch.bind did, as rank 0 saw it */
+};
+/* Collective over the world, first thing of a run, before any large allocation (memory
+ * is then first touched on the bound cores): binds this rank as launch.bind says, sets the
+ * thread count, and gathers every rank's slot (nodes as launch.ranks_per_node declares
+ * them, else the hosts that share memory). 0 or an agreed error. */
+int launch_topo_setup(struct launch_topo *t, const struct launch_config *c);
+void launch_topo_free(struct launch_topo *t);
+/* Writes, on rank 0, next to log.metrics: topology-HOST.xml (hwloc XML of each distinct
+ * host, by the lowest rank on it) and mapping.tsv (rank, host, node, cores, both grids'
+ * coordinates). Collective; nothing when log.metrics is empty. 0 or an agreed VD_EIO. */
+int launch_topo_record(const struct launch_config *c, const struct launch_topo *t,
+                       const struct dist_grid *g);
+
+/* `vdist layout`: argv[0] is "layout". Returns the process exit code. Without --world it
+ * initialises MPI and describes the running job. */
+int launch_layout_main(int argc, char **argv);
+
+/* The grid of c's parallel sizes over `world` ranks, checked against what this version runs
  * and against the batch and sequence sizes; 0 or VD_EINVAL naming the sizes. */
-int launch_layout_make(const struct launch_config *c, struct dist_grid *grid);
+int launch_layout_make(const struct launch_config *c, int world, struct dist_grid *grid);
 /* This rank's share of the model under the grid and the pipeline split of c. */
 int launch_layout_rank(const struct launch_config *c, const struct dist_grid *grid,
                        struct model_layout *lay);

@@ -18,6 +18,9 @@ static void usage(FILE *out)
             "  mpirun -np N vdist bench dispatch --config FILE [--parallel.ep=N ...]\n"
             "  [mpirun -np N] vdist bench ckpt --config FILE [--ckpt.dir=DIR ...]\n"
             "  vdist bench attention --config FILE [--seq-lens T1,T2,...] [--mem-cap GIB]\n"
+            "  vdist layout --config FILE --world=N [--topology=T] [--launch.ranks_per_node=K]\n"
+            "               [--cores_per_rank=C] [--distribution=block|cyclic] [--json]\n"
+            "  [mpirun -np N] vdist layout --config FILE [--json]   (the running job)\n"
             "  vdist data text IN OUT | synth OUT [options] | info FILE\n"
             "  vdist ckpt inspect DIR | verify DIR | latest ROOT | export DIR OUT\n"
             "  vdist train --help          every configuration key, its default and meaning\n"
@@ -25,7 +28,9 @@ static void usage(FILE *out)
             "bench trains like train and then reports tokens/s, MFU, the time split of a\n"
             "step and the peak RSS against the memory plan. bench comm sweeps message sizes\n"
             "over the collectives of every group kind of the layout (time, algbw, busbw).\n"
-            "bench attention times the attention kernels (stored probabilities, flash).\n");
+            "bench attention times the attention kernels (stored probabilities, flash).\n"
+            "layout prints where every rank and group lands (cores, NUMA, packages, nodes)\n"
+            "and the estimated traffic per step across nodes, without training.\n");
 }
 
 /* A configuration override is --section.key[=value]; anything else belongs to the mode. */
@@ -76,11 +81,22 @@ static int run_train(int argc, char **argv, bool bench)
     int rc = launch_config_load(&cfg, config_path, nkeys, keys);
     rc = dist_agree(dist_world(), rc);
     struct launch_train_result res;
+    /* train and bench place the job themselves (launch_train_run); the other benchmarks
+     * are bound and ordered here */
+    struct launch_topo topo;
+    memset(&topo, 0, sizeof topo);
+    if (rc == 0 && (comm || dispatch || ckpt || attn)) {
+        rc = launch_topo_setup(&topo, &cfg);
+        if (rc == 0)
+            rc = launch_place_resolve_order(&cfg, topo.world, topo.slots,
+                                            dist_world_rank() == 0 ? stdout : NULL, NULL, NULL);
+    }
     if (rc == 0 && comm) rc = launch_bench_comm(&cfg, nopts, opts);
     else if (rc == 0 && dispatch) rc = launch_bench_dispatch(&cfg);
     else if (rc == 0 && ckpt) rc = launch_bench_ckpt(&cfg);
     else if (rc == 0 && attn) rc = launch_bench_attention(&cfg, nopts, opts);
     else if (rc == 0) rc = launch_train_run(&cfg, bench, &res);
+    launch_topo_free(&topo);
     free(keys);
     free(opts);
     if (rc < 0) {
@@ -98,6 +114,7 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "data") == 0) return launch_data_main(argc - 1, argv + 1);
     if (strcmp(argv[1], "ckpt") == 0) return launch_ckpt_main(argc - 1, argv + 1);
+    if (strcmp(argv[1], "layout") == 0) return launch_layout_main(argc - 1, argv + 1);
     bool const train = strcmp(argv[1], "train") == 0, bench = strcmp(argv[1], "bench") == 0;
     if (!train && !bench) {
         fprintf(stderr, "vdist: unknown command '%s'; commands are train, bench, data, ckpt\n",

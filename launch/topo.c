@@ -1,44 +1,263 @@
-/* hwloc: how many cores this rank may use, so the ranks' threads never oversubscribe the
- * cores: the cores of its binding, or its share of the node when it is not bound. */
+/* The running job's placement (launch_internal.h): binding (launch.bind), the thread count,
+ * every rank's slot gathered on every rank, parallel.order = auto resolved on them, and the
+ * record of the topology and the mapping next to the metrics. The decisions themselves are
+ * the pure functions of launch/place.c; this file only asks hwloc and MPI what the job is. */
+#include <errno.h>
 #include <hwloc.h>
+#include <libgen.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 #include "launch/launch_internal.h"
 
-/* Cores in this process's binding and on the whole machine. */
-static void count_cores(int *bound, int *machine)
-{
-    *bound = *machine = 1;
+/* This host's topology (hwloc), loaded again for binding: launch_machine keeps only the
+ * arrays the pure functions need. */
+struct host {
     hwloc_topology_t topo;
-    if (hwloc_topology_init(&topo) != 0) return;
-    if (hwloc_topology_load(topo) == 0) {
-        int const all = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_CORE);
-        *machine = all > 0 ? all : 1;
-        hwloc_bitmap_t set = hwloc_bitmap_alloc();
-        if (set && hwloc_get_cpubind(topo, set, HWLOC_CPUBIND_PROCESS) == 0) {
-            int const n = hwloc_get_nbobjs_inside_cpuset_by_type(topo, set, HWLOC_OBJ_CORE);
-            *bound = n > 0 ? n : 1;
-        }
-        hwloc_bitmap_free(set);
+    hwloc_bitmap_t bound;   /* the process's binding */
+    bool launcher_bound;    /* the binding is narrower than the cores it may use */
+};
+
+static int host_open(struct host *h)
+{
+    memset(h, 0, sizeof *h);
+    RETURN_IF(hwloc_topology_init(&h->topo) != 0, VD_EIO, "hwloc cannot start");
+    if (hwloc_topology_load(h->topo) != 0) {
+        hwloc_topology_destroy(h->topo);
+        h->topo = NULL;
+        RETURN_ERR(VD_EIO, "hwloc cannot read this host's topology");
     }
-    hwloc_topology_destroy(topo);
+    h->bound = hwloc_bitmap_alloc();
+    VD_CHECK(h->bound, "out of memory");
+    if (hwloc_get_cpubind(h->topo, h->bound, HWLOC_CPUBIND_PROCESS) != 0)
+        hwloc_bitmap_copy(h->bound, hwloc_topology_get_allowed_cpuset(h->topo));
+    h->launcher_bound = !hwloc_bitmap_isincluded(hwloc_topology_get_allowed_cpuset(h->topo),
+                                                 h->bound);
+    return 0;
 }
 
-int launch_topo_bound_cores(int node_ranks)
+static void host_close(struct host *h)
 {
-    int bound = 1, machine = 1;
-    count_cores(&bound, &machine);
-    /* Unbound ranks (bound to every core) share the node's cores between them. */
-    if (bound >= machine && node_ranks > 1) bound = machine / node_ranks;
-    return bound > 0 ? bound : 1;
+    if (h->bound) hwloc_bitmap_free(h->bound);
+    if (h->topo) hwloc_topology_destroy(h->topo);
 }
 
-int launch_topo_set_threads(int node_ranks)
+/* Logical indexes of the cores the binding touches, into cores (m->ncores); the count. */
+static int bound_cores(const struct host *h, const struct launch_machine *m, int *cores)
 {
-    /* An explicit OMP_NUM_THREADS wins: the user (or a test) asked for it. */
+    int n = 0;
+    for (int c = 0; c < m->ncores; c++) {
+        hwloc_obj_t const o = hwloc_get_obj_by_type(h->topo, HWLOC_OBJ_CORE, (unsigned)c);
+        if (o && hwloc_bitmap_intersects(o->cpuset, h->bound)) cores[n++] = c;
+    }
+    return n;
+}
+
+/* Binds the process to the cores (logical indexes), every PU of each. */
+static int bind_to(struct host *h, const int *cores, int n)
+{
+    hwloc_bitmap_t set = hwloc_bitmap_alloc();
+    VD_CHECK(set, "out of memory");
+    for (int i = 0; i < n; i++) {
+        hwloc_obj_t const o = hwloc_get_obj_by_type(h->topo, HWLOC_OBJ_CORE, (unsigned)cores[i]);
+        if (o) hwloc_bitmap_or(set, set, o->cpuset);
+    }
+    int const rc = hwloc_set_cpubind(h->topo, set, HWLOC_CPUBIND_PROCESS);
+    if (rc == 0) hwloc_bitmap_copy(h->bound, set);
+    hwloc_bitmap_free(set);
+    RETURN_IF(rc != 0, VD_EIO, "launch.bind = auto: cannot bind to cores: %s (set "
+              "launch.bind = none, or bind with the launcher)", strerror(errno));
+    return 0;
+}
+
+/* This rank's node among the world's real nodes (hosts that share memory), numbered by
+ * their lowest rank, and its index and count on it. */
+static void real_node(int *node, int *node_ranks, int *node_index)
+{
+    MPI_Comm comm;
+    int const rank = dist_world_rank(), world = dist_world_size();
+    DIST_CHECK_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank,
+                                       MPI_INFO_NULL, &comm));
+    MPI_Comm_size(comm, node_ranks);
+    MPI_Comm_rank(comm, node_index);
+    int leader = rank;
+    DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, comm));
+    MPI_Comm_free(&comm);
+    int *leaders = vd_calloc((size_t)world, sizeof *leaders);
+    DIST_CHECK_MPI(MPI_Allgather(&leader, 1, MPI_INT, leaders, 1, MPI_INT, MPI_COMM_WORLD));
+    *node = 0;
+    for (int r = 0; r < leader; r++) *node += leaders[r] == r; /* leaders below mine */
+    free(leaders);
+}
+
+/* Binding and threads of this rank; writes what happened into note. */
+static int place_self(struct host *h, const struct launch_machine *m,
+                      const struct launch_config *c, int node_ranks, int node_index, char *note,
+                      size_t note_nbytes)
+{
+    int *cores = vd_calloc((size_t)m->ncores, sizeof *cores);
+    int rc = 0, share = 0;
+    if (c->launch.bind == LAUNCH_BIND_NONE) {
+        snprintf(note, note_nbytes, "launch.bind = none: binding left as it is (%s)",
+                 h->launcher_bound ? "bound by the launcher" : "unbound");
+    } else if (h->launcher_bound) {
+        snprintf(note, note_nbytes, "kept the launcher's binding (rank 0: %d core(s))",
+                 bound_cores(h, m, cores));
+    } else if ((share = launch_place_share(m, node_ranks, node_index, 0, cores)) == 0) {
+        snprintf(note, note_nbytes, "not bound: %d ranks share the %d cores of a node "
+                 "(fewer cores than ranks)", node_ranks, m->ncores);
+    } else {
+        rc = bind_to(h, cores, share);
+        if (rc == 0 && share == 1)
+            snprintf(note, note_nbytes, "bound each rank to 1 core of its node (launch.bind = "
+                     "auto; rank 0: logical core %d)", cores[0]);
+        else if (rc == 0)
+            snprintf(note, note_nbytes, "bound each rank to %d cores of its node (launch.bind "
+                     "= auto; rank 0: logical cores %d-%d)", share, cores[0], cores[share - 1]);
+    }
+    free(cores);
+    return rc;
+}
+
+/* OMP_NUM_THREADS when set (the user or a test asked for it), else the cores this rank
+ * may use: those of its binding, or its share of the node when unbound. */
+static int set_threads(const struct host *h, const struct launch_machine *m, int node_ranks)
+{
     const char *env = getenv("OMP_NUM_THREADS");
-    int const n = env && atoi(env) > 0 ? atoi(env) : launch_topo_bound_cores(node_ranks);
+    int n = env && atoi(env) > 0 ? atoi(env) : 0;
+    if (n == 0) {
+        int *cores = vd_calloc((size_t)m->ncores, sizeof *cores);
+        n = bound_cores(h, m, cores);
+        free(cores);
+        bool const whole = hwloc_bitmap_isincluded(hwloc_topology_get_allowed_cpuset(h->topo),
+                                                   h->bound);
+        if (whole && node_ranks > 1) n = m->ncores / node_ranks;
+        if (n < 1) n = 1;
+    }
     omp_set_num_threads(n);
     return n;
+}
+
+int launch_topo_setup(struct launch_topo *t, const struct launch_config *c)
+{
+    memset(t, 0, sizeof *t);
+    int const rank = dist_world_rank(), world = dist_world_size();
+    t->world = world;
+    dist_declare_nodes(c->launch.ranks_per_node);
+    struct host h;
+    struct launch_machine m;
+    memset(&m, 0, sizeof m);
+    int rc = host_open(&h);
+    if (rc == 0) rc = launch_machine_load(&m, "");
+    int node = 0, node_ranks = 1, node_index = 0;
+    real_node(&node, &node_ranks, &node_index);
+    char note[sizeof t->bind_note] = "";
+    if (rc == 0) rc = place_self(&h, &m, c, node_ranks, node_index, note, sizeof note);
+    rc = dist_agree(dist_world(), rc);
+    struct launch_slot mine;
+    memset(&mine, 0, sizeof mine);
+    if (rc == 0) {
+        t->threads = set_threads(&h, &m, node_ranks);
+        int *cores = vd_calloc((size_t)m.ncores, sizeof *cores);
+        int const n = bound_cores(&h, &m, cores);
+        char host[LAUNCH_HOST_MAX] = "";
+        gethostname(host, sizeof host - 1);
+        int const k = c->launch.ranks_per_node;
+        launch_slot_make(&mine, &m, k > 0 ? rank / k : node, cores, n, host);
+        free(cores);
+        t->slots = vd_calloc((size_t)world, sizeof *t->slots);
+        DIST_CHECK_MPI(MPI_Allgather(&mine, (int)sizeof mine, MPI_BYTE, t->slots,
+                                     (int)sizeof mine, MPI_BYTE, MPI_COMM_WORLD));
+        snprintf(t->bind_note, sizeof t->bind_note, "%s", note);
+    }
+    launch_machine_free(&m);
+    host_close(&h);
+    return rc;
+}
+
+void launch_topo_free(struct launch_topo *t)
+{
+    free(t->slots);
+    memset(t, 0, sizeof *t);
+}
+
+/* ---------------------------------------------------------------- the record */
+
+/* The directory of log.metrics ("." for a bare file name) into dir. */
+static void metrics_dir(const struct launch_config *c, char *dir, size_t nbytes)
+{
+    char copy[LAUNCH_PATH_MAX];
+    snprintf(copy, sizeof copy, "%s", c->log.metrics);
+    snprintf(dir, nbytes, "%s", dirname(copy));
+}
+
+static int write_xml(const char *dir, const char *host)
+{
+    char name[LAUNCH_HOST_MAX + 32], path[LAUNCH_PATH_MAX + 128], tmp[LAUNCH_PATH_MAX + 160];
+    snprintf(name, sizeof name, "topology-%s.xml", host[0] ? host : "host");
+    FORWARD_IF(vd_path_join(path, sizeof path, dir, name));
+    FORWARD_IF(vd_tmp_name(tmp, sizeof tmp, path));
+    hwloc_topology_t topo;
+    RETURN_IF(hwloc_topology_init(&topo) != 0, VD_EIO, "hwloc cannot start");
+    int rc = hwloc_topology_load(topo) == 0 ? hwloc_topology_export_xml(topo, tmp, 0) : -1;
+    hwloc_topology_destroy(topo);
+    if (rc != 0) {
+        unlink(tmp);
+        RETURN_ERR(VD_EIO, "cannot write the topology record %s: %s", tmp, strerror(errno));
+    }
+    enum vd_replace_step failed;
+    return vd_replace_fd(-1, tmp, path, &failed) < 0 && failed < VD_REPLACE_OPEN_DIR
+               ? vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot write the topology record "
+                            "%s: %s", path, strerror(errno))
+               : 0;
+}
+
+static int write_mapping(const char *dir, const struct launch_topo *t, const struct dist_grid *g)
+{
+    char path[LAUNCH_PATH_MAX + 32], tmp[LAUNCH_PATH_MAX + 64];
+    FORWARD_IF(vd_path_join(path, sizeof path, dir, "mapping.tsv"));
+    FORWARD_IF(vd_tmp_name(tmp, sizeof tmp, path));
+    FILE *f = fopen(tmp, "w");
+    RETURN_IF(!f, VD_EIO, "cannot write the mapping record %s: %s", tmp, strerror(errno));
+    fprintf(f, "# order %s; node = the node the run used (launch.ranks_per_node when set); "
+            "cores = hwloc logical indexes\n", g->order);
+    fprintf(f, "rank\thost\tnode\tcores\ttp\tcp\tdp\tpp\tetp\tep\tedp\n");
+    for (int r = 0; r < t->world; r++) {
+        struct dist_grid_coords x;
+        dist_grid_coords(g, r, &x);
+        const struct launch_slot *s = &t->slots[r];
+        fprintf(f, "%d\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", r, s->host, s->node,
+                s->cores[0] ? s->cores : "-", x.tp, x.cp, x.dp, x.pp, x.etp, x.ep, x.edp);
+    }
+    enum vd_replace_step failed;
+    int const rc = vd_replace_stream(f, false, tmp, path, &failed);
+    RETURN_IF(rc < 0 && failed < VD_REPLACE_OPEN_DIR, VD_EIO,
+              "cannot write the mapping record %s: %s", path, strerror(errno));
+    return 0;
+}
+
+int launch_topo_record(const struct launch_config *c, const struct launch_topo *t,
+                       const struct dist_grid *g)
+{
+    if (!c->log.metrics[0]) return 0;
+    char dir[LAUNCH_PATH_MAX];
+    metrics_dir(c, dir, sizeof dir);
+    int const rank = dist_world_rank();
+    int rc = rank == 0 ? vd_make_dirs(dir) : 0;
+    if (rc < 0) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", vd_err_msg());
+        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot record the placement next to "
+                        "log.metrics = %s: %s", c->log.metrics, why);
+    }
+    rc = dist_agree(dist_world(), rc);
+    /* the lowest rank of each distinct host writes that host's topology */
+    bool first = true;
+    for (int r = 0; r < rank && first; r++)
+        first = strcmp(t->slots[r].host, t->slots[rank].host) != 0;
+    if (rc == 0 && first) rc = write_xml(dir, t->slots[rank].host);
+    if (rc == 0 && rank == 0) rc = write_mapping(dir, t, g);
+    return dist_agree(dist_world(), rc);
 }

@@ -409,11 +409,12 @@ static int open_metrics(const char *path, long start, FILE **out)
 }
 
 /* The layout of the grid, checked against what this version runs, before any work. */
-int launch_layout_make(const struct launch_config *c, struct dist_grid *grid)
+int launch_layout_make(const struct launch_config *c, int world, struct dist_grid *grid)
 {
     const struct launch_parallel *p = &c->parallel;
     int const etp = p->etp ? p->etp : p->tp; /* 0: the same as tp */
-    FORWARD_IF(dist_grid_init(grid, dist_world_size(), p->tp, p->cp, p->ep, etp, p->pp,
+    VD_CHECK(strcmp(p->order, "auto") != 0, "parallel.order = auto is resolved before");
+    FORWARD_IF(dist_grid_init(grid, world, p->tp, p->cp, p->ep, etp, p->pp,
                               p->order));
     int const dp = grid->dims.dp;
     RETURN_IF(c->train.global_batch % (dp * c->train.micro_batch), VD_EINVAL,
@@ -550,16 +551,15 @@ static void print_bubble(const struct par_model *pm, const struct par_schedule *
     free(all);
 }
 
-int launch_train_run(const struct launch_config *c, bool bench, struct launch_train_result *res)
+static int train_run(const struct launch_config *c, const struct launch_topo *topo, bool bench,
+                     struct launch_train_result *res)
 {
-    memset(res, 0, sizeof *res);
     bool const root = dist_world_rank() == 0;
-    int node_ranks = 1, node_index = 0;
-    dist_node_ranks(&node_ranks, &node_index);
-    int const threads = launch_topo_set_threads(node_ranks);
+    int const threads = topo->threads;
     struct dist_grid grid;
-    FORWARD_IF(launch_layout_make(c, &grid));
+    FORWARD_IF(launch_layout_make(c, dist_world_size(), &grid));
     FORWARD_IF(check_export_dir(c));
+    FORWARD_IF(launch_topo_record(c, topo, &grid));
     struct par_groups groups;
     par_groups_create(&groups, &grid);
     struct model_layout lay;
@@ -568,7 +568,11 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
         par_groups_free(&groups);
         return rc;
     }
-    if (root) print_layout(&grid);
+    if (root) {
+        print_layout(&grid);
+        printf("binding: %s; %d thread(s) per rank\n", topo->bind_note, threads);
+        launch_place_print(stdout, c, &grid, topo->slots);
+    }
     struct par_options const opt = {.distributed_optimizer = c->parallel.distributed_optimizer,
                                      .dispatch_direct = c->parallel.dispatch_direct,
                                      .cp_allgather = c->parallel.cp_comm_type == 1};
@@ -681,5 +685,22 @@ int launch_train_run(const struct launch_config *c, bool bench, struct launch_tr
     par_schedule_free(&sched);
     par_model_free(&pm);
     par_groups_free(&groups);
+    return rc;
+}
+
+int launch_train_run(const struct launch_config *c, bool bench, struct launch_train_result *res)
+{
+    memset(res, 0, sizeof *res);
+    /* a copy, whose parallel.order = auto becomes the order chosen for this job */
+    struct launch_config *run = vd_alloc(sizeof *run);
+    *run = *c;
+    struct launch_topo topo;
+    int rc = launch_topo_setup(&topo, run);
+    if (rc == 0)
+        rc = launch_place_resolve_order(run, topo.world, topo.slots,
+                                        dist_world_rank() == 0 ? stdout : NULL, NULL, NULL);
+    if (rc == 0) rc = train_run(run, &topo, bench, res);
+    launch_topo_free(&topo);
+    free(run);
     return rc;
 }

@@ -27,7 +27,8 @@ static const char *const all_keys[] = {
     "train.export_to", "train.peak_gflops", "data.path", "data.dtype", "parallel.tp",
     "parallel.cp", "parallel.cp_comm_type", "parallel.ep", "parallel.etp", "parallel.pp",
     "parallel.vpp", "parallel.pp_layers", "parallel.pp_schedule", "parallel.order",
-    "parallel.distributed_optimizer", "parallel.dispatch_direct", "ckpt.dir", "ckpt.interval",
+    "parallel.distributed_optimizer", "parallel.dispatch_direct", "launch.bind",
+    "launch.ranks_per_node", "ckpt.dir", "ckpt.interval",
     "ckpt.keep", "ckpt.resume", "ckpt.async", "ckpt.zstd_level", "log.metrics", "log.trace",
     "log.interval",
 };
@@ -122,6 +123,8 @@ static void test_defaults(void)
     CU_ASSERT_STRING_EQUAL(c.parallel.order, "tp-cp-ep-dp-pp");
     CU_ASSERT_TRUE(c.parallel.distributed_optimizer);
     CU_ASSERT_TRUE(c.parallel.dispatch_direct);
+    CU_ASSERT_EQUAL(c.launch.bind, LAUNCH_BIND_AUTO);
+    CU_ASSERT_EQUAL(c.launch.ranks_per_node, 0); /* the real nodes */
     CU_ASSERT_STRING_EQUAL(c.ckpt.dir, "");
     CU_ASSERT_EQUAL(c.ckpt.interval, 0);
     CU_ASSERT_EQUAL(c.ckpt.keep, 2);
@@ -275,6 +278,9 @@ static void test_parse_errors(void)
         {"parallel.pp_layers", "-1,3", "expected integers >= 1 joined by ','"},
         {"parallel.pp_schedule", "zigzag", "allowed values are auto, 1f1b, interleaved, gpipe"},
         {"parallel.cp_comm_type", "ring", "allowed values are p2p, allgather"},
+        {"parallel.order", "automatic", "auto or a permutation of tp, cp, ep, dp, pp"},
+        {"launch.bind", "core", "allowed values are auto, none"},
+        {"launch.ranks_per_node", "-1", "expected an integer >= 0"},
     };
     struct launch_config c, before;
     launch_config_defaults(&c);
@@ -311,6 +317,12 @@ static void test_parse_errors(void)
     CU_ASSERT_TRUE(c.parallel.distributed_optimizer);
     CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.dispatch_direct", "false"), 0);
     CU_ASSERT_FALSE(c.parallel.dispatch_direct);
+    CU_ASSERT_EQUAL(launch_config_set(&c, "parallel.order", "auto"), 0);
+    CU_ASSERT_STRING_EQUAL(c.parallel.order, "auto");
+    CU_ASSERT_EQUAL(launch_config_set(&c, "launch.bind", "none"), 0);
+    CU_ASSERT_EQUAL(c.launch.bind, LAUNCH_BIND_NONE);
+    CU_ASSERT_EQUAL(launch_config_set(&c, "launch.ranks_per_node", "4"), 0);
+    CU_ASSERT_EQUAL(c.launch.ranks_per_node, 4);
     CU_ASSERT_EQUAL(launch_config_set(&c, "model.tie_word_embeddings", "false"), 0);
     CU_ASSERT_EQUAL(launch_config_set(&c, "model.moe_capacity_factor", "1.25"), 0);
     CU_ASSERT_EQUAL(c.model.moe_capacity_factor, 1.25);
@@ -362,7 +374,7 @@ static void test_unknown_key(void)
     CU_ASSERT(msg_has("peak_gflops", NULL));
     CU_ASSERT(!strstr(vd_err_msg(), "did you mean"));
     CU_ASSERT_EQUAL(launch_config_set(&c, "foo.bar", "5"), VD_EINVAL);
-    CU_ASSERT(msg_has("unknown key 'foo.bar'", "model, train, data, parallel, ckpt, log"));
+    CU_ASSERT(msg_has("unknown key 'foo.bar'", "model, train, data, parallel, launch, ckpt, log"));
 }
 
 struct cross_case {

@@ -365,6 +365,10 @@ struct layout {
     /* context parallelism (cp_layouts); 0 / NULL: not passed (cp 1, p2p) */
     int cp;
     const char *cp_comm;
+    /* emulated nodes (node_layouts): launch.ranks_per_node (0: not passed), and Open MPI's
+     * TCP transport between every pair of ranks (--mca btl tcp,self) */
+    int ranks_per_node;
+    bool tcp;
 };
 static int lay_cp(const struct layout *l) { return l->cp ? l->cp : 1; }
 static int lay_pp(const struct layout *l) { return l->pp ? l->pp : 1; }
@@ -390,7 +394,8 @@ static int layers_seed(int layers) { return layers == 4 ? 17 : 19; }
 
 /* The trailing fields of a layout without pipeline parallelism. */
 #define NO_PP 0, 0, NULL, NULL, 0, NO_CP
-#define NO_CP 0, NULL
+#define NO_CP 0, NULL, NO_NODES
+#define NO_NODES 0, false
 static const struct layout one_rank = {"1 rank", 1, 1, 0, 0, NULL, false, false, NO_PP};
 
 /* Trains tiny.ini for STEPS steps in the given layout, exporting to g_env.tmp/dir.
@@ -432,6 +437,9 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
         n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.order=%s", lay->order);
     if (lay->mpi_dispatch)
         n += (size_t)snprintf(par + n, sizeof par - n, " --parallel.dispatch_direct=false");
+    if (lay->ranks_per_node)
+        n += (size_t)snprintf(par + n, sizeof par - n, " --launch.ranks_per_node=%d",
+                              lay->ranks_per_node);
     if (dispatcher)
         snprintf(par + n, sizeof par - n, " --model.moe_token_dispatcher_type=%s", dispatcher);
     snprintf(args, sizeof args,
@@ -445,7 +453,9 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
         snprintf(args + strlen(args), sizeof args - strlen(args), " --train.seed=%d",
                  layers_seed(lay->layers));
     double const t0 = tu_now_s();
+    g_run.mpirun_options = lay->tcp ? "--mca btl tcp,self --mca btl_tcp_if_include lo" : NULL;
     run_vdist(lay_ranks(lay), args);
+    g_run.mpirun_options = NULL;
     r->seconds = tu_now_s() - t0;
     snprintf(r->cmd, sizeof r->cmd, "%s", g_run.cmd);
     if (!EXPECT(g_run.rc == 0, "%s: `%s` must succeed, got exit status %d; the end of its "
@@ -460,7 +470,21 @@ static void train(struct run *r, const char *dir, const struct layout *lay,
         p && sscanf(p, "layout: %d ranks, attention tp %d x cp %d x dp %d x pp %d, MoE etp %d "
                        "x ep %d x edp %d x pp %d, order %63s", &ranks, &t, &c, &d, &pp, &et,
                     &ep, &ed, &mpp, order) == 10;
-    const char *const want_order = lay->order ? lay->order : "tp-cp-ep-dp-pp";
+    /* parallel.order = auto: whichever order it printed as chosen */
+    bool const automatic = lay->order && strcmp(lay->order, "auto") == 0;
+    char chosen[64] = "";
+    const char *const pick = automatic ? strstr(g_run.out, "parallel.order = auto:") : NULL;
+    if (pick) {
+        const char *const mark = strstr(pick, "<- chosen");
+        const char *line = mark;
+        while (line && line > pick && line[-1] != '\n') line--;
+        if (line) sscanf(line, " %63s", chosen);
+    }
+    if (!EXPECT(!automatic || chosen[0],
+                "%s: `%s` must print the orders parallel.order = auto considered and the one "
+                "\"<- chosen\"", r->label, r->cmd))
+        return;
+    const char *const want_order = automatic ? chosen : lay->order ? lay->order : "tp-cp-ep-dp-pp";
     if (!EXPECT(parsed && ranks == lay_ranks(lay) && t == lay->tp && c == lay_cp(lay) &&
                     d == lay->dp &&
                     pp == lay_pp(lay) && et == lay_etp(lay) && ep == lay_ep(lay) &&
@@ -825,23 +849,38 @@ static const struct layout pp_layouts[] = {
  * cp 2 x tp 2). Each runs dropless and with capacity 1.0 under both policies, the
  * dispatcher and the optimizer alternating. */
 static const struct layout cp_layouts[] = {
-    {"cp2", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
-    {"cp2 allgather", 1, 1, 0, 0, NULL, false, false, 0, 0, NULL, NULL, 0, 2, "allgather"},
-    {"cp4", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 4, NULL},
-    {"cp4 allgather", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 4, "allgather"},
-    {"cp2 x tp2", 2, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
-    {"cp2 x dp2", 1, 2, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
+    {"cp2", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL, NO_NODES},
+    {"cp2 allgather", 1, 1, 0, 0, NULL, false, false, 0, 0, NULL, NULL, 0, 2, "allgather", NO_NODES},
+    {"cp4", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 4, NULL, NO_NODES},
+    {"cp4 allgather", 1, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 4, "allgather", NO_NODES},
+    {"cp2 x tp2", 2, 1, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL, NO_NODES},
+    {"cp2 x dp2", 1, 2, 0, 0, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL, NO_NODES},
     {"cp2 x dp2 allgather", 1, 2, 0, 0, NULL, false, false, 0, 0, NULL, NULL, 0, 2,
-     "allgather"},
-    {"cp2 | ep2", 1, 1, 1, 2, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
-    {"cp2 x tp2 | ep4", 2, 1, 1, 4, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL},
+     "allgather", NO_NODES},
+    {"cp2 | ep2", 1, 1, 1, 2, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL, NO_NODES},
+    {"cp2 x tp2 | ep4", 2, 1, 1, 4, NULL, true, false, 0, 0, NULL, NULL, 0, 2, NULL, NO_NODES},
     {"cp2 x tp2 | ep4 allgather", 2, 1, 1, 4, NULL, false, false, 0, 0, NULL, NULL, 0, 2,
-     "allgather"},
-    {"cp2 x pp2", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0, 2, NULL},
+     "allgather", NO_NODES},
+    {"cp2 x pp2", 1, 1, 0, 0, NULL, true, false, 2, 0, NULL, NULL, 0, 2, NULL, NO_NODES},
     {"cp2 x tp2 x dp2 | ep8 (dp-cp-tp order)", 2, 2, 1, 8, "dp-cp-tp-ep-pp", true, false, 0,
-     0, NULL, NULL, 0, 2, NULL},
+     0, NULL, NULL, 0, 2, NULL, NO_NODES},
 };
 #define NCP_LAYOUTS (sizeof cp_layouts / sizeof cp_layouts[0])
+
+/* A cluster emulated on this machine: nodes of 2 consecutive ranks (launch.ranks_per_node),
+ * so direct writes happen only inside them, and every message between ranks, of one node or
+ * not, over TCP on the loopback (Open MPI's shared-memory transport excluded), the path
+ * messages between real nodes take (--mca btl tcp,self --mca btl_tcp_if_include lo). One layout lets parallel.order = auto choose its order
+ * on the declared nodes. Dropless and capacity 1.0 under both policies. */
+static const struct layout node_layouts[] = {
+    {"tp2 x dp2 | ep4, nodes of 2, TCP", 2, 2, 1, 4, NULL, true, false, 0, 0, NULL, NULL, 0, 0,
+     NULL, 2, true},
+    {"pp2 x dp2 | ep2, nodes of 2, TCP", 1, 2, 1, 2, NULL, true, false, 2, 0, NULL, NULL, 0, 0,
+     NULL, 2, true},
+    {"cp2 x dp2 | ep4, nodes of 2, TCP, order auto", 1, 2, 1, 4, "auto", true, false, 0, 0,
+     NULL, NULL, 0, 2, NULL, 2, true},
+};
+#define NNODE_LAYOUTS (sizeof node_layouts / sizeof node_layouts[0])
 
 /* The seed of the initial weights (train.seed) of every case and reference.
  *
@@ -963,6 +1002,10 @@ static void build_cases(void)
         for (int v = 0; v < 3; v++)
             add_case(&cp_layouts[l], dispatchers[(l + (size_t)v) % 2], (l + (size_t)v) % 2 == 1,
                      cp_layouts[l].accum, variant_extra[v], variant_name[v]);
+    for (size_t l = 0; l < NNODE_LAYOUTS; l++)
+        for (int v = 0; v < 3; v++)
+            add_case(&node_layouts[l], dispatchers[(l + (size_t)v) % 2], (l + (size_t)v) % 2 == 0,
+                     node_layouts[l].accum, variant_extra[v], variant_name[v]);
     /* VDIST_EQ_ONLY=text keeps the cases whose name contains it (a debugging aid: the
      * coverage demands then apply to those alone). */
     const char *const only = getenv("VDIST_EQ_ONLY");
@@ -1392,7 +1435,8 @@ static void print_summary(double total_s)
     double worst_loss = 0, worst_param = 0, worst_rel = 0, worst_gnorm = 0, worst_drift = 0;
     double least_margin = -1;
     int passed = 0, ran = 0;
-    struct tally ept = {0}, ppt = {0}, cpt = {0}; /* expert, pipeline, context layouts */
+    /* expert, pipeline, context layouts, emulated nodes */
+    struct tally ept = {0}, ppt = {0}, cpt = {0}, ndt = {0};
     const char *least_margin_case = "-", *worst_drift_case = "-";
     for (int i = 0; i < g_ncases; i++) {
         const struct eq_case *c = &g_cases[i];
@@ -1403,11 +1447,13 @@ static void print_summary(double total_s)
         int const ranks = lay_ranks(c->lay);
         const char *opt = c->dopt ? "dist" : "repl", *accum = c->accum ? "yes" : "no";
         const char *disp = c->dispatcher ? c->dispatcher : "-";
-        bool const cp = c->lay->cp != 0, pp = c->lay->pp != 0 && !cp;
-        bool const ep = c->dispatcher != NULL && !pp && !cp;
+        bool const nodes = c->lay->ranks_per_node != 0;
+        bool const cp = c->lay->cp != 0 && !nodes, pp = c->lay->pp != 0 && !cp && !nodes;
+        bool const ep = c->dispatcher != NULL && !pp && !cp && !nodes;
         ept.cases += ep;
         ppt.cases += pp;
         cpt.cases += cp;
+        ndt.cases += nodes;
         if (!c->ran) {
             print_row(c->lay->name, ranks, disp, opt, mbgb, accum, cap, -1, NULL, 0, "NOT RUN");
             continue;
@@ -1428,6 +1474,7 @@ static void print_summary(double total_s)
             least_margin_case = c->name;
         }
         if (cp) tally_add(&cpt, c);
+        if (nodes) tally_add(&ndt, c);
         if (pp) tally_add(&ppt, c);
         if (ep) tally_add(&ept, c);
         char result[96] = "ok";
@@ -1472,6 +1519,10 @@ static void print_summary(double total_s)
            "= %d cases, %d passed; worst: relative loss %.2e, absolute parameter %.2e, "
            "relative grad_norm %.2e; %.1f s\n", (int)NCP_LAYOUTS, cpt.cases, cpt.passed,
            cpt.loss, cpt.param, cpt.gnorm, cpt.seconds);
+    printf("emulated nodes of 2 ranks over TCP: %d layouts x 3 (dropless, capacity 1.0 "
+           "position, probs) = %d cases, %d passed; worst: relative loss %.2e, absolute "
+           "parameter %.2e, relative grad_norm %.2e; %.1f s\n", (int)NNODE_LAYOUTS, ndt.cases,
+           ndt.passed, ndt.loss, ndt.param, ndt.gnorm, ndt.seconds);
 }
 
 /* ---------------------------------------------------------------- main */

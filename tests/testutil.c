@@ -227,7 +227,8 @@ int tu_vdist_run(struct tu_run *run, const struct tu_env *env, int ranks, int ti
     if (ranks > 1)
         snprintf(launcher, sizeof launcher,
                  "mpirun --allow-run-as-root --oversubscribe --bind-to none -np %d "
-                 "-x OMP_NUM_THREADS ", ranks);
+                 "-x OMP_NUM_THREADS %s%s", ranks,
+                 run->mpirun_options ? run->mpirun_options : "", run->mpirun_options ? " " : "");
     snprintf(run->cmd, sizeof run->cmd, "cd %s && OMP_NUM_THREADS=1 %s%s %s", env->tmp,
              launcher, env->vdist, args);
     size_t const cap = strlen(launcher) + strlen(env->vdist) + strlen(args) + 8;

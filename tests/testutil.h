@@ -75,6 +75,8 @@ struct tu_run {
     char *out;       /* its stdout and stderr (NULL before the first run; tu_run_free) */
     int rc;          /* its exit status */
     bool out_shown;  /* a failure already printed out; cleared by every run */
+    const char *mpirun_options; /* tu_vdist_run: more mpirun options, e.g. "--mca btl
+                                   tcp,self"; NULL: none */
 };
 
 void tu_run_free(struct tu_run *run);
@@ -136,7 +138,7 @@ int tu_shell_run(struct tu_run *run, const char *dir, int timeout_s, const char 
 
 /* Runs `vdist ARGS` (env->vdist; ARGS printf-style) on `ranks` ranks (1: directly, as a
  * user runs one rank; more: under mpirun --allow-run-as-root --oversubscribe --bind-to none,
- * OMP_NUM_THREADS passed on) inside env->tmp through tu_shell_run, and writes into run->cmd
+ * OMP_NUM_THREADS passed on, and run->mpirun_options) inside env->tmp through tu_shell_run, and writes into run->cmd
  * a command line that reproduces the run from a shell. Returns run->rc. */
 __attribute__((format(printf, 5, 6))) int tu_vdist_run(struct tu_run *run,
                                                        const struct tu_env *env, int ranks,
