@@ -381,7 +381,7 @@ int launch_place_orders(struct launch_order_estimate *out, const struct launch_c
                         int world, const struct launch_slot *slots)
 {
     static const char *const names[5] = {"tp", "cp", "ep", "dp", "pp"};
-    int sigs[LAUNCH_ORDERS_MAX][2][4];
+    int sigs[LAUNCH_ORDERS_MAX][2][4], key_of[LAUNCH_ORDERS_MAX];
     int count = 0;
     /* Permutations in lexicographic order of the index digits: i is a number in base 5
      * whose digits must all differ. */
@@ -401,10 +401,26 @@ int launch_place_orders(struct launch_order_estimate *out, const struct launch_c
         if (grid_dims(c, world, order, &g) < 0) continue;
         int sig[2][4];
         grid_signature(&g, sig);
-        /* The default order comes first in this enumeration, so it names its class. */
-        bool same = false;
-        for (int j = 0; j < count && !same; j++) same = memcmp(sigs[j], sig, sizeof sig) == 0;
-        if (same) continue;
+        /* A class of orders giving the same grids goes by the member that places tp
+         * earliest, then cp, ep, dp (the default order, which comes first, when it is a
+         * member): axes of size one then sit where a reader expects them. */
+        int same = -1;
+        for (int j = 0; j < count && same < 0; j++)
+            if (memcmp(sigs[j], sig, sizeof sig) == 0) same = j;
+        int key = 0; /* the position of each name, tp's the most significant digit */
+        for (int nm = 0; nm < 5; nm++) {
+            int pos = 0;
+            while (d[pos] != nm) pos++;
+            key = key * 5 + pos;
+        }
+        if (same >= 0) {
+            if (key < key_of[same]) {
+                snprintf(out[same].order, sizeof out[same].order, "%s", order);
+                key_of[same] = key;
+            }
+            continue;
+        }
+        key_of[count] = key;
         struct launch_order_estimate e;
         snprintf(e.order, sizeof e.order, "%s", order);
         launch_place_crossing(&e.crossing, c, &g, slots);
