@@ -54,11 +54,16 @@ void dist_declare_nodes(int ranks_per_node) { declared_node_size = ranks_per_nod
 
 void dist_node_split(const struct dist_group *g, MPI_Comm *node)
 {
-    if (declared_node_size > 0)
-        DIST_CHECK_MPI(MPI_Comm_split(g->comm, world.rank / declared_node_size, g->rank, node));
-    else
-        DIST_CHECK_MPI(MPI_Comm_split_type(g->comm, MPI_COMM_TYPE_SHARED, g->rank,
-                                           MPI_INFO_NULL, node));
+    /* A declared node never spans real ones: the ranks of a node share memory as well. */
+    MPI_Comm shared;
+    DIST_CHECK_MPI(MPI_Comm_split_type(g->comm, MPI_COMM_TYPE_SHARED, g->rank, MPI_INFO_NULL,
+                                       &shared));
+    if (declared_node_size == 0) {
+        *node = shared;
+        return;
+    }
+    DIST_CHECK_MPI(MPI_Comm_split(shared, world.rank / declared_node_size, g->rank, node));
+    MPI_Comm_free(&shared);
 }
 
 _Noreturn void dist_mpi_fatal(int rc, const char *call, const char *file, int line)

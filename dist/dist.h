@@ -31,7 +31,8 @@ int dist_world_size(void);
  * cluster emulated on one machine), or 0 for the real nodes (ranks sharing memory): every
  * decision of dist/ that depends on nodes follows it. */
 void dist_declare_nodes(int ranks_per_node);
-/* Splits g into the ranks of this rank's node (as declared); MPI_Comm_free the result. */
+/* Splits g into the ranks of this rank's node (as declared, and never wider than the
+ * ranks that share memory with it); MPI_Comm_free the result. */
 void dist_node_split(const struct dist_group *g, MPI_Comm *node);
 /* The world as a group (never freed). */
 const struct dist_group *dist_world(void);

@@ -50,6 +50,7 @@ struct launch_slot {
     int node;
     int ncores;                      /* cores the rank may run on */
     int id[LAUNCH_NODE_LEVELS];
+    int id_cores[LAUNCH_NODE_LEVELS]; /* cores of the object id (0 where id is -1) */
     char cores[LAUNCH_CORES_TEXT];   /* logical core indexes, e.g. "0-3" or "0,2" */
     char host[LAUNCH_HOST_MAX];
 };
@@ -77,7 +78,11 @@ int launch_place_emulate(struct launch_slot *slots, const struct launch_machine 
                          int ranks_per_node, int cores_per_rank,
                          enum launch_distribution dist);
 
-/* The nearest level that the n ranks members[] all share (core for one rank). */
+/* The nearest level that the n ranks members[] all share (core for one rank): of the
+ * objects inside a node that hold all of them, the one with the fewest cores (the lower
+ * level on a tie), so machines whose L3 caches and NUMA domains do not nest in that order
+ * (one NUMA domain over several packages, an L3 over several NUMA domains) come out right;
+ * node when they share only the node, network when they span nodes. */
 enum launch_level launch_place_group_level(const struct launch_slot *slots, const int *members,
                                            int n);
 /* Locality of one group kind of grid g over the slots (one per world rank). */

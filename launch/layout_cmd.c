@@ -43,8 +43,8 @@ static int parse_int(const char *name, const char *v, int *out)
 {
     char *end = NULL;
     long const x = strtol(v, &end, 10);
-    RETURN_IF(!*v || *end || x < 1 || x > 1 << 24, VD_EINVAL,
-              "%s=%s: expected an integer from 1 to %d", name, v, 1 << 24);
+    RETURN_IF(!*v || *end || x < 1 || x > 1 << 20, VD_EINVAL,
+              "%s=%s: expected an integer from 1 to %d", name, v, 1 << 20);
     *out = (int)x;
     return 0;
 }
@@ -55,6 +55,7 @@ static int parse(struct opts *o, int argc, char **argv)
     o->cores_per_rank = 1;
     o->topology = "";
     o->keys = vd_calloc((size_t)argc + 1, sizeof *o->keys);
+    bool nodes_given = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) o->help = true;
@@ -64,14 +65,26 @@ static int parse(struct opts *o, int argc, char **argv)
         else if (!strncmp(a, "--world=", 8)) FORWARD_IF(parse_int("--world", a + 8, &o->world));
         else if (!strncmp(a, "--cores_per_rank=", 17))
             FORWARD_IF(parse_int("--cores_per_rank", a + 17, &o->cores_per_rank));
-        else if (!strncmp(a, "--topology=", 11)) o->topology = a + 11;
+        else if (!strncmp(a, "--topology=", 11)) {
+            o->topology = a + 11;
+            RETURN_IF(!*o->topology, VD_EINVAL, "--topology= is empty: name an hwloc XML file "
+                      "or give a synthetic description (leave the option out for this host)");
+        }
         else if (!strcmp(a, "--distribution=block")) o->dist = LAUNCH_DIST_BLOCK;
         else if (!strcmp(a, "--distribution=cyclic")) o->dist = LAUNCH_DIST_CYCLIC;
+        else if (!strncmp(a, "--distribution=", 15))
+            RETURN_ERR(VD_EINVAL, "%s: the distribution is block or cyclic", a);
         else if (!strncmp(a, "--", 2) && strchr(a, '.') && strchr(a, '=')) o->keys[o->nkeys++] = argv[i];
         else
             RETURN_ERR(VD_EINVAL, "vdist layout: unknown argument '%s' (see vdist layout --help; "
                        "configuration keys are --section.key=value)", a);
+        nodes_given |= !strncmp(a, "--topology=", 11) || !strncmp(a, "--cores_per_rank=", 17) ||
+                       !strncmp(a, "--distribution=", 15);
     }
+    RETURN_IF(nodes_given && o->world == 0, VD_EINVAL,
+              "vdist layout: --topology, --cores_per_rank and --distribution describe the nodes "
+              "of --world=N ranks without a job; give --world=N (or leave them out to describe "
+              "the running job)");
     return 0;
 }
 
@@ -235,8 +248,9 @@ static int layout_emulated(const struct opts *o, struct launch_config *c)
     if (rc == 0 && !o->json) {
         char desc[160];
         launch_machine_describe(&m, desc, sizeof desc);
-        int const k = c->launch.ranks_per_node ? c->launch.ranks_per_node
-                                               : m.ncores / o->cores_per_rank;
+        int k = c->launch.ranks_per_node ? c->launch.ranks_per_node
+                                         : m.ncores / o->cores_per_rank;
+        k = k < o->world ? k : o->world;
         printf("nodes: %d rank(s) per node (%s), %d core(s) per rank, %s distribution; each "
                "node: %s\n", k, c->launch.ranks_per_node ? "launch.ranks_per_node" : "as many as fit",
                o->cores_per_rank, o->dist == LAUNCH_DIST_CYCLIC ? "cyclic" : "block", desc);

@@ -117,7 +117,7 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "layout") == 0) return launch_layout_main(argc - 1, argv + 1);
     bool const train = strcmp(argv[1], "train") == 0, bench = strcmp(argv[1], "bench") == 0;
     if (!train && !bench) {
-        fprintf(stderr, "vdist: unknown command '%s'; commands are train, bench, data, ckpt\n",
+        fprintf(stderr, "vdist: unknown command '%s'; commands are train, bench, layout, data, ckpt\n",
                 argv[1]);
         usage(stderr);
         return 2;

@@ -148,6 +148,7 @@ void launch_slot_make(struct launch_slot *s, const struct launch_machine *m, int
         for (int i = 1; i < n && id >= 0; i++)
             if (m->obj[l][sorted[i]] != id) id = -1;
         s->id[l] = id;
+        for (int c = 0; c < m->ncores && id >= 0; c++) s->id_cores[l] += m->obj[l][c] == id;
     }
     free(sorted);
 }
@@ -234,23 +235,21 @@ static long package_key(const struct launch_slot *s, int rank)
     return p >= 0 ? (long)s->node * 4096 + p : -1 - (long)rank;
 }
 
-static enum launch_level pair_level(const struct launch_slot *slots, int a, int b)
-{
-    if (slots[a].node != slots[b].node) return LAUNCH_LEVEL_NETWORK;
-    for (int l = 0; l < LAUNCH_NODE_LEVELS; l++)
-        if (slots[a].id[l] >= 0 && slots[a].id[l] == slots[b].id[l]) return (enum launch_level)l;
-    return LAUNCH_LEVEL_NODE;
-}
-
 enum launch_level launch_place_group_level(const struct launch_slot *slots, const int *members,
                                            int n)
 {
-    enum launch_level level = LAUNCH_LEVEL_CORE;
-    for (int i = 1; i < n; i++) {
-        enum launch_level const l = pair_level(slots, members[0], members[i]);
-        if (l > level) level = l;
+    if (n < 2) return LAUNCH_LEVEL_CORE;
+    const struct launch_slot *first = &slots[members[0]];
+    for (int i = 1; i < n; i++)
+        if (slots[members[i]].node != first->node) return LAUNCH_LEVEL_NETWORK;
+    enum launch_level best = LAUNCH_LEVEL_NODE;
+    for (int l = 0; l < LAUNCH_NODE_LEVELS; l++) {
+        bool shared = first->id[l] >= 0;
+        for (int i = 1; i < n && shared; i++) shared = slots[members[i]].id[l] == first->id[l];
+        if (shared && (best == LAUNCH_LEVEL_NODE || first->id_cores[l] < first->id_cores[best]))
+            best = (enum launch_level)l;
     }
-    return level;
+    return best;
 }
 
 void launch_place_locality(struct launch_locality *out, const struct dist_grid *g,
@@ -362,15 +361,30 @@ static int grid_dims(const struct launch_config *c, int world, const char *order
     return dist_grid_init(g, world, p->tp, p->cp, p->ep, p->etp ? p->etp : p->tp, p->pp, order);
 }
 
+/* a moves fewer bytes across nodes, or as many and fewer across packages: 1; b does: -1;
+ * neither: 0. Bytes are sums of the same terms in a different order; differences below one
+ * part in 1e9 are rounding, not a better order. */
+static int compare_bytes(const struct launch_order_estimate *a,
+                         const struct launch_order_estimate *b)
+{
+    double const tol = 1e-9 * (a->crossing.package_nbytes + b->crossing.package_nbytes + 1.0);
+    if (a->crossing.node_nbytes < b->crossing.node_nbytes - tol) return 1;
+    if (a->crossing.node_nbytes > b->crossing.node_nbytes + tol) return -1;
+    if (a->crossing.package_nbytes < b->crossing.package_nbytes - tol) return 1;
+    if (a->crossing.package_nbytes > b->crossing.package_nbytes + tol) return -1;
+    return 0;
+}
+
+static bool fewer_bytes(const struct launch_order_estimate *a,
+                        const struct launch_order_estimate *b)
+{
+    return compare_bytes(a, b) > 0;
+}
+
 static bool better(const struct launch_order_estimate *a, const struct launch_order_estimate *b)
 {
-    /* Bytes are sums of the same terms in a different order; differences below one part in
-     * 1e9 are rounding, not a better order. */
-    double const tol = 1e-9 * (a->crossing.package_nbytes + b->crossing.package_nbytes + 1.0);
-    if (a->crossing.node_nbytes < b->crossing.node_nbytes - tol) return true;
-    if (a->crossing.node_nbytes > b->crossing.node_nbytes + tol) return false;
-    if (a->crossing.package_nbytes < b->crossing.package_nbytes - tol) return true;
-    if (a->crossing.package_nbytes > b->crossing.package_nbytes + tol) return false;
+    int const by_bytes = compare_bytes(a, b);
+    if (by_bytes != 0) return by_bytes > 0;
     bool const ad = strcmp(a->order, DIST_GRID_ORDER_DEFAULT) == 0;
     bool const bd = strcmp(b->order, DIST_GRID_ORDER_DEFAULT) == 0;
     if (ad != bd) return ad;
@@ -485,7 +499,7 @@ void launch_place_print(FILE *out, const struct launch_config *c, const struct d
     launch_place_crossing(&cross, c, g, slots);
     fprintf(out, "locality: %d rank(s) on %d node(s), order %s\n", g->world, nodes, g->order);
     fprintf(out, "  %-9s %5s %7s  %-8s %10s %13s %14s %14s\n", "group", "size", "groups",
-            "shared", "cross node", "cross package", "MiB/step/rank", "MiB/step nodes");
+            "shared", "cross node", "cross package", "MiB/step/rank", "x-node MiB/step");
     struct launch_locality loc[NREPORT];
     for (size_t i = 0; i < NREPORT; i++) {
         enum dist_kind const k = report_kinds[i];
@@ -494,8 +508,9 @@ void launch_place_print(FILE *out, const struct launch_config *c, const struct d
                 loc[i].size, loc[i].groups, launch_level_name(loc[i].level), loc[i].cross_node,
                 loc[i].cross_package, mib(nbytes[k]), mib(cross.kind_node_nbytes[k]));
     }
-    fprintf(out, "  estimated traffic per step: %.3f MiB across nodes, %.3f MiB across "
-            "packages (all ranks)\n", mib(cross.node_nbytes), mib(cross.package_nbytes));
+    fprintf(out, "  estimated traffic per step, all ranks: %.3f MiB across nodes (the "
+            "x-node column summed), %.3f MiB across packages\n", mib(cross.node_nbytes),
+            mib(cross.package_nbytes));
     /* Kinds that cross nodes here while some valid order keeps every group inside one. */
     struct launch_order_estimate *est = vd_calloc(LAUNCH_ORDERS_MAX, sizeof *est);
     int const n = launch_place_orders(est, c, g->world, slots);
@@ -515,20 +530,29 @@ void launch_place_print(FILE *out, const struct launch_config *c, const struct d
                 keeper = o;
                 keeper_kind = report_kinds[i];
             }
-            used += (size_t)snprintf(names + used, used < sizeof names ? sizeof names - used : 0,
-                                     "%s%s (%d of %d groups)", used ? ", " : "",
+            char one[64];
+            int const len = snprintf(one, sizeof one, "%s%s (%d of %d groups)", used ? ", " : "",
                                      dist_kind_name(report_kinds[i]), loc[i].cross_node,
                                      loc[i].groups);
+            if (used + (size_t)len < sizeof names) {
+                memcpy(names + used, one, (size_t)len + 1);
+                used += (size_t)len;
+            }
             break;
         }
     }
     if (keeper >= 0) {
-        fprintf(out, "warning: %s cross node boundaries under order %s (%.3f MiB per step "
+        /* a warning when another order moves less across nodes (then packages), a note
+         * when this one already moves the least */
+        struct launch_order_estimate here = {.crossing = cross};
+        snprintf(here.order, sizeof here.order, "%s", g->order);
+        bool const worse = fewer_bytes(&est[0], &here);
+        fprintf(out, "%s: %s cross node boundaries under order %s (%.3f MiB per step "
                 "across nodes), while other orders keep each inside nodes (e.g. %s for %s: "
-                "%.3f MiB per step across nodes)", names, g->order, mib(cross.node_nbytes),
-                est[keeper].order, dist_kind_name(keeper_kind),
+                "%.3f MiB per step across nodes)", worse ? "warning" : "note", names, g->order,
+                mib(cross.node_nbytes), est[keeper].order, dist_kind_name(keeper_kind),
                 mib(est[keeper].crossing.node_nbytes));
-        if (strcmp(est[0].order, g->order) != 0)
+        if (worse)
             fprintf(out, "; parallel.order = auto would pick %s (%.3f MiB)", est[0].order,
                     mib(est[0].crossing.node_nbytes));
         else

@@ -3,9 +3,11 @@
  * record of the topology and the mapping next to the metrics. The decisions themselves are
  * the pure functions of launch/place.c; this file only asks hwloc and MPI what the job is. */
 #include <errno.h>
+#include <fcntl.h>
 #include <hwloc.h>
 #include <libgen.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -72,9 +74,18 @@ static int bind_to(struct host *h, const int *cores, int n)
     return 0;
 }
 
+/* A hash of the cores of this rank's binding (logical indexes), equal for equal sets. */
+static uint64_t set_hash(const int *cores, int n)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (int i = 0; i < n; i++) h = (h ^ (uint64_t)cores[i]) * 1099511628211ULL;
+    return h ^ (uint64_t)n;
+}
+
 /* This rank's node among the world's real nodes (hosts that share memory), numbered by
- * their lowest rank, and its index and count on it. */
-static void real_node(int *node, int *node_ranks, int *node_index)
+ * their lowest rank, its index and count on it, and how many ranks of the node are bound
+ * to the same set of cores as this one (hash). */
+static void real_node(int *node, int *node_ranks, int *node_index, uint64_t hash, int *same_set)
 {
     MPI_Comm comm;
     int const rank = dist_world_rank(), world = dist_world_size();
@@ -84,6 +95,11 @@ static void real_node(int *node, int *node_ranks, int *node_index)
     MPI_Comm_rank(comm, node_index);
     int leader = rank;
     DIST_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, comm));
+    uint64_t *hashes = vd_calloc((size_t)*node_ranks, sizeof *hashes);
+    DIST_CHECK_MPI(MPI_Allgather(&hash, 1, MPI_UINT64_T, hashes, 1, MPI_UINT64_T, comm));
+    *same_set = 0;
+    for (int i = 0; i < *node_ranks; i++) *same_set += hashes[i] == hash;
+    free(hashes);
     MPI_Comm_free(&comm);
     int *leaders = vd_calloc((size_t)world, sizeof *leaders);
     DIST_CHECK_MPI(MPI_Allgather(&leader, 1, MPI_INT, leaders, 1, MPI_INT, MPI_COMM_WORLD));
@@ -92,10 +108,10 @@ static void real_node(int *node, int *node_ranks, int *node_index)
     free(leaders);
 }
 
-/* Binding and threads of this rank; writes what happened into note. */
+/* Binding of this rank; writes what happened into note. */
 static int place_self(struct host *h, const struct launch_machine *m,
-                      const struct launch_config *c, int node_ranks, int node_index, char *note,
-                      size_t note_nbytes)
+                      const struct launch_config *c, int node_ranks, int node_index,
+                      int same_set, char *note, size_t note_nbytes)
 {
     int *cores = vd_calloc((size_t)m->ncores, sizeof *cores);
     int rc = 0, share = 0;
@@ -103,8 +119,8 @@ static int place_self(struct host *h, const struct launch_machine *m,
         snprintf(note, note_nbytes, "launch.bind = none: binding left as it is (%s)",
                  h->launcher_bound ? "bound by the launcher" : "unbound");
     } else if (h->launcher_bound) {
-        snprintf(note, note_nbytes, "kept the launcher's binding (rank 0: %d core(s))",
-                 bound_cores(h, m, cores));
+        snprintf(note, note_nbytes, "kept the launcher's binding (rank 0: %d core(s), %d "
+                 "rank(s) bound to that set)", bound_cores(h, m, cores), same_set);
     } else if ((share = launch_place_share(m, node_ranks, node_index, 0, cores)) == 0) {
         snprintf(note, note_nbytes, "not bound: %d ranks share the %d cores of a node "
                  "(fewer cores than ranks)", node_ranks, m->ncores);
@@ -122,20 +138,22 @@ static int place_self(struct host *h, const struct launch_machine *m,
 }
 
 /* OMP_NUM_THREADS when set (the user or a test asked for it), else the cores this rank
- * may use: those of its binding, or its share of the node when unbound. */
-static int set_threads(const struct host *h, const struct launch_machine *m, int node_ranks)
+ * may use: those of its binding divided among the ranks bound to the same set (a launcher
+ * may bind several ranks to one package), or its share of the node when it is unbound. */
+static int set_threads(const struct host *h, const struct launch_machine *m, int node_ranks,
+                       int same_set)
 {
     const char *env = getenv("OMP_NUM_THREADS");
     int n = env && atoi(env) > 0 ? atoi(env) : 0;
-    if (n == 0) {
+    if (n == 0 && h->topo) {
         int *cores = vd_calloc((size_t)m->ncores, sizeof *cores);
-        n = bound_cores(h, m, cores);
+        n = bound_cores(h, m, cores) / (same_set > 0 ? same_set : 1);
         free(cores);
         bool const whole = hwloc_bitmap_isincluded(hwloc_topology_get_allowed_cpuset(h->topo),
                                                    h->bound);
         if (whole && node_ranks > 1) n = m->ncores / node_ranks;
-        if (n < 1) n = 1;
     }
+    n = n < 1 ? 1 : n;
     omp_set_num_threads(n);
     return n;
 }
@@ -149,29 +167,33 @@ int launch_topo_setup(struct launch_topo *t, const struct launch_config *c)
     struct host h;
     struct launch_machine m;
     memset(&m, 0, sizeof m);
-    int rc = host_open(&h);
-    if (rc == 0) rc = launch_machine_load(&m, "");
-    int node = 0, node_ranks = 1, node_index = 0;
-    real_node(&node, &node_ranks, &node_index);
+    /* A host hwloc cannot read runs on, unbound, with what it knows. */
     char note[sizeof t->bind_note] = "";
-    if (rc == 0) rc = place_self(&h, &m, c, node_ranks, node_index, note, sizeof note);
+    bool const known = host_open(&h) == 0 && launch_machine_load(&m, "") == 0;
+    if (!known)
+        snprintf(note, sizeof note, "not bound: hwloc cannot read this host's topology (%s)",
+                 vd_err_msg());
+    int *cores = vd_calloc((size_t)(m.ncores > 0 ? m.ncores : 1), sizeof *cores);
+    int n = known ? bound_cores(&h, &m, cores) : 0;
+    int node = 0, node_ranks = 1, node_index = 0, same_set = 1;
+    real_node(&node, &node_ranks, &node_index, set_hash(cores, n), &same_set);
+    int rc = known ? place_self(&h, &m, c, node_ranks, node_index, same_set, note, sizeof note)
+                   : 0;
     rc = dist_agree(dist_world(), rc);
-    struct launch_slot mine;
-    memset(&mine, 0, sizeof mine);
     if (rc == 0) {
-        t->threads = set_threads(&h, &m, node_ranks);
-        int *cores = vd_calloc((size_t)m.ncores, sizeof *cores);
-        int const n = bound_cores(&h, &m, cores);
+        t->threads = set_threads(&h, &m, node_ranks, same_set);
+        n = known ? bound_cores(&h, &m, cores) : 0;
         char host[LAUNCH_HOST_MAX] = "";
         gethostname(host, sizeof host - 1);
         int const k = c->launch.ranks_per_node;
+        struct launch_slot mine;
         launch_slot_make(&mine, &m, k > 0 ? rank / k : node, cores, n, host);
-        free(cores);
         t->slots = vd_calloc((size_t)world, sizeof *t->slots);
         DIST_CHECK_MPI(MPI_Allgather(&mine, (int)sizeof mine, MPI_BYTE, t->slots,
                                      (int)sizeof mine, MPI_BYTE, MPI_COMM_WORLD));
         snprintf(t->bind_note, sizeof t->bind_note, "%s", note);
     }
+    free(cores);
     launch_machine_free(&m);
     host_close(&h);
     return rc;
@@ -193,25 +215,24 @@ static void metrics_dir(const struct launch_config *c, char *dir, size_t nbytes)
     snprintf(dir, nbytes, "%s", dirname(copy));
 }
 
-static int write_xml(const char *dir, const char *host)
+/* Writes nbytes of text as dir/topology-HOST.xml, durably, never half-written. */
+static int write_xml(const char *dir, const char *host, const char *text, size_t nbytes)
 {
     char name[LAUNCH_HOST_MAX + 32], path[LAUNCH_PATH_MAX + 128], tmp[LAUNCH_PATH_MAX + 160];
     snprintf(name, sizeof name, "topology-%s.xml", host[0] ? host : "host");
     FORWARD_IF(vd_path_join(path, sizeof path, dir, name));
     FORWARD_IF(vd_tmp_name(tmp, sizeof tmp, path));
-    hwloc_topology_t topo;
-    RETURN_IF(hwloc_topology_init(&topo) != 0, VD_EIO, "hwloc cannot start");
-    int rc = hwloc_topology_load(topo) == 0 ? hwloc_topology_export_xml(topo, tmp, 0) : -1;
-    hwloc_topology_destroy(topo);
-    if (rc != 0) {
+    int const fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    RETURN_IF(fd < 0, VD_EIO, "cannot write the topology record %s: %s", tmp, strerror(errno));
+    if (vd_write_all(fd, tmp, text, nbytes) < 0) {
+        close(fd);
         unlink(tmp);
         RETURN_ERR(VD_EIO, "cannot write the topology record %s: %s", tmp, strerror(errno));
     }
     enum vd_replace_step failed;
-    return vd_replace_fd(-1, tmp, path, &failed) < 0 && failed < VD_REPLACE_OPEN_DIR
-               ? vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot write the topology record "
-                            "%s: %s", path, strerror(errno))
-               : 0;
+    RETURN_IF(vd_replace_fd(fd, tmp, path, &failed) < 0 && failed < VD_REPLACE_OPEN_DIR,
+              VD_EIO, "cannot write the topology record %s: %s", path, strerror(errno));
+    return 0;
 }
 
 static int write_mapping(const char *dir, const struct launch_topo *t, const struct dist_grid *g)
@@ -242,22 +263,50 @@ int launch_topo_record(const struct launch_config *c, const struct launch_topo *
                        const struct dist_grid *g)
 {
     if (!c->log.metrics[0]) return 0;
-    char dir[LAUNCH_PATH_MAX];
-    metrics_dir(c, dir, sizeof dir);
     int const rank = dist_world_rank();
-    int rc = rank == 0 ? vd_make_dirs(dir) : 0;
-    if (rc < 0) {
-        char why[512];
-        snprintf(why, sizeof why, "%s", vd_err_msg());
-        rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot record the placement next to "
-                        "log.metrics = %s: %s", c->log.metrics, why);
-    }
-    rc = dist_agree(dist_world(), rc);
-    /* the lowest rank of each distinct host writes that host's topology */
+    /* The lowest rank of each host exports its topology; rank 0 writes every file, so the
+     * run directory need not be shared between nodes. */
     bool first = true;
     for (int r = 0; r < rank && first; r++)
         first = strcmp(t->slots[r].host, t->slots[rank].host) != 0;
-    if (rc == 0 && first) rc = write_xml(dir, t->slots[rank].host);
-    if (rc == 0 && rank == 0) rc = write_mapping(dir, t, g);
+    char *xml = NULL;
+    int xml_len = 0;
+    hwloc_topology_t topo = NULL;
+    if (first && hwloc_topology_init(&topo) == 0) {
+        if (hwloc_topology_load(topo) != 0 ||
+            hwloc_topology_export_xmlbuffer(topo, &xml, &xml_len, 0) != 0) {
+            xml = NULL;
+            xml_len = 0;
+        }
+    }
+    size_t const mine = xml && xml_len > 1 ? (size_t)xml_len - 1 : 0; /* without its NUL */
+    size_t *counts = rank == 0 ? vd_calloc((size_t)t->world, sizeof *counts) : NULL;
+    dist_gather_nbytes(dist_world(), DIST_WORLD, mine, counts, 0);
+    size_t total = 0;
+    for (int r = 0; rank == 0 && r < t->world; r++) total += counts[r];
+    char *all = rank == 0 ? vd_calloc(total + 1, 1) : NULL;
+    dist_gatherv_bytes(dist_world(), DIST_WORLD, all, counts, xml, mine, 0);
+    if (xml) hwloc_free_xmlbuffer(topo, xml);
+    if (topo) hwloc_topology_destroy(topo);
+    int rc = 0;
+    if (rank == 0) {
+        char dir[LAUNCH_PATH_MAX];
+        metrics_dir(c, dir, sizeof dir);
+        rc = vd_make_dirs(dir);
+        if (rc < 0) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", vd_err_msg());
+            rc = vd_err_set(VD_EIO, __FILE__, __LINE__, "cannot record the placement next to "
+                            "log.metrics = %s: %s", c->log.metrics, why);
+        }
+        size_t at = 0;
+        for (int r = 0; r < t->world && rc == 0; r++) {
+            if (counts[r] > 0) rc = write_xml(dir, t->slots[r].host, all + at, counts[r]);
+            at += counts[r];
+        }
+        if (rc == 0) rc = write_mapping(dir, t, g);
+    }
+    free(all);
+    free(counts);
     return dist_agree(dist_world(), rc);
 }

@@ -231,20 +231,65 @@ static bool package_differs(const struct launch_slot *slots, int a, int b)
     return x->node != y->node || pa < 0 || pb < 0 || pa != pb;
 }
 
-/* The nearest level every member shares: the first level inside the node where all ids
- * are one object, else the node, else the network; a lone rank is at its core. */
+/* The nearest level every member shares: of the levels inside the node where all ids are
+ * one object, the one whose object holds the fewest cores (the lower level on a tie), else
+ * the node, else the network; a lone rank is at its core. The object sizes are the slots'
+ * id_cores, checked against the machine in test_levels_unnested. */
 static enum launch_level group_level(const struct launch_slot *slots, const int *members, int n)
 {
     if (n < 2) return LAUNCH_LEVEL_CORE;
     for (int i = 1; i < n; i++)
         if (slots[members[i]].node != slots[members[0]].node) return LAUNCH_LEVEL_NETWORK;
+    int best = -1;
     for (int l = 0; l < NLEVELS; l++) {
         int const id = slots[members[0]].id[l];
         bool all = id >= 0;
         for (int i = 1; i < n && all; i++) all = slots[members[i]].id[l] == id;
-        if (all) return (enum launch_level)l;
+        if (all && (best < 0 || slots[members[0]].id_cores[l] < slots[members[0]].id_cores[best]))
+            best = l;
     }
-    return LAUNCH_LEVEL_NODE;
+    return best < 0 ? LAUNCH_LEVEL_NODE : (enum launch_level)best;
+}
+
+/* Machines whose L3 caches and NUMA domains do not nest as core < l3 < numa < package: one
+ * NUMA domain over two packages (memory interleaved), and Sub-NUMA Clustering (one L3 over
+ * two NUMA domains). The shared level is the smallest object that holds both ranks. */
+static void test_levels_unnested(void)
+{
+    static const struct {
+        const char *topology;
+        int a, b; /* two cores */
+        enum launch_level want;
+    } cases[] = {
+        {"pack:2 core:2 pu:1", 0, 1, LAUNCH_LEVEL_PACKAGE},    /* NUMA spans both packages */
+        {"pack:2 core:2 pu:1", 0, 2, LAUNCH_LEVEL_NUMA},       /* only the NUMA domain */
+        {"pack:1 l3:1 group:2 [numa] core:2 pu:1", 0, 1, LAUNCH_LEVEL_NUMA},
+        {"pack:1 l3:1 group:2 [numa] core:2 pu:1", 0, 2, LAUNCH_LEVEL_L3},
+        {"pack:2 [numa] l3:2 core:2 pu:1", 0, 1, LAUNCH_LEVEL_L3},
+        {"pack:2 [numa] l3:2 core:2 pu:1", 0, 2, LAUNCH_LEVEL_NUMA},
+        {"pack:2 [numa] l3:2 core:2 pu:1", 0, 4, LAUNCH_LEVEL_NODE},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct launch_machine m;
+        if (!load(&m, cases[i].topology)) continue;
+        struct launch_slot slots[2];
+        launch_slot_make(&slots[0], &m, 0, &cases[i].a, 1, "h");
+        launch_slot_make(&slots[1], &m, 0, &cases[i].b, 1, "h");
+        for (int l = 0; l < NLEVELS; l++) { /* id_cores: the cores of the object, counted here */
+            int count = 0;
+            for (int c = 0; c < m.ncores; c++)
+                count += slots[0].id[l] >= 0 && m.obj[l][c] == slots[0].id[l];
+            TU_EXPECT(slots[0].id_cores[l] == count, "%s: core %d's %s object holds %d cores, "
+                      "slot says %d", cases[i].topology, cases[i].a,
+                      launch_level_name((enum launch_level)l), count, slots[0].id_cores[l]);
+        }
+        int const members[2] = {0, 1};
+        enum launch_level const got = launch_place_group_level(slots, members, 2);
+        TU_EXPECT(got == cases[i].want, "%s, cores %d and %d: expected level %s, got %s",
+                  cases[i].topology, cases[i].a, cases[i].b, launch_level_name(cases[i].want),
+                  launch_level_name(got));
+        launch_machine_free(&m);
+    }
 }
 
 static void ref_locality(struct launch_locality *out, const struct dist_grid *g,
@@ -1958,7 +2003,9 @@ static char *check_print(const struct launch_config *c, const struct dist_grid *
     TU_EXPECT(strstr(text, header) != NULL, "%s: expected the report to name \"%s\":\n%s", what,
               header, text);
     bool any_warned = false;
+    /* the line starts "warning:" when auto would pick another order, "note:" otherwise */
     const char *warning = strstr(text, "warning:");
+    if (!warning) warning = strstr(text, "note:");
     char line[2048] = "";
     if (warning) {
         size_t const n = strcspn(warning, "\n");
@@ -2016,6 +2063,18 @@ static char *check_print(const struct launch_config *c, const struct dist_grid *
         int const n = launch_place_orders(est, c, g->world, slots);
         TU_EXPECT(n > 0 && strstr(line, est[0].order) != NULL, "%s: expected the warning to "
                   "name auto's order %s: \"%s\"", what, n > 0 ? est[0].order : "-", line);
+        /* "warning:" exactly when auto's order moves fewer bytes across nodes (then
+         * packages) than this one, "note:" when this one moves as few */
+        struct launch_crossing here;
+        launch_place_crossing(&here, c, g, slots);
+        double const tol = 1e-9 * (here.package_nbytes + est[0].crossing.package_nbytes + 1.0);
+        bool const worse = n > 0 && (est[0].crossing.node_nbytes < here.node_nbytes - tol ||
+                                     (fabs(est[0].crossing.node_nbytes - here.node_nbytes) <= tol &&
+                                      est[0].crossing.package_nbytes < here.package_nbytes - tol));
+        TU_EXPECT(strncmp(line, worse ? "warning:" : "note:", worse ? 8 : 5) == 0,
+                  "%s: expected the line to start with %s (auto's order %s moves %s bytes): "
+                  "\"%s\"", what, worse ? "warning:" : "note:", n > 0 ? est[0].order : "-",
+                  worse ? "fewer" : "no fewer", line);
         /* a suggestion to change order names one whose grids differ from these */
         const char *pick = strstr(line, "would pick ");
         char order[16] = "";
@@ -2124,6 +2183,7 @@ int main(void)
         {"machine: bad topologies are refused naming them", test_machine_bad},
         {"slot: ids and core text", test_slot_make},
         {"slot: long core lists", test_slot_cores_text},
+        {"levels: L3 and NUMA that do not nest", test_levels_unnested},
         {"share: NUMA blocks, fallback, oversubscription", test_share_numa},
         {"share: hand-built machines", test_share_hand_machines},
         {"share: every size on every machine", test_share_sweep},

@@ -25,7 +25,8 @@
 
 static struct tu_env g_env;
 static struct tu_run g_run;
-static int g_cores; /* this host's cores, as hwloc sees them */
+static int g_cores;   /* this host's cores, as hwloc sees them */
+static int g_sockets; /* and its packages */
 
 static const char *tp(const char *name) { return tu_path(g_env.tmp, name); }
 static bool out_has(const char *s) { return g_run.out && strstr(g_run.out, s) != NULL; }
@@ -166,8 +167,24 @@ static void test_bind_none_and_launcher(void)
     rc = run(2, "layout %s", g_tiny);
     g_run.mpirun_options = NULL;
     if (EXPECT(rc == 0, "`mpirun --bind-to core vdist layout` must succeed, exit status %d", rc))
-        EXPECT(out_has("kept the launcher's binding (rank 0: 1 core(s))"),
+        EXPECT(out_has("kept the launcher's binding (rank 0: 1 core(s), 1 rank(s) bound to "
+                       "that set)") && out_has("1 thread(s) per rank"),
                "a rank the launcher bound must keep its binding and say so");
+    /* Open MPI binding 2 ranks to the one package of a 1-package host binds them to every
+     * core they may use, which is no binding: launch.bind = auto shares the cores. */
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, "env -u OMP_NUM_THREADS mpirun --allow-run-as-root "
+             "--oversubscribe --bind-to socket -np 2 '%s' layout %s", g_env.vdist, g_tiny);
+    rc = shell(cmd);
+    char want[96];
+    snprintf(want, sizeof want, g_cores / 2 == 1 ? "bound each rank to 1 core of its node"
+                                                 : "bound each rank to %d cores of its node",
+             g_cores / 2);
+    if (EXPECT(rc == 0, "`mpirun --bind-to socket -np 2 vdist layout` must succeed, exit "
+               "status %d", rc))
+        EXPECT(g_sockets != 1 || g_cores < 2 || out_has(want),
+               "2 ranks bound to the one package of a %d-core host must be re-bound to "
+               "%d core(s) each: \"%s\"", g_cores, g_cores / 2, want);
 }
 
 /* More ranks than cores: nobody is bound (binding would stack ranks on cores). */
@@ -297,6 +314,9 @@ static void test_layout_refusals(void)
         {"--world=4 --bogus", "unknown argument '--bogus'"},
         {"--world=3 --parallel.tp=2", "world size 3 is not divisible by tp*cp*pp"},
         {"--world=4 --launch.bind=sometimes", "launch.bind"},
+        {"--topology='pack:2 core:4 pu:1'", "describe the nodes of --world=N ranks"},
+        {"--world=4 --distribution=random", "the distribution is block or cyclic"},
+        {"--world=4 --topology=", "--topology= is empty"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         int const rc = run(1, "layout %s %s", g_tiny, bad[i].args);
@@ -313,6 +333,7 @@ static int suite_init(void)
     struct launch_machine m;
     if (launch_machine_load(&m, "") != 0) return 1;
     g_cores = m.ncores;
+    g_sockets = m.count[LAUNCH_LEVEL_PACKAGE];
     launch_machine_free(&m);
     return 0;
 }
