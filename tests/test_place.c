@@ -757,7 +757,7 @@ static void test_slot_cores_text(void)
         return;
     }
     long whole = 0, cut = 0, fits_cut = 0, bad_cut = 0;
-    char first_fits_cut[256] = "", first_bad_cut[256] = "";
+    char first_fits_cut[1200] = "", first_bad_cut[1200] = "";
     int cores[MAX_CORES];
     /* cores start, start + step, ... below end: lists of 1 to 64 pieces of 1 to 3 digits */
     for (int list = 0; list < 64 * 2 * 26; list++) {
